@@ -1,0 +1,38 @@
+"""The FastAPI app: wiring only. Models load in the lifespan, never at import."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from service.api import errors
+from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from service.api.routes import datasets, health, images, models, predict, trainings
+from service.config import get_settings
+from service.db import init_db
+from service.predictions import ModelCache
+from service.storage import get_store
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    init_db()
+    app.state.models = ModelCache(get_store(), get_settings())
+    yield
+    app.state.models.close()
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
+                  description="Upload labeled images, train on a worker, predict over HTTP.")
+    v1 = APIRouter(prefix="/v1")
+    for router in (datasets.router, images.router, trainings.router, models.router, predict.router):
+        v1.include_router(router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    errors.install(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

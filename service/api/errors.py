@@ -1,0 +1,84 @@
+"""Every error leaves the API as ``{"error": {"code": "...", "message": "..."}}``; domain errors
+are mapped to HTTP status codes here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import errors as e
+
+log = logging.getLogger("felis.api")
+
+STATUS: dict[type[e.FelisError], int] = {
+    e.InvalidRequest: 422,
+    e.NotFound: 404,
+    e.AlreadyExists: 409,
+    e.Conflict: 409,
+    e.TooLarge: 413,
+    e.Unauthorized: 401,
+    e.Forbidden: 403,
+    e.RateLimited: 429,
+    e.StorageFull: 507,
+    e.Unavailable: 503,
+}
+
+
+def error_body(code: str, message: str, details: Any = None, **extra: Any) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err, **extra}
+
+
+def status_for(exc: e.FelisError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400
+
+
+async def _felis_error(_: Request, exc: e.FelisError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, e.RateLimited):
+        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+    if isinstance(exc, e.Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_for(exc), headers=headers)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [{"loc": list(err.get("loc", ())), "message": err.get("msg", "")} for err in exc.errors()]
+    first = details[0] if details else {"loc": [], "message": "invalid request"}
+    where = ".".join(str(x) for x in first["loc"] if x != "body") or "request"
+    return JSONResponse(error_body("validation_error", f"{where}: {first['message']}", details), status_code=422)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+    log.error("database error: %s", exc)
+    return JSONResponse(error_body("database_unavailable", "the metadata store is unavailable"), status_code=503)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal_error", "an unexpected error occurred"), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(e.FelisError, _felis_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(Exception, _unexpected)

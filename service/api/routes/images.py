@@ -1,0 +1,117 @@
+"""/v1/datasets/{name}/images: upload (files or a zip), list, read, relabel, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service import datasets, images, uploads
+from service.api.deps import SessionDep, SettingsDep, StoreDep
+from service.api.errors import error_body
+from service.errors import InvalidRequest
+
+router = APIRouter(prefix="/datasets/{name}/images", tags=["images"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                  "description": "image files, all with the same label"},
+                        "label": {"type": "string", "description": "the label of every file in 'files'"},
+                        "archive": {"type": "string", "format": "binary",
+                                    "description": "a zip with one top-level folder per label"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=_UPLOAD_BODY,
+             responses={207: {"description": "some files were not stored"},
+                        422: {"description": "no file was stored"}})
+async def upload_images(name: str, request: Request, session: SessionDep, store: StoreDep,
+                        settings: SettingsDep) -> JSONResponse:
+    """Upload images: `files` (repeatable) with one `label`, or one `archive` zip with a folder per label."""
+    dataset = await run_in_threadpool(datasets.get, session, name)
+    try:
+        form = await request.form(max_files=settings.max_files_per_request + 1, max_fields=100)
+    except MultiPartException as e:
+        raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
+    except (AssertionError, ValueError) as e:
+        raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e
+    try:
+        archives = [f for f in form.getlist("archive") if isinstance(f, UploadFile)]
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        label = form.get("label")
+        if archives and files:
+            raise InvalidRequest("send either 'files' or 'archive', not both", code="mixed_upload")
+        if len(archives) > 1:
+            raise InvalidRequest("send one 'archive' per request", code="too_many_archives")
+        if archives:
+            candidates = await run_in_threadpool(uploads.archive_candidates, archives[0].file, settings)
+        elif files:
+            candidates = uploads.files_candidates(
+                [(f.filename or "upload", f.file.read) for f in files], label if isinstance(label, str) else None)
+        else:
+            raise InvalidRequest("no files: send 'files' (with 'label') or 'archive'", code="empty_upload")
+        report = await run_in_threadpool(uploads.ingest, session, store, dataset, candidates, settings)
+    finally:
+        await form.close()
+    body = report.as_dict()
+    if body["created"] == len(body["results"]):
+        return JSONResponse(body, status_code=201)
+    if body["created"]:
+        return JSONResponse(body, status_code=207)
+    reason = "all files were duplicates" if body["duplicates"] == len(body["results"]) else "no file could be stored"
+    return JSONResponse({**error_body("no_images_created", reason), **body}, status_code=422)
+
+
+@router.get("")
+def list_images(name: str, session: SessionDep, label: str | None = None,
+                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    dataset = datasets.get(session, name)
+    rows, total = images.list_images(session, dataset, label=label, limit=limit, offset=offset)
+    return {"data": [images.describe(i) for i in rows], "count": total}
+
+
+@router.get("/{image_id}")
+def get_image(name: str, image_id: str, session: SessionDep) -> dict:
+    return images.describe(images.get(session, datasets.get(session, name), image_id))
+
+
+_MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+          "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+@router.get("/{image_id}/content", response_class=Response,
+            responses={200: {"content": {"image/*": {}}, "description": "the uploaded bytes"}})
+def get_image_content(name: str, image_id: str, session: SessionDep, store: StoreDep) -> Response:
+    image = images.get(session, datasets.get(session, name), image_id)
+    return Response(images.content(store, image), media_type=_MEDIA.get(image.format, "application/octet-stream"),
+                    headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image.sha256}"'})
+
+
+class ImagePatch(BaseModel):
+    label: str
+
+
+@router.patch("/{image_id}")
+def relabel_image(name: str, image_id: str, body: ImagePatch, session: SessionDep) -> dict:
+    return images.describe(images.relabel(session, datasets.get(session, name), image_id, body.label))
+
+
+@router.delete("/{image_id}", status_code=204)
+def delete_image(name: str, image_id: str, session: SessionDep, store: StoreDep) -> Response:
+    images.delete(session, store, datasets.get(session, name), image_id)
+    return Response(status_code=204)

@@ -1,0 +1,45 @@
+"""Trainings: POST /v1/datasets/{name}/trainings, then /v1/trainings/{id} to watch or cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body
+
+from service import datasets, trainings
+from service.api.deps import RequestIdDep, SessionDep, SettingsDep
+from service.queue import enqueue_training
+
+router = APIRouter(tags=["trainings"])
+
+_OPTIONS_EXAMPLE = {"architecture": "efficientnet_lite0", "epochs": 30, "seed": 0}
+
+
+@router.post("/datasets/{name}/trainings", status_code=202)
+def request_training(name: str, session: SessionDep, settings: SettingsDep, request_id: RequestIdDep,
+                     options: dict[str, Any] = Body(default_factory=dict, examples=[_OPTIONS_EXAMPLE])) -> dict:
+    """Queue a training of the dataset's current images. Options are validated before anything is queued."""
+    training = trainings.request(session, name, options, settings, request_id=request_id)
+    session.commit()  # enqueue only after the row is durable, so the worker always finds it
+    try:
+        enqueue_training(training.id)
+    except Exception as e:
+        trainings.mark_failed(session, training.id, "broker_unavailable", str(e))
+        raise
+    return trainings.describe(session, training)
+
+
+@router.get("/datasets/{name}/trainings")
+def list_trainings(name: str, session: SessionDep) -> dict:
+    rows = trainings.list_for(session, datasets.get(session, name))
+    return {"data": [trainings.describe(session, t) for t in rows], "count": len(rows)}
+
+
+@router.get("/trainings/{training_id}")
+def get_training(training_id: str, session: SessionDep) -> dict:
+    return trainings.describe(session, trainings.get(session, training_id))
+
+
+@router.post("/trainings/{training_id}/cancel")
+def cancel_training(training_id: str, session: SessionDep) -> dict:
+    return trainings.describe(session, trainings.cancel(session, training_id))

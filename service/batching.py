@@ -1,0 +1,77 @@
+"""Dynamic micro-batching: concurrent predict requests share one pass through the network.
+
+A request's images join a queue; one runner takes up to ``max_batch`` of them, waiting at most
+``max_wait`` for company after the first arrives, and runs them as one batch on a single
+inference thread (the network itself uses every core). While a batch runs, the next one fills,
+so under load batches grow on their own and a lone request pays at most ``max_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+class MicroBatcher:
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float):
+        self._infer = infer
+        self.max_batch = max(1, max_batch)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
+        self._runner: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for a stack of preprocessed images (N x C x H x W)."""
+        self._ensure_runner()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for x in images:
+            fut = loop.create_future()
+            self._queue.put_nowait((x, fut))  # type: ignore[union-attr]
+            futures.append(fut)
+        return np.stack(await asyncio.gather(*futures))
+
+    def _ensure_runner(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._queue = asyncio.Queue()
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            live = [(x, f) for x, f in batch if not f.done()]
+            if not live:
+                continue
+            try:
+                probs = await loop.run_in_executor(self._executor, self._infer, np.stack([x for x, _ in live]))
+            except Exception as e:  # the requests fail, the runner lives on
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), p in zip(live, probs):
+                if not f.done():
+                    f.set_result(p)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

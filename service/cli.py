@@ -1,0 +1,114 @@
+"""The ``felis`` command: run the service (``up``, ``api``, ``worker``) and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.config import get_settings
+    from service.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    uvicorn.run("service.api.app:create_app", factory=True, host=args.host or settings.host,
+                port=args.port or settings.port, workers=args.workers, log_level=settings.log_level.lower(),
+                proxy_headers=True, timeout_graceful_shutdown=10)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+
+    settings = get_settings()
+    if settings.device.startswith("cuda:"):
+        # one worker per GPU: pin this process (and its children) to its device
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.device.split(":", 1)[1])
+    from worker.app import celery_app
+
+    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency),
+            "--loglevel", settings.log_level, "--prefetch-multiplier", "1", "-E"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
+    from service.config import get_settings
+    from service.db import init_db
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    init_db()
+    exe = [sys.executable, "-m", "service.cli"]
+    port = str(args.port or settings.port)
+    procs = [
+        subprocess.Popen(exe + ["worker", "--queues", "gpu", "--concurrency", "1"]),
+        subprocess.Popen(exe + ["api", "--port", port]),
+    ]
+    print(f"felis: embedded mode, data in {settings.data_dir}, API on http://{settings.host}:{port}", flush=True)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not stopping:
+        for p in procs:
+            if p.poll() is not None:
+                print(f"felis: a child process exited with {p.returncode}; stopping", file=sys.stderr)
+                code, stopping = p.returncode or 1, True
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="felis", description="felis: train and serve image classifiers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="embedded mode: API + worker, no external services")
+    up.add_argument("--port", type=int, default=None)
+    up.set_defaults(func=_up)
+
+    api = sub.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.set_defaults(func=_api)
+
+    worker = sub.add_parser("worker", help="run a training worker")
+    worker.add_argument("--queues", default="gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--hostname", default=None, help="Celery node name (default: celery@host)")
+    worker.set_defaults(func=_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

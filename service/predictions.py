@@ -1,0 +1,133 @@
+"""Predictions: load a version once per process (LRU-bounded), then preprocess -> batch -> answer.
+
+A promotion takes effect on the next request: the default version is read from the database
+each time, and the cache is keyed by version, not by dataset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from models.checkpoint import load_checkpoint
+from models.images import InvalidImage
+from models.predictor import Predictor
+from service import datasets, versions
+from service.config import Settings
+from service.db import session_scope
+from service.errors import InvalidRequest, TooLarge
+from service.storage import BlobStore
+from service.batching import MicroBatcher
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    labels: list[str]
+    predictor: Predictor
+    batcher: MicroBatcher
+
+
+class ModelCache:
+    """The loaded versions of this process, least recently used evicted first."""
+
+    def __init__(self, store: BlobStore, settings: Settings):
+        self.store, self.settings = store, settings
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def loaded(self, key: str) -> LoadedModel | None:
+        """The model if it is in memory already (no thread hop needed), else None."""
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+            return model
+
+    def get(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:  # one load per version, however many requests ask at once
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = self._load(key, version, onnx_key)
+            with self._lock:
+                self._models[key] = model
+                while len(self._models) > max(1, self.settings.model_cache_size):
+                    _, old = self._models.popitem(last=False)
+                    old.batcher.close()
+                self._loading.pop(key, None)
+            return model
+
+    def _load(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        ckpt = load_checkpoint(self.store.get(key))
+        onnx = self.store.get(onnx_key) if onnx_key and self.settings.predict_backend != "torch" else None
+        backend = self.settings.predict_backend
+        predictor = Predictor.from_checkpoint(ckpt, onnx=onnx, backend=backend, threads=self.settings.torch_threads)
+        batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000)
+        return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._models.values():
+                m.batcher.close()
+            self._models.clear()
+
+
+def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
+    """The thresholded decision: a thresholded label that clears its threshold (the likeliest, if
+    several), else the likeliest label without a threshold; None when every label has one and none clears it."""
+    passing = [label for label, t in thresholds.items() if label in probs and probs[label] >= t]
+    if passing:
+        return max(passing, key=probs.__getitem__)
+    free = [label for label in probs if label not in thresholds]
+    return max(free, key=probs.__getitem__) if free else None
+
+
+async def predict(cache: ModelCache, dataset_name: str, version: int | None,
+                  files: list[tuple[str, bytes]], settings: Settings) -> dict[str, Any]:
+    if not files:
+        raise InvalidRequest("send at least one image as 'files'", code="empty_upload")
+    if len(files) > settings.max_predict_files:
+        raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
+                       code="too_many_files")
+    with session_scope() as s:
+        dataset = datasets.get(s, dataset_name)
+        row = versions.resolve(s, dataset, version)
+        key, number, onnx_key, thresholds = row.checkpoint_key, row.version, row.onnx_key, dict(row.thresholds or {})
+    model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, onnx_key)
+
+    async def prepare(name: str, data: bytes) -> np.ndarray | InvalidImage:
+        try:
+            return await run_in_threadpool(model.predictor.preprocess, data)
+        except InvalidImage as e:
+            return e
+
+    prepared = await asyncio.gather(*(prepare(name, data) for name, data in files))
+    good = [x for x in prepared if isinstance(x, np.ndarray)]
+    if not good:
+        first = prepared[0]
+        assert isinstance(first, InvalidImage)
+        raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code,
+                             details={"filename": files[0][0]})
+    probs = iter(await model.batcher.submit(np.stack(good)))
+    out = []
+    for (name, _), x in zip(files, prepared):
+        if isinstance(x, InvalidImage):
+            out.append({"filename": name, "error": {"code": x.code, "message": x.message}})
+            continue
+        p = {label: float(v) for label, v in zip(model.labels, next(probs))}
+        out.append({"filename": name, "label": max(p, key=p.__getitem__), "probabilities": p,
+                    "decision": decide(p, thresholds)})
+    return {"dataset": dataset_name, "model_version": number, "predictions": out}

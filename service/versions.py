@@ -1,0 +1,112 @@
+"""Model versions: immutable, numbered 1, 2, 3... per dataset. The only writer of ModelVersion rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.evaluate import threshold_for_precision
+from service import datasets
+from service.errors import InvalidRequest, NotFound
+from service.tables import Dataset, ModelVersion, Training, utcnow
+
+
+def create(session: Session, training: Training, *, architecture: str, labels: list[str], metrics: dict,
+           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None) -> ModelVersion:
+    """Record the version a training produced and mark the training succeeded, in one commit.
+
+    Idempotent by training id: a redelivered task finds the version it made before. The number
+    is max + 1 under the dataset's row lock; a concurrent insert that takes the same number
+    fails on the unique constraint and is retried."""
+    for _ in range(10):
+        existing = session.scalar(select(ModelVersion).where(ModelVersion.training_id == training.id))
+        if existing:
+            return existing
+        dataset = session.scalar(select(Dataset).where(Dataset.id == training.dataset_id).with_for_update())
+        number = (session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.dataset_id == dataset.id)) or 0) + 1
+        version = ModelVersion(
+            dataset_id=dataset.id, version=number, training_id=training.id, architecture=architecture,
+            labels=labels, metrics=metrics, evaluation=evaluation, config=config, snapshot=snapshot,
+            checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={},
+        )
+        session.add(version)
+        if dataset.default_version is None:
+            dataset.default_version = number  # the first successful version serves at once
+        t = session.get(Training, training.id)
+        t.status, t.model_version, t.finished_at, t.error = "succeeded", number, utcnow(), None
+        t.progress = {**(t.progress or {}), "phase": "done"}
+        try:
+            session.commit()
+            return version
+        except IntegrityError:
+            session.rollback()
+    raise RuntimeError("could not allocate a version number")
+
+
+def list_for(session: Session, dataset: Dataset) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.dataset_id == dataset.id).order_by(ModelVersion.version)))
+
+
+def get(session: Session, dataset: Dataset, version: int) -> ModelVersion:
+    row = session.scalar(select(ModelVersion).where(ModelVersion.dataset_id == dataset.id, ModelVersion.version == version))
+    if row is None:
+        raise NotFound(f"dataset {dataset.name!r} has no model version {version}", code="version_not_found")
+    return row
+
+
+def resolve(session: Session, dataset: Dataset, version: int | None) -> ModelVersion:
+    """The version to predict with: the one asked for, else the dataset's default."""
+    if version is None:
+        if dataset.default_version is None:
+            raise NotFound(f"dataset {dataset.name!r} has no trained model yet", code="no_model")
+        version = dataset.default_version
+    return get(session, dataset, version)
+
+
+def promote(session: Session, dataset_name: str, version: int) -> ModelVersion:
+    dataset = datasets.get(session, dataset_name, for_update=True)
+    row = get(session, dataset, version)
+    dataset.default_version = row.version
+    session.commit()
+    return row
+
+
+def set_threshold(session: Session, dataset_name: str, version: int, label: str, *,
+                  threshold: float | None = None, min_precision: float | None = None) -> ModelVersion:
+    """A decision threshold for one label: given directly, or the lowest threshold whose validation
+    precision reaches min_precision. The version's weights never change; this is serving config."""
+    dataset = datasets.get(session, dataset_name)
+    row = get(session, dataset, version)
+    if label not in row.labels:
+        raise InvalidRequest(f"label {label!r} is not one of {row.labels}", code="unknown_label")
+    if (threshold is None) == (min_precision is None):
+        raise InvalidRequest("give exactly one of 'threshold' and 'min_precision'", code="invalid_threshold")
+    if min_precision is not None:
+        threshold = threshold_for_precision(row.evaluation, label, min_precision)
+        if threshold is None:
+            raise InvalidRequest(f"no threshold reaches precision {min_precision} for {label!r} on validation",
+                                 code="precision_unreachable")
+    assert threshold is not None
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidRequest("threshold must be within [0, 1]", code="invalid_threshold")
+    row.thresholds = {**(row.thresholds or {}), label: float(threshold)}
+    session.commit()
+    return row
+
+
+def describe(row: ModelVersion, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "version": row.version,
+        "default": dataset.default_version == row.version,
+        "architecture": row.architecture,
+        "labels": row.labels,
+        "metrics": row.metrics,
+        "config": row.config,
+        "snapshot": row.snapshot,
+        "thresholds": row.thresholds or {},
+        "training_id": row.training_id,
+        "created_at": row.created_at,
+    }

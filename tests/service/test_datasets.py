@@ -1,0 +1,67 @@
+"""service.datasets and service.images: names, counts, relabel, delete (rows and blobs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import datasets, images, uploads
+from service.errors import AlreadyExists, InvalidRequest, NotFound
+from service.storage import image_key
+from tests.conftest import asset_images
+
+
+def _upload(session, store, settings, ds, label, paths):
+    files = [(p.name, (lambda p=p: p.read_bytes())) for p in paths]
+    return uploads.ingest(session, store, ds, uploads.files_candidates(files, label), settings)
+
+
+def test_create_get_list(session):
+    datasets.create(session, "pets")
+    datasets.create(session, "birds-2")
+    session.commit()
+    rows, total = datasets.list_all(session)
+    assert total == 2 and [d.name for d in rows] == ["birds-2", "pets"]
+    assert datasets.describe(session, datasets.get(session, "pets"))["image_count"] == 0
+
+
+@pytest.mark.parametrize("name", ["", "Pets", "a b", "x" * 65, "../x", "-lead"])
+def test_bad_names(session, name):
+    with pytest.raises(InvalidRequest):
+        datasets.create(session, name)
+
+
+def test_duplicate_and_missing(session):
+    datasets.create(session, "pets")
+    session.commit()
+    with pytest.raises(AlreadyExists):
+        datasets.create(session, "pets")
+    with pytest.raises(NotFound) as e:
+        datasets.get(session, "nope")
+    assert e.value.code == "dataset_not_found"
+
+
+def test_label_counts_relabel_and_delete_image(session, store, settings):
+    ds = datasets.create(session, "pets")
+    r = _upload(session, store, settings, ds, "cat", asset_images("train", "cat")[:3])
+    _upload(session, store, settings, ds, "noncat", asset_images("train", "noncat")[:2])
+    assert datasets.label_counts(session, ds) == {"cat": 3, "noncat": 2}
+    first = r.results[0]["image_id"]
+    images.relabel(session, ds, first, "noncat")
+    assert datasets.label_counts(session, ds) == {"cat": 2, "noncat": 3}
+    sha = images.get(session, ds, first).sha256
+    images.delete(session, store, ds, first)
+    assert not store.exists(image_key(sha))
+    with pytest.raises(NotFound):
+        images.get(session, ds, first)
+
+
+def test_shared_blob_survives_deleting_one_dataset(session, store, settings):
+    a, b = datasets.create(session, "a"), datasets.create(session, "b")
+    path = asset_images("train", "cat")[:1]
+    _upload(session, store, settings, a, "cat", path)
+    _upload(session, store, settings, b, "cat", path)
+    sha = images.list_images(session, a)[0][0].sha256
+    datasets.delete(session, store, "a")
+    assert store.exists(image_key(sha))
+    datasets.delete(session, store, "b")
+    assert not store.exists(image_key(sha))

@@ -1,0 +1,1 @@
+"""felis worker: the Celery app and its tasks (thin adapters over service's domain functions)."""

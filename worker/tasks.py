@@ -1,0 +1,59 @@
+"""Celery tasks: thin adapters that take ids and call the domain (service.trainer, service.trainings)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import signals
+
+from service.config import get_settings
+from service.db import init_db
+from worker.app import RECOVER_TASK, TRAIN_TASK, celery_app
+
+log = logging.getLogger("felis.worker")
+
+
+@celery_app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+def train(training_id: str) -> str:
+    """Run one training to a final state. Safe to deliver twice: the domain claims it atomically."""
+    from service.trainer import run_training
+
+    return run_training(training_id)
+
+
+@celery_app.task(name=RECOVER_TASK)
+def recover_stale_trainings() -> int:
+    from service.recovery import recover_stale
+
+    return recover_stale()
+
+
+@signals.worker_process_init.connect
+def _init_process(**_: object) -> None:
+    """Once per worker process: tune malloc and threads, open the database, warm the backbone."""
+    from models.runtime import tune_process
+
+    settings = get_settings()
+    tune_process(settings.torch_threads)
+    init_db()
+
+
+@signals.worker_ready.connect
+def _start_recovery_loop(**_: object) -> None:
+    """Every worker sweeps for trainings whose worker died (no heartbeat within the lease)."""
+    settings = get_settings()
+    interval = max(5.0, settings.training_lease_seconds / 4)
+    stop = threading.Event()
+
+    def loop() -> None:
+        from service.recovery import recover_stale
+
+        while not stop.wait(interval):
+            try:
+                recover_stale()
+            except Exception:
+                log.warning("stale-training sweep failed", exc_info=True)
+
+    threading.Thread(target=loop, daemon=True, name="felis-recovery").start()
+    signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)
