@@ -83,6 +83,27 @@ def _up(args: argparse.Namespace) -> int:
     return code
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """Operator commands on API keys, straight against the metadata store."""
+    import json
+
+    from service import keys
+    from service.db import init_db, session_scope
+
+    init_db()
+    with session_scope() as session:
+        if args.keys_command == "create":
+            row, key = keys.create(session, args.scope, name=args.name or "")
+            print(json.dumps({"id": row.id, "scopes": row.scopes, "key": key}))
+            print("store the key now: it is not shown again", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            keys.revoke(session, args.id)
+            print(json.dumps({"id": args.id, "revoked": True}))
+        else:
+            print(json.dumps(keys.list_keys(session), default=str, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="felis", description="felis: train and serve image classifiers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--hostname", default=None, help="Celery node name (default: celery@host)")
     worker.set_defaults(func=_worker)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (operator)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="print a new key (shown once)")
+    create.add_argument("--scope", action="append", choices=["predict", "write", "admin"], required=True,
+                        help="repeatable: predict, write, admin")
+    create.add_argument("--name", default="", help="a note: who or what uses the key")
+    revoke = keys_sub.add_parser("revoke")
+    revoke.add_argument("id")
+    keys_sub.add_parser("list")
+    keys.set_defaults(func=_keys)
     return parser
 
 

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_required: bool | None = None  # default: True in production, False embedded
+    rate_limit_predict_per_minute: float = 6000  # per API key (or client address); 0 turns it off
+    rate_limit_upload_per_minute: float = 600  # upload requests, same keying
     log_level: str = "INFO"
     log_json: bool = False  # one JSON object per log line (production)
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from service.config import get_settings
@@ -70,7 +70,14 @@ def init_db() -> None:
     """Create the tables that do not exist yet (idempotent; every process may call it)."""
     from service import tables  # noqa: F401  (registers the mappings)
 
-    Base.metadata.create_all(get_engine())
+    engine = get_engine()
+    if engine.dialect.name == "postgresql":
+        # API and workers start together: one creates the tables while the others wait
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(72657)"))
+            Base.metadata.create_all(conn)
+    else:
+        Base.metadata.create_all(engine)
 
 
 def reset_caches() -> None:

@@ -15,9 +15,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from models.checkpoint import load_checkpoint
 from models.images import InvalidImage
-from models.predictor import Predictor
 from service import datasets, versions
 from service.config import Settings
 from service.db import session_scope
@@ -30,7 +28,7 @@ from service.batching import MicroBatcher
 class LoadedModel:
     version: int
     labels: list[str]
-    predictor: Predictor
+    predictor: Any  # models.predictor.Predictor
     batcher: MicroBatcher
 
 
@@ -71,6 +69,9 @@ class ModelCache:
             return model
 
     def _load(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        from models.checkpoint import load_checkpoint
+        from models.predictor import Predictor
+
         ckpt = load_checkpoint(self.store.get(key))
         onnx = self.store.get(onnx_key) if onnx_key and self.settings.predict_backend != "torch" else None
         backend = self.settings.predict_backend

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from service.api import errors
+from service.api.auth import authorize_request, make_limiters
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.routes import datasets, health, images, models, predict, trainings
 from service.config import get_settings
@@ -27,7 +28,8 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
                   description="Upload labeled images, train on a worker, predict over HTTP.")
-    v1 = APIRouter(prefix="/v1")
+    app.state.limiters = make_limiters(settings)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize_request)])
     for router in (datasets.router, images.router, trainings.router, models.router, predict.router):
         v1.include_router(router)
     app.include_router(v1)

@@ -1,0 +1,49 @@
+"""Who may call: API keys (Bearer or X-API-Key) with scopes, and per-caller rate limits.
+
+Reads (GET) and predict need the ``predict`` scope; everything that changes state needs ``write``.
+Keys are required when ``FELIS_API_KEYS_REQUIRED`` (on in production mode); a key that is sent
+is always checked."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from service import keys
+from service.api.deps import SessionDep, SettingsDep
+from service.config import Settings
+from service.errors import Unauthorized
+from service.ratelimit import RateLimiter
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def _scope_for(request: Request) -> str:
+    if request.method in ("GET", "HEAD", "OPTIONS") or request.url.path.endswith("/predict"):
+        return "predict"
+    return "write"
+
+
+def make_limiters(settings: Settings) -> dict[str, RateLimiter]:
+    return {"predict": RateLimiter(settings.rate_limit_predict_per_minute),
+            "upload": RateLimiter(settings.rate_limit_upload_per_minute)}
+
+
+def authorize_request(request: Request, session: SessionDep, settings: SettingsDep) -> None:
+    key = _presented_key(request)
+    caller = request.client.host if request.client else "unknown"
+    if key:
+        row = keys.authenticate(session, key)
+        keys.authorize(row, _scope_for(request))
+        request.state.api_key_id = caller = row.id
+    elif settings.api_keys_required:
+        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="api_key_required")
+    path = request.url.path
+    if request.method == "POST" and path.endswith("/predict"):
+        request.app.state.limiters["predict"].take(caller)
+    elif request.method == "POST" and path.endswith("/images"):
+        request.app.state.limiters["upload"].take(caller)

@@ -1,0 +1,50 @@
+"""Two deployments of the same code: embedded (`felis up`) and production (Redis + PostgreSQL,
+API and worker as separate processes). Every test in tests/e2e runs against both."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready
+
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def felis(request, tmp_path_factory) -> Iterator[httpx.Client]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"felis-{mode}")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cleanup = []
+    if mode == "embedded":
+        env = felis_env(FELIS_DATA_DIR=str(tmp / "var"), FELIS_PORT=str(port))
+        procs = [Proc(["up"], env, tmp / "up.log")]
+    else:
+        db_url, drop = create_postgres_database()
+        cleanup.append(drop)
+        # a Redis database number of its own, so queued messages of other runs never reach this worker
+        redis_db = 1 + uuid.uuid4().int % 14
+        import redis
+
+        redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
+        env = felis_env(FELIS_DATA_DIR=str(tmp / "var"), FELIS_DATABASE_URL=db_url,
+                        FELIS_BROKER_URL=f"{REDIS_URL}/{redis_db}", FELIS_PORT=str(port))
+        procs = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"w1-{port}@%h"], env,
+                      tmp / "worker.log"),
+                 Proc(["api", "--port", str(port)], env, tmp / "api.log")]
+    try:
+        wait_ready(base, procs)
+        with httpx.Client(base_url=base, timeout=120) as client:
+            client.mode = mode  # type: ignore[attr-defined]
+            client.procs = procs  # type: ignore[attr-defined]
+            yield client
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        for fn in cleanup:
+            fn()

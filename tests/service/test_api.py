@@ -1,0 +1,84 @@
+"""The HTTP layer in-process: routing, error mapping, limits, readiness (no worker needed)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import asset_images
+
+
+@pytest.fixture
+def client(felis_env):
+    from service.api.app import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"] == {"database": "ok", "storage": "ok", "broker": "ok"}
+
+
+def test_dataset_lifecycle_and_error_shape(client):
+    assert client.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+    r = client.post("/v1/datasets", json={"name": "pets"})
+    assert r.status_code == 409 and r.json() == {"error": {"code": "dataset_exists", "message": "dataset 'pets' already exists"}}
+    assert client.get("/v1/datasets").json()["count"] == 1
+    assert client.get("/nowhere").json()["error"]["code"] == "not_found"
+    assert client.put("/v1/datasets").json()["error"]["code"] == "method_not_allowed"
+    r = client.post("/v1/datasets", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+
+
+def test_upload_statuses_201_207_422(client):
+    client.post("/v1/datasets", json={"name": "pets"})
+    cats = asset_images("train", "cat")
+    files = lambda paths: [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    r = client.post("/v1/datasets/pets/images", data={"label": "cat"}, files=files(cats[:2]))
+    assert r.status_code == 201 and r.json()["created"] == 2
+    r = client.post("/v1/datasets/pets/images", data={"label": "cat"}, files=files(cats[1:3]))
+    assert r.status_code == 207 and (r.json()["created"], r.json()["duplicates"]) == (1, 1)
+    r = client.post("/v1/datasets/pets/images", data={"label": "cat"}, files=files(cats[:1]))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_images_created"
+    listing = client.get("/v1/datasets/pets/images", params={"label": "cat", "limit": 2}).json()
+    assert listing["count"] == 3 and len(listing["data"]) == 2
+    assert client.get("/v1/datasets/pets/images", params={"label": "noncat"}).json()["count"] == 0
+
+
+def test_request_body_limit(felis_env, monkeypatch):
+    monkeypatch.setenv("FELIS_MAX_REQUEST_BYTES", "1000")
+    from service.api.app import create_app
+    from service.config import get_settings
+
+    get_settings.cache_clear()
+    with TestClient(create_app()) as c:
+        c.post("/v1/datasets", json={"name": "pets"})
+        r = c.post("/v1/datasets/pets/images", data={"label": "cat"},
+                   files=[("files", ("big.jpg", b"x" * 5000, "image/jpeg"))])
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_not_multipart_is_a_clear_error(client):
+    client.post("/v1/datasets", json={"name": "pets"})
+    r = client.post("/v1/datasets/pets/images", json={"label": "cat"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] in ("invalid_multipart", "empty_upload")
+
+
+def test_training_requests_are_validated_before_queueing(client):
+    client.post("/v1/datasets", json={"name": "pets"})
+    r = client.post("/v1/datasets/pets/trainings", json={})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_few_labels"
+    assert client.get("/v1/datasets/pets/trainings").json()["count"] == 0
+
+
+def test_openapi_lists_every_resource(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ("/v1/datasets", "/v1/datasets/{name}/images", "/v1/datasets/{name}/trainings",
+              "/v1/trainings/{training_id}", "/v1/datasets/{name}/models/{version}/promote",
+              "/v1/datasets/{name}/predict", "/healthz", "/readyz"):
+        assert p in paths
