@@ -82,6 +82,20 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def sweep_temp(self, older_than_s: float = 3600) -> int:
+        """Remove temp files a crashed writer left behind (a live writer's are younger)."""
+        import time
+
+        cutoff, removed = time.time() - older_than_s, 0
+        for tmp in self.root.rglob(".tmp-*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def local_path(self, key: str) -> Path:
         return self._path(key)
 

@@ -33,11 +33,11 @@ log = logging.getLogger("felis.trainer")
 
 
 def run_training(training_id: str, *, settings: Settings | None = None, store: BlobStore | None = None,
-                 device: str | None = None) -> str:
+                 device: str | None = None, worker_name: str | None = None) -> str:
     """Run the training to a final state and return that state."""
     settings = settings or get_settings()
     store = store or get_store()
-    if not _claim(training_id, settings):
+    if not _claim(training_id, settings, worker_name or socket.gethostname()):
         with session_scope() as s:
             t = s.get(Training, training_id)
             return t.status if t else "missing"
@@ -60,7 +60,7 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         heartbeat.stop()
 
 
-def _claim(training_id: str, settings: Settings) -> bool:
+def _claim(training_id: str, settings: Settings, worker_name: str) -> bool:
     """queued -> running, atomically; also takes over a 'running' one whose worker went silent."""
     stale_before = datetime.now(timezone.utc) - timedelta(seconds=settings.training_lease_seconds)
     with session_scope() as s:
@@ -71,7 +71,7 @@ def _claim(training_id: str, settings: Settings) -> bool:
                        (Training.status == "running") & (Training.heartbeat_at < stale_before)))
             .where(Training.cancel_requested.is_(False))
             .values(status="running", started_at=utcnow(), heartbeat_at=utcnow(),
-                    attempts=Training.attempts + 1, worker=socket.gethostname())
+                    attempts=Training.attempts + 1, worker=worker_name[:255])
         )
         return result.rowcount == 1
 

@@ -74,6 +74,7 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
         "model_version": training.model_version,
         "error": training.error,
         "attempts": training.attempts,
+        "worker": training.worker,
         "created_at": training.created_at,
         "started_at": training.started_at,
         "finished_at": training.finished_at,

@@ -14,12 +14,12 @@ from worker.app import RECOVER_TASK, TRAIN_TASK, celery_app
 log = logging.getLogger("felis.worker")
 
 
-@celery_app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
-def train(training_id: str) -> str:
+@celery_app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train(self, training_id: str) -> str:
     """Run one training to a final state. Safe to deliver twice: the domain claims it atomically."""
     from service.trainer import run_training
 
-    return run_training(training_id)
+    return run_training(training_id, worker_name=self.request.hostname)
 
 
 @celery_app.task(name=RECOVER_TASK)

@@ -42,3 +42,14 @@ def test_disk_full_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.get("k/old") == b"old"
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_sweep_removes_only_old_temp_files(tmp_path):
+    store = LocalBlobStore(tmp_path)
+    (tmp_path / "images").mkdir()
+    old, fresh = tmp_path / "images" / ".tmp-old", tmp_path / "images" / ".tmp-new"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(old, (1, 1))
+    assert store.sweep_temp(older_than_s=60) == 1
+    assert not old.exists() and fresh.exists()

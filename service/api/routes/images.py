@@ -99,7 +99,8 @@ _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF":
 def get_image_content(name: str, image_id: str, session: SessionDep, store: StoreDep) -> Response:
     image = images.get(session, datasets.get(session, name), image_id)
     return Response(images.content(store, image), media_type=_MEDIA.get(image.format, "application/octet-stream"),
-                    headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image.sha256}"'})
+                    headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
+                             "X-Content-Type-Options": "nosniff"})
 
 
 class ImagePatch(BaseModel):

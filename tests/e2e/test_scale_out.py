@@ -1,0 +1,98 @@
+"""Production mode scaled out, with real Redis and PostgreSQL: two workers and two API processes.
+
+Four concurrent trainings on two datasets each complete exactly once with distinct, consecutive
+versions; both API processes answer the same; a worker SIGKILLed mid-training loses nothing: its
+training is picked up again (lease expired) and finishes on the other worker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import ASSETS, zip_folder
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
+
+pytestmark = pytest.mark.timeout(900)
+
+REDIS = "redis://127.0.0.1:6379"
+OPTIONS = {"architecture": "simple_cnn", "epochs": 40, "seed": 3}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    import redis
+
+    db_url, drop = create_postgres_database()
+    redis_db = 1 + uuid.uuid4().int % 14
+    redis.Redis.from_url(f"{REDIS}/{redis_db}").flushdb()
+    env = felis_env(FELIS_MODE="embedded", FELIS_DATA_DIR=str(tmp_path / "shared"), FELIS_DATABASE_URL=db_url,
+                    FELIS_BROKER_URL=f"{REDIS}/{redis_db}", FELIS_TRAINING_LEASE_SECONDS="6",
+                    FELIS_TORCH_THREADS="1")
+    ports = [free_port(), free_port()]
+    apis = [Proc(["api", "--port", str(p)], env, tmp_path / f"api{i}.log") for i, p in enumerate(ports)]
+    wait_ready(f"http://127.0.0.1:{ports[0]}", apis)
+    workers = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"w{i}-{ports[0]}@%h"],
+                    env, tmp_path / f"worker{i}.log") for i in range(2)]
+    clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=120) for p in ports]
+    try:
+        for c in clients:
+            wait_ready(str(c.base_url), apis + workers)
+        yield clients, workers
+    finally:
+        for c in clients:
+            c.close()
+        for p in workers + apis:
+            p.stop()
+        drop()
+
+
+def _dataset(client: httpx.Client, name: str) -> None:
+    assert client.post("/v1/datasets", json={"name": name}).status_code == 201
+    r = client.post(f"/v1/datasets/{name}/images",
+                    files={"archive": ("set.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+    assert r.status_code == 201, r.text
+
+
+def test_concurrent_trainings_on_two_workers_each_finish_once(cluster):
+    (a, b), workers = cluster
+    _dataset(a, "alpha")
+    _dataset(b, "beta")
+    ids = [c.post(f"/v1/datasets/{name}/trainings", json=OPTIONS).json()["id"]
+           for c, name in ((a, "alpha"), (b, "beta"), (b, "alpha"), (a, "beta"))]
+    done = [wait_training(a, i) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 4, done
+    for name in ("alpha", "beta"):
+        versions = sorted(v["version"] for v in a.get(f"/v1/datasets/{name}/models").json()["data"])
+        assert versions == [1, 2]
+    assert len({(d["dataset"], d["model_version"]) for d in done}) == 4
+    img = sorted((ASSETS / "cifar-cat" / "test" / "cat").iterdir())[0].read_bytes()
+    answers = [c.post("/v1/datasets/alpha/predict", files={"files": ("x.jpg", img)}).json() for c in (a, b)]
+    assert answers[0]["predictions"] == answers[1]["predictions"]
+    assert answers[0]["model_version"] == answers[1]["model_version"] == 1
+    # both workers took part
+    assert len({a.get(f"/v1/trainings/{i}").json()["worker"] for i in ids}) == 2
+
+
+def test_a_worker_killed_mid_training_loses_nothing(cluster):
+    (a, b), workers = cluster
+    _dataset(a, "gamma")
+    slow = {**OPTIONS, "epochs": 400}
+    ids = [a.post("/v1/datasets/gamma/trainings", json=slow).json()["id"] for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both running, one per worker
+        states = [a.get(f"/v1/trainings/{i}").json() for i in ids]
+        if all(s["status"] == "running" and s["progress"].get("epoch") for s in states):
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"trainings did not both start: {states}")
+    workers[0].kill_group()
+    # the killed worker's training: lease expires, it is queued again and the survivor finishes it
+    done = [wait_training(b, i, timeout=600) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
+    assert sorted(d["model_version"] for d in done) == [1, 2]
+    assert max(d["attempts"] for d in done) == 2
+    assert a.get("/v1/datasets/gamma/models").json()["count"] == 2
