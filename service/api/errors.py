@@ -9,12 +9,33 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors as e
 
 log = logging.getLogger("felis.api")
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Documented on every /v1 operation, so clients (and schemathesis) know every answer's shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "malformed request body"), (401, "no or an invalid API key"), (403, "the key lacks the scope"), (404, "not found"),
+        (409, "conflicts with the current state"), (413, "request too large"), (422, "invalid request"),
+        (429, "rate limited"), (503, "a dependency is unavailable"), (507, "storage is full"),
+    )
+}
 
 STATUS: dict[type[e.FelisError], int] = {
     e.InvalidRequest: 422,
@@ -61,7 +82,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+    code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
+            413: "request_too_large"}.get(exc.status_code, "http_error")
     return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
 

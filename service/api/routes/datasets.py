@@ -23,7 +23,7 @@ def create_dataset(body: DatasetCreate, session: SessionDep) -> dict:
 
 
 @router.get("")
-def list_datasets(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+def list_datasets(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
     rows, total = datasets.list_all(session, limit=limit, offset=offset)
     return {"data": [datasets.describe(session, d) for d in rows], "count": total}
 

@@ -79,7 +79,7 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
 
 @router.get("")
 def list_images(name: str, session: SessionDep, label: str | None = None,
-                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
     dataset = datasets.get(session, name)
     rows, total = images.list_images(session, dataset, label=label, limit=limit, offset=offset)
     return {"data": [images.describe(i) for i in rows], "count": total}
