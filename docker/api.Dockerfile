@@ -32,6 +32,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
 COPY models ./models
+COPY felis_client ./felis_client
 RUN pip install . && python -m compileall -q /opt/venv
 
 # --- runtime: the virtualenv, a non-root user, nothing else ----------------------

@@ -20,7 +20,8 @@ def _api(args: argparse.Namespace) -> int:
     configure_logging(settings)
     uvicorn.run("service.api.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=settings.log_level.lower(),
-                proxy_headers=True, timeout_graceful_shutdown=10)
+                proxy_headers=True, timeout_graceful_shutdown=10,
+                log_config=None)  # uvicorn's lines go through felis's handler (JSON, request ids)
     return 0
 
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     keys_sub.add_parser("list")
     keys.set_defaults(func=_keys)
+    from service.client_cli import add_client_commands  # HTTP only: no torch, no FastAPI
+    add_client_commands(sub)
     return parser
 
 

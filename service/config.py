@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     rate_limit_upload_per_minute: float = 600  # upload requests, same keying
     log_level: str = "INFO"
     log_json: bool = False  # one JSON object per log line (production)
+    worker_metrics_port: int = 9808  # the worker's Prometheus endpoint; 0 turns it off
 
     # --- upload limits (bad input gets a 4xx, never a crash) ---------------------
     max_request_bytes: int = 512 * 1024 * 1024  # one HTTP request body

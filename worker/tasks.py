@@ -8,18 +8,42 @@ import threading
 from celery import signals
 
 from service.config import get_settings
-from service.db import init_db
+from service.db import init_db, session_scope
+from service.logs import configure_logging, log_context
+from service.metrics import install_worker_metrics
 from worker.app import RECOVER_TASK, TRAIN_TASK, celery_app
 
 log = logging.getLogger("felis.worker")
 
+install_worker_metrics()
+
 
 @celery_app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def train(self, training_id: str) -> str:
-    """Run one training to a final state. Safe to deliver twice: the domain claims it atomically."""
-    from service.trainer import run_training
+    """Run one training to a final state. Safe to deliver twice: the domain claims it atomically.
+    Its log lines carry the training id and the id of the HTTP request that asked for it."""
+    from service.tables import Training
+    from service.trainings import mark_failed
 
-    return run_training(training_id, worker_name=self.request.hostname)
+    with session_scope() as s:
+        t = s.get(Training, training_id)
+        request_id = t.request_id if t else None
+    with log_context(training_id=training_id, request_id=request_id):
+        try:
+            from service.trainer import run_training
+
+            return run_training(training_id, worker_name=self.request.hostname)
+        except Exception as e:  # failed before the domain could record it (an import error, say)
+            log.exception("training %s could not run", training_id)
+            with session_scope() as s:
+                mark_failed(s, training_id, "worker_error", f"{type(e).__name__}: {e}")
+            return "failed"
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: object) -> None:
+    """The worker logs like the API: JSON lines in production, with request and training ids."""
+    configure_logging(get_settings())
 
 
 @celery_app.task(name=RECOVER_TASK)

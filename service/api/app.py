@@ -9,17 +9,21 @@ from fastapi import APIRouter, Depends, FastAPI
 from service.api import errors
 from service.api.auth import authorize_request, make_limiters
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from service.api.routes import datasets, health, images, models, predict, trainings
+from service.api.routes import console, datasets, events, health, images, models, predict, trainings
 from service.config import get_settings
 from service.db import init_db
+from service.metrics import MetricsMiddleware, router as metrics_router
 from service.predictions import ModelCache
-from service.storage import get_store
+from service.storage import LocalBlobStore, get_store
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     init_db()
-    app.state.models = ModelCache(get_store(), get_settings())
+    store = get_store()
+    if isinstance(store, LocalBlobStore):
+        store.sweep_temp()
+    app.state.models = ModelCache(store, get_settings())
     yield
     app.state.models.close()
 
@@ -29,12 +33,15 @@ def create_app() -> FastAPI:
     app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
                   description="Upload labeled images, train on a worker, predict over HTTP.")
     app.state.limiters = make_limiters(settings)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize_request)])
-    for router in (datasets.router, images.router, trainings.router, models.router, predict.router):
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize_request)], responses=errors.ERROR_RESPONSES)
+    for router in (datasets.router, images.router, trainings.router, events.router, models.router, predict.router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(metrics_router)
+    app.include_router(console.router)
     errors.install(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware)  # inside RequestIdMiddleware: it logs with the request id
     app.add_middleware(RequestIdMiddleware)
     return app

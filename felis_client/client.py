@@ -1,0 +1,336 @@
+"""``Client``: one method per endpoint of the felis API v1.
+
+Every method returns the JSON the API answers (a dict), except ``download`` and
+``image_content`` (bytes), ``delete_*`` (None) and ``wait`` (the training in its final state).
+An error answer raises ``FelisError(status, code, message)``.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from felis_client import upload as _upload
+from felis_client.config import load_config
+from felis_client.errors import FelisError
+
+FINAL = ("succeeded", "failed", "cancelled")
+PREDICT_BATCH = 32  # images per predict request (the server's default limit is 64)
+
+ImageInput = str | os.PathLike | bytes | tuple[str, bytes]
+
+
+class Client:
+    """A felis API client. Arguments left out come from FELIS_URL / FELIS_API_KEY, then from
+    ``~/.config/felis/config.toml`` (``url``, ``api_key``), then the default ``http://127.0.0.1:8000``."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None, config_path: str | os.PathLike | None = None,
+                 headers: dict[str, str] | None = None):
+        config = load_config(base_url, api_key, config_path)
+        self.base_url, self.api_key = config.url, config.api_key
+        all_headers = {"User-Agent": "felis-client/0.1", **(headers or {})}
+        if self.api_key:
+            all_headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(base_url=self.base_url, headers=all_headers, transport=transport,
+                                  timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r}, api_key={'set' if self.api_key else None})"
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as e:
+            raise FelisError(0, "timeout", f"{method} {path}: no answer from {self.base_url} in time") from e
+        except httpx.HTTPError as e:
+            raise FelisError(0, "connection_error", f"{method} {path}: cannot reach {self.base_url}: {e}") from e
+        if response.status_code >= 400 and response.status_code not in ok:
+            raise _error(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    # --- health ----------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._json("GET", "/healthz")
+
+    def ready(self) -> dict:
+        """The readiness report; raises FelisError(503, "not_ready") when a dependency is down."""
+        return self._json("GET", "/readyz")
+
+    # --- datasets --------------------------------------------------------------------
+
+    def create_dataset(self, name: str) -> dict:
+        return self._json("POST", "/v1/datasets", json={"name": name})
+
+    def datasets(self, limit: int = 100, offset: int = 0) -> dict:
+        """``{"data": [dataset, ...], "count": total}``"""
+        return self._json("GET", "/v1/datasets", params={"limit": limit, "offset": offset})
+
+    def dataset(self, name: str) -> dict:
+        return self._json("GET", f"/v1/datasets/{name}")
+
+    def delete_dataset(self, name: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{name}")
+
+    # --- images ----------------------------------------------------------------------
+
+    def upload(self, dataset: str, path: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> dict:
+        """Upload a folder with a folder per label, a zip, or image files (these need ``label``).
+
+        Returns the merged per-file report ``{"results", "created", "duplicates", "rejected"}``,
+        also when nothing new was stored (all duplicates or rejected), which the API answers with
+        422. ``on_progress(sent_bytes, total_bytes)`` is called as the bytes go out."""
+        batches = list(_upload.plan(path, label))
+        try:
+            total = sum(b.size for b in batches)
+            sent = 0
+
+            def advance(n: int) -> None:
+                nonlocal sent
+                sent += n
+                if on_progress:
+                    on_progress(sent, total)
+
+            if on_progress:
+                on_progress(0, total)
+            reports = [self._upload_batch(dataset, b, advance) for b in batches]
+        finally:
+            for b in batches:
+                b.cleanup()
+        return _upload.merge_reports(reports)
+
+    def _upload_batch(self, dataset: str, batch: _upload.Batch, advance: Callable[[int], None]) -> dict:
+        if batch.archive is not None:
+            files = [("archive", (batch.archive.name, _upload.ProgressFile(batch.archive, advance), "application/zip"))]
+            data = None
+        else:
+            files = [("files", (p.name, _upload.ProgressFile(p, advance), _media_type(p))) for p in batch.files]
+            data = {"label": batch.label}
+        response = self._request("POST", f"/v1/datasets/{dataset}/images", files=files, data=data, ok=(422,),
+                                 timeout=httpx.Timeout(600.0, connect=10.0))
+        body = response.json()
+        if response.status_code == 422 and "results" not in body:
+            raise _error(response)
+        return body
+
+    def images(self, dataset: str, label: str | None = None, limit: int = 100, offset: int = 0) -> dict:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if label is not None:
+            params["label"] = label
+        return self._json("GET", f"/v1/datasets/{dataset}/images", params=params)
+
+    def image(self, dataset: str, image_id: str) -> dict:
+        return self._json("GET", f"/v1/datasets/{dataset}/images/{image_id}")
+
+    def image_content(self, dataset: str, image_id: str) -> bytes:
+        return self._request("GET", f"/v1/datasets/{dataset}/images/{image_id}/content").content
+
+    def relabel(self, dataset: str, image_id: str, label: str) -> dict:
+        return self._json("PATCH", f"/v1/datasets/{dataset}/images/{image_id}", json={"label": label})
+
+    def delete_image(self, dataset: str, image_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{dataset}/images/{image_id}")
+
+    # --- trainings -------------------------------------------------------------------
+
+    def train(self, dataset: str, **options: Any) -> dict:
+        """Queue a training; ``options`` are the training options (architecture, epochs, seed, ...)."""
+        return self._json("POST", f"/v1/datasets/{dataset}/trainings", json=options)
+
+    def trainings(self, dataset: str) -> dict:
+        return self._json("GET", f"/v1/datasets/{dataset}/trainings")
+
+    def training(self, training_id: str) -> dict:
+        return self._json("GET", f"/v1/trainings/{training_id}")
+
+    def cancel(self, training_id: str) -> dict:
+        return self._json("POST", f"/v1/trainings/{training_id}/cancel")
+
+    def events(self, training_id: str, read_timeout: float = 60.0) -> Iterator[dict]:
+        """The training as it changes, from the server-sent event stream; ends at a final status."""
+        timeout = httpx.Timeout(10.0, read=read_timeout)
+        try:
+            with self._http.stream("GET", f"/v1/trainings/{training_id}/events", timeout=timeout,
+                                   headers={"Accept": "text/event-stream"}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                for data in _sse_data(response.iter_lines()):
+                    yield json.loads(data)
+        except httpx.TimeoutException as e:
+            raise FelisError(0, "timeout", f"no event from {self.base_url} in {read_timeout}s") from e
+        except httpx.HTTPError as e:
+            raise FelisError(0, "connection_error", f"event stream from {self.base_url} broke: {e}") from e
+
+    def wait(self, training_id: str, on_progress: Callable[[dict], None] | None = None,
+             timeout: float | None = None, poll_interval: float = 1.0, max_reconnects: int = 60) -> dict:
+        """Block until the training reaches a final status and return it. ``on_progress(training)``
+        is called each time it changes. Follows the event stream; reconnects if it breaks (up to
+        ``max_reconnects`` times in a row), and polls when the server has no stream. Raises
+        TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: dict | None = None
+        streaming, failures = True, 0
+
+        def seen(training: dict) -> bool:
+            nonlocal last
+            if training != last:
+                last = training
+                if on_progress:
+                    on_progress(training)
+            return training.get("status") in FINAL
+
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training {training_id} is still {last and last.get('status')}")
+            if streaming:
+                try:
+                    remaining = 60.0 if deadline is None else max(1.0, min(60.0, deadline - time.monotonic()))
+                    for training in self.events(training_id, read_timeout=remaining):
+                        failures = 0
+                        if seen(training):
+                            return training
+                        if deadline is not None and time.monotonic() > deadline:
+                            break
+                except FelisError as e:
+                    if e.status in (404, 405) and e.code != "training_not_found":
+                        streaming = False  # a server without the event stream: poll instead
+                        continue
+                    if e.status != 0 and e.status < 500:
+                        raise
+                    failures += 1  # a restart or a proxy cut the stream: reconnect, for a while
+                    if failures > max_reconnects:
+                        raise
+                time.sleep(poll_interval)
+                continue
+            if seen(self.training(training_id)):
+                return last  # type: ignore[return-value]
+            time.sleep(poll_interval)
+
+    # --- model versions ---------------------------------------------------------------
+
+    def models(self, dataset: str) -> dict:
+        return self._json("GET", f"/v1/datasets/{dataset}/models")
+
+    def model(self, dataset: str, version: int) -> dict:
+        return self._json("GET", f"/v1/datasets/{dataset}/models/{int(version)}")
+
+    def evaluation(self, dataset: str, version: int) -> dict:
+        return self._json("GET", f"/v1/datasets/{dataset}/models/{int(version)}/evaluation")
+
+    def promote(self, dataset: str, version: int) -> dict:
+        return self._json("POST", f"/v1/datasets/{dataset}/models/{int(version)}/promote")
+
+    def download(self, dataset: str, version: int, path: str | os.PathLike | None = None) -> bytes | Path:
+        """The checkpoint's bytes, or, given ``path``, the checkpoint written there (returns the path)."""
+        url = f"/v1/datasets/{dataset}/models/{int(version)}/download"
+        if path is None:
+            return self._request("GET", url, timeout=httpx.Timeout(600.0, connect=10.0)).content
+        target = Path(path)
+        if target.is_dir():
+            target = target / f"{dataset}-v{int(version)}.pt"
+        partial = target.with_name(target.name + ".part")
+        try:
+            with self._http.stream("GET", url, timeout=httpx.Timeout(600.0, connect=10.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                with open(partial, "wb") as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+        except httpx.HTTPError as e:
+            partial.unlink(missing_ok=True)
+            raise FelisError(0, "connection_error", f"download from {self.base_url} broke: {e}") from e
+        partial.replace(target)
+        return target
+
+    def set_threshold(self, dataset: str, version: int, label: str, threshold: float | None = None,
+                      min_precision: float | None = None) -> dict:
+        """A decision threshold for ``label``: given, or the lowest reaching ``min_precision`` on validation."""
+        body = {"threshold": threshold} if min_precision is None else {"min_precision": min_precision}
+        return self._json("PUT", f"/v1/datasets/{dataset}/models/{int(version)}/thresholds/{label}", json=body)
+
+    # --- predicting --------------------------------------------------------------------
+
+    def predict(self, dataset: str, images: ImageInput | Iterable[ImageInput], version: int | None = None) -> dict:
+        """Probabilities per image: paths, raw bytes, or (filename, bytes) pairs. Many images go as
+        several requests, all answered by the same version."""
+        items = [images] if isinstance(images, (str, os.PathLike, bytes, tuple)) else list(images)
+        if not items:
+            raise ValueError("no images to predict")
+        answer: dict[str, Any] | None = None
+        for start in range(0, len(items), PREDICT_BATCH):
+            files = [("files", _image_part(x, start + i)) for i, x in enumerate(items[start:start + PREDICT_BATCH])]
+            params = {"version": version} if version is not None else None
+            body = self._json("POST", f"/v1/datasets/{dataset}/predict", files=files, params=params)
+            if answer is None:
+                answer, version = body, body.get("model_version")  # later batches use the same version
+            else:
+                answer["predictions"].extend(body["predictions"])
+        assert answer is not None
+        return answer
+
+
+def _media_type(path: Path) -> str:
+    return _upload.IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _image_part(item: ImageInput, index: int) -> tuple[str, bytes, str]:
+    if isinstance(item, tuple):
+        name, data = item
+        return name, data, _media_type(Path(name))
+    if isinstance(item, bytes):
+        return f"image-{index}", item, "application/octet-stream"
+    path = Path(item)
+    return path.name, path.read_bytes(), _media_type(path)
+
+
+def _error(response: httpx.Response) -> FelisError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return FelisError(response.status_code, str(err.get("code", "error")), str(err.get("message", "")),
+                          err.get("details"), body)
+    text = response.text.strip()[:300] or response.reason_phrase
+    return FelisError(response.status_code, "http_error", text, body=body)
+
+
+def _sse_data(lines: Iterable[str]) -> Iterator[str]:
+    """The ``data`` of each event in a text/event-stream (comments and other fields skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)

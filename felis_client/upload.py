@@ -1,0 +1,177 @@
+"""Turning what a user points at (a folder per label, a zip, image files) into upload requests.
+
+A folder is zipped into a temporary file (stored, not deflated: photos are compressed already)
+and sent as one ``archive``; a big folder or many files go as several requests, each under the
+server's per-request limits, and the reports are merged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+MAX_FILES_PER_REQUEST = 1000  # the server allows 5000 by default; smaller requests fail smaller
+MAX_BYTES_PER_REQUEST = 200 * 1024 * 1024  # the server allows 512 MiB by default
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+
+Progress = Callable[[int, int], None]  # (bytes sent so far, bytes to send in all)
+
+
+@dataclass
+class Batch:
+    """One upload request: an archive (a zip on disk) or loose files with one label."""
+
+    archive: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    label: str | None = None
+    temporary: bool = False  # the archive is ours to delete
+
+    @property
+    def size(self) -> int:
+        if self.archive is not None:
+            return self.archive.stat().st_size
+        return sum(p.stat().st_size for p in self.files)
+
+    def cleanup(self) -> None:
+        if self.temporary and self.archive is not None:
+            self.archive.unlink(missing_ok=True)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Every regular file below folder, in a stable order, without hidden files (.DS_Store, ._x)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+    return out
+
+
+def _chunks(paths: list[Path], max_files: int, max_bytes: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    size = 0
+    for p in paths:
+        n = p.stat().st_size
+        if chunk and (len(chunk) >= max_files or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += n
+    if chunk:
+        yield chunk
+
+
+def _zip(members: list[tuple[Path, str]]) -> Path:
+    fd, name = tempfile.mkstemp(prefix="felis-upload-", suffix=".zip")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as zf:
+            for path, arcname in members:
+                zf.write(path, arcname)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None, *,
+         max_files: int = MAX_FILES_PER_REQUEST, max_bytes: int = MAX_BYTES_PER_REQUEST) -> Iterator[Batch]:
+    """The requests that upload ``source``; zips are built lazily, one batch at a time.
+
+    - a folder with one subfolder per label (``cat/1.jpg``, ``dog/2.jpg``): archives;
+    - a folder of images with ``label``: archives with every image under that label;
+    - a ``.zip`` file: sent as it is (its top-level folders are the labels);
+    - one or more image files: sent as ``files`` with ``label``.
+    """
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    if not paths:
+        raise ValueError("nothing to upload")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    if len(paths) == 1 and paths[0].is_dir():
+        yield from _plan_folder(paths[0], label, max_files, max_bytes)
+        return
+    if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
+        if label:
+            raise ValueError("a zip carries its labels as folders; do not pass a label with it")
+        yield Batch(archive=paths[0])
+        return
+    if any(p.is_dir() or p.suffix.lower() == ".zip" for p in paths):
+        raise ValueError("upload one folder, one zip, or image files (not a mix)")
+    if not label:
+        raise ValueError("image files need a label (--label / label=)")
+    for chunk in _chunks(paths, max_files, max_bytes):
+        yield Batch(files=chunk, label=label)
+
+
+def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int) -> Iterator[Batch]:
+    files = _visible_files(folder)
+    if not files:
+        raise ValueError(f"{folder} holds no files")
+    if label:
+        members = [(p, f"{label}/{p.relative_to(folder).as_posix()}") for p in files]
+    else:
+        if all(p.parent == folder for p in files):
+            raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
+                             "the label, or pass a label for all of them")
+        members = [(p, p.relative_to(folder).as_posix()) for p in files]
+    by_path = dict(members)
+    for chunk in _chunks([p for p, _ in members], max_files, max_bytes):
+        yield Batch(archive=_zip([(p, by_path[p]) for p in chunk]), temporary=True)
+
+
+class ProgressFile:
+    """A file httpx streams from: opened on first read, closed at the end, reporting bytes read.
+
+    Seekable without opening (httpx asks for the length of every file before it sends), so a
+    request with a thousand files keeps one open at a time."""
+
+    def __init__(self, path: Path, on_read: Callable[[int], None] | None = None):
+        self.path, self.on_read = path, on_read
+        self._size = path.stat().st_size
+        self._pos = 0
+        self._fh: IO[bytes] | None = None
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        if self._fh is not None:
+            self._fh.seek(self._pos)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+            self._fh.seek(self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        if self.on_read and data:
+            self.on_read(len(data))
+        if not data or self._pos >= self._size:
+            self.close()
+        return data
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report for several upload requests, in the server's shape."""
+    results = [r for rep in reports for r in rep.get("results", [])]
+    return {
+        "results": results,
+        "created": sum(1 for r in results if r.get("status") == "created"),
+        "duplicates": sum(1 for r in results if r.get("status") == "duplicate"),
+        "rejected": sum(1 for r in results if r.get("status") == "rejected"),
+    }

@@ -1,0 +1,160 @@
+"""`felis datasets | create | upload | train | models | promote | predict` against a real `felis up`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import main
+from service.client_cli import EpochTracker, _Bar, _TrainingWatcher
+from tests.conftest import ASSETS, ROOT, asset_images
+
+TRAIN = ASSETS / "cifar-cat" / "train"
+
+
+@pytest.fixture
+def felis(felis_url, no_felis_config, capsys):
+    """Run one command: felis("datasets") -> (exit code, stdout, stderr)."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([argv[0], "--url", felis_url, *argv[1:]])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_create_list_upload(felis, tmp_path):
+    assert felis("create", "clipets")[0] == 0
+    code, out, err = felis("create", "clipets")
+    assert code == 1 and "dataset_exists" in err
+    code, out, err = felis("upload", "clipets", str(TRAIN))
+    assert code == 0, err
+    assert "32 created, 0 duplicates, 0 rejected" in out
+    assert "uploading: 100%" in err  # not a terminal: plain progress lines, no bar
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    code, out, _ = felis("upload", "clipets", str(junk), *map(str, asset_images("test", "cat")), "--label", "cat")
+    assert code == 0
+    assert "4 created, 0 duplicates, 1 rejected" in out and "not_an_image 1" in out and "junk.jpg: not_an_image" in out
+    code, out, _ = felis("datasets")
+    line = next(l for l in out.splitlines() if l.startswith("clipets"))
+    assert "36" in line and "cat 20" in line and "noncat 16" in line
+
+
+def test_bad_input_is_one_line_not_a_traceback(felis, felis_url):
+    code, _, err = felis("upload", "nowhere", str(TRAIN))
+    assert code == 1 and "dataset_not_found" in err and "Traceback" not in err
+    code, _, err = felis("upload", "nowhere", *map(str, asset_images("test", "cat")))
+    assert code == 2 and "need a label" in err
+    code, _, err = felis("train", "nowhere", "--option", "novalue")
+    assert code == 2 and "KEY=VALUE" in err
+    assert main(["datasets", "--url", "http://127.0.0.1:9"]) == 1
+
+
+def test_train_wait_models_promote_predict(felis):
+    felis("create", "clitrain")
+    felis("upload", "clitrain", str(TRAIN))
+    code, out, err = felis("train", "clitrain", "--architecture", "simple_cnn", "--epochs", "2", "--seed", "0",
+                           "--option", "batch_size=8", "--wait")
+    assert code == 0, err
+    assert "architecture=simple_cnn" in out and "batch_size=8" in out
+    assert "succeeded: model version 1" in out
+    assert "status: succeeded" in err and "epoch 2/2" in err  # plain progress lines
+    code, out, err = felis("train", "clitrain", "--architecture", "simple_cnn", "--epochs", "1", "--wait")
+    assert code == 0 and "succeeded: model version 2" in out, err
+
+    code, out, _ = felis("models", "clitrain")
+    rows = [l.split() for l in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["v1", "v2"] and rows[0][1] == "*"
+    assert felis("promote", "clitrain", "2") == (0, "clitrain: predictions now use v2\n", "")
+
+    images = [str(p) for p in asset_images("test", "cat") + asset_images("test", "noncat")]
+    code, out, err = felis("predict", "clitrain", *images, "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["model_version"] == 2 and len(answer["predictions"]) == 8
+    code, out, _ = felis("predict", "clitrain", images[0], "--version", "1")
+    assert code == 0 and out.startswith("model version 1")
+    header = out.splitlines()[1].split()
+    assert header == ["image", "label", "decision", "cat", "noncat"]
+    assert out.splitlines()[3].split()[0] == os.path.basename(images[0])
+
+
+def test_config_file_gives_the_url(felis_url, no_felis_config, monkeypatch, tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(f'url = "{felis_url}"\n')
+    monkeypatch.setenv("FELIS_CONFIG", str(config))
+    assert main(["datasets"]) == 0
+    assert "dataset" in capsys.readouterr().out
+
+
+def test_the_client_commands_do_not_import_torch(felis_url):
+    code = ("import sys, service.cli; rc = service.cli.main(['datasets']); "
+            "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, 'heavy import'; sys.exit(rc)")
+    env = {**os.environ, "FELIS_URL": felis_url, "FELIS_CONFIG": "/nonexistent"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# --- progress output, without a server ------------------------------------------------------------------
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bars_on_a_terminal_and_lines_elsewhere():
+    tty, plain = _Tty(), io.StringIO()
+    for stream in (tty, plain):
+        bar = _Bar("uploading", stream=stream)
+        for done in (0, 500, 1000):
+            bar.update(done, 1000)
+        bar.close()
+    assert "uploading" in tty.getvalue() and "\r" in tty.getvalue()  # tqdm redraws in place
+    assert plain.getvalue().splitlines() == ["uploading: 0% (0 B of 1000 B)", "uploading: 50% (500 B of 1000 B)",
+                                             "uploading: 100% (1000 B of 1000 B)"]
+
+
+def _snapshots():
+    yield {"status": "queued", "progress": {}}
+    yield {"status": "running", "progress": {"phase": "loading", "done": 10, "total": 40}}
+    for epoch in (1, 2, 3):
+        for step in (1, 2):
+            val = {"val_accuracy": 0.5 + epoch / 10} if step == 2 else {}
+            yield {"status": "running", "progress": {"phase": "training", "epoch": epoch, "epochs": 3, "step": step,
+                                                     "steps": 2, "loss": 1.0 / epoch, **val}}
+    yield {"status": "succeeded", "progress": {"phase": "done", "epoch": 3, "epochs": 3, "loss": 1.0 / 3,
+                                               "val_accuracy": 0.8}}
+
+
+def test_training_watcher_draws_bars_or_prints_epochs():
+    tty, plain = _Tty(), io.StringIO()
+    for stream in (tty, plain):
+        watcher = _TrainingWatcher(stream=stream)
+        for snapshot in _snapshots():
+            watcher.update(snapshot)
+        watcher.close()
+    assert "training 2/3" in tty.getvalue() and "loss" in tty.getvalue()
+    lines = plain.getvalue().splitlines()
+    assert [l for l in lines if l.startswith("epoch")] == [
+        "epoch 1/3: loss 1.0000, val acc 0.600", "epoch 2/3: loss 0.5000, val acc 0.700",
+        "epoch 3/3: loss 0.3333, val acc 0.800"]
+    assert lines[-1] == "status: succeeded" and "phase: loading (10/40)" in lines
+
+
+def test_epoch_tracker_recovers_a_missed_end_of_epoch():
+    tracker = EpochTracker()
+    tracker.update({"phase": "training", "epoch": 1, "step": 1, "steps": 4, "loss": 0.9})
+    # the look at epoch 1's end was missed; epoch 2's state still carries epoch 1's val_accuracy
+    (closed,) = tracker.update({"phase": "training", "epoch": 2, "step": 1, "steps": 4, "loss": 0.7,
+                                "val_accuracy": 0.61})
+    assert closed["epoch"] == 1 and closed["val_accuracy"] == 0.61
+    assert tracker.update({"phase": "training", "epoch": 2, "step": 4, "steps": 4, "val_accuracy": 0.7}) == []
+    assert tracker.flush()["val_accuracy"] == 0.7
