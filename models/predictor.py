@@ -1,0 +1,79 @@
+"""A trained model ready to answer: load once, then preprocess -> infer -> postprocess, batch-shaped.
+
+Backends: ONNX Runtime on CPU (default: fastest here, no autograd machinery), or torch under
+inference_mode (fallback, and for CUDA). Both compute softmax(logits / temperature).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .checkpoint import build_network
+from .export import export_onnx, has_onnxruntime, onnx_session
+from .preprocess import Preprocessing, preprocess, preprocess_batch
+from .runtime import cpu_count, resolve_device
+
+
+class Predictor:
+    def __init__(self, labels: list[str], preprocessing: Preprocessing, run, backend: str):
+        self.labels = list(labels)
+        self.preprocessing = preprocessing
+        self.backend = backend  # "onnx" | "torch"
+        self._run = run  # float32 NCHW numpy -> probabilities numpy
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, onnx: bytes | None = None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> "Predictor":
+        """backend: auto (ONNX Runtime on CPU when available, else torch) | onnx | torch.
+        threads: CPU threads for inference (0: one per core)."""
+        dev = resolve_device(device)
+        threads = threads or cpu_count()
+        if backend == "auto":
+            backend = "onnx" if dev.type == "cpu" and has_onnxruntime() else "torch"
+        if backend == "onnx":
+            if dev.type != "cpu":
+                raise ValueError("the onnx backend runs on CPU; use backend='torch' for CUDA")
+            onnx = onnx if onnx is not None else export_onnx(ckpt)
+            run = _onnx_runner(onnx, threads)
+        elif backend == "torch":
+            run = _torch_runner(ckpt, dev, threads)
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage."""
+        return preprocess(data, self.preprocessing)
+
+    def preprocess_batch(self, images: list[bytes]) -> np.ndarray:
+        return preprocess_batch(images, self.preprocessing)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> probabilities (N, len(labels))."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def postprocess(self, probs: np.ndarray) -> list[dict[str, float]]:
+        return [{label: float(p) for label, p in zip(self.labels, row)} for row in probs]
+
+    def predict(self, images: list[bytes]) -> list[dict[str, float]]:
+        return self.postprocess(self.infer(self.preprocess_batch(images)))
+
+
+def _onnx_runner(onnx: bytes, threads: int):
+    session = onnx_session(onnx, threads)
+    return lambda x: session.run(["probabilities"], {"images": x})[0]
+
+
+def _torch_runner(ckpt: dict, device: torch.device, threads: int):
+    if device.type == "cpu" and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    net = build_network(ckpt).to(device=device, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+        return torch.softmax(net(xb), dim=1).float().cpu().numpy()
+
+    return run

@@ -1,0 +1,260 @@
+"""Training entry point for the worker and bench/train.py: labelled samples + config -> model.
+
+    samples --pHash--> near-duplicate groups --> stratified train/val split (split.py)
+      linear   (default): frozen pretrained features, cached per image (features.py)
+               -> L2 strength and softmax temperature chosen by k-fold CV on the train split
+               -> head fitted on the train split, scored on val (honest metrics)
+               -> head refitted on train+val for the shipped model (linear.py)
+      finetune: the whole network trained end to end on resident uint8 images (finetune.py)
+    -> checkpoint (weights + everything to rebuild them) -> ONNX (export.py)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import calibrate, linear, networks
+from .checkpoint import FORMAT_VERSION, library_versions
+from .config import InvalidTrainConfig, TrainConfig
+from .evaluate import calibration, evaluate
+from .features import FeatureCache, FeatureExtractor, cached_features
+from .finetune import FinetuneParams, normalizer, predict_logits, train_network
+from .images import perceptual_hash
+from .preprocess import Preprocessing, uint8_batch
+from .runtime import resolve_device
+from .split import kfold, near_duplicate_groups, train_val_split
+
+__all__ = ["TrainConfig", "InvalidTrainConfig", "Sample", "FeatureCache", "TrainingCancelled", "TrainResult", "train"]
+
+
+class TrainingCancelled(Exception):
+    """should_stop() returned True; nothing was produced."""
+
+
+@dataclass
+class Sample:
+    image_id: str  # the service's id, echoed in evaluation["mistakes"]
+    sha256: str  # hex digest of the bytes: feature-cache key and exact-duplicate detection
+    label: str
+    load: Callable[[], bytes]  # returns the image bytes (called only when needed)
+    phash: str | None = None  # 16-hex perceptual hash; computed here when missing
+
+
+@dataclass
+class TrainResult:
+    checkpoint: dict  # see checkpoint.py; save with save_checkpoint
+    metrics: dict  # small summary (deterministic: no timings)
+    evaluation: dict  # evaluate.evaluate(...) on the validation split, plus calibration details
+    onnx: bytes | None  # export.export_onnx(checkpoint) when config.export_onnx
+    timings: dict = field(default_factory=dict)  # seconds per phase
+
+
+@dataclass
+class _Job:
+    """Everything one run needs, handed to the mode-specific fit (_fit_linear / _fit_finetune)."""
+
+    samples: list[Sample]
+    y: np.ndarray  # label index per sample
+    tr: np.ndarray  # indices of the training split
+    va: np.ndarray  # indices of the validation split
+    groups: np.ndarray  # near-duplicate group per sample
+    cfg: TrainConfig  # resolved: no None left
+    arch: dict  # networks.build_classifier argument
+    prep: Preprocessing
+    device: torch.device
+    progress: Callable[[dict], None]
+    stop: Callable[[], None]  # raises TrainingCancelled
+    timings: dict
+
+
+@dataclass
+class _Fitted:
+    net: torch.nn.Module  # trained network (head set, temperature not yet)
+    eval_logits: np.ndarray  # held-out logits before temperature
+    eval_probs: np.ndarray  # held-out calibrated probabilities (honest: T not fitted on them)
+    eval_y: np.ndarray
+    eval_ids: list[str]
+    source: str  # "validation" | "cross_validation" | "none"
+    temperature: float
+    history: list[dict]
+    extra: dict  # mode-specific metrics
+
+
+def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None) -> TrainResult:
+    """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled."""
+    cfg = config.validate().resolved()
+    dev = resolve_device(device)
+    labels = sorted({s.label for s in samples})
+    y = np.array([labels.index(s.label) for s in samples], dtype=np.int64)
+    counts = np.bincount(y, minlength=len(labels))
+    if len(labels) < 2 or counts.min() < 2:
+        raise InvalidTrainConfig("samples", f"need at least 2 labels with 2 images each, got {dict(zip(labels, counts.tolist()))}")
+
+    def stop():
+        if should_stop():
+            raise TrainingCancelled()
+
+    def emit(p: dict):
+        progress({k: v for k, v in p.items() if v is not None})
+
+    timings, t0 = {}, time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    # 1. near-duplicate groups (pHash, computed here if the caller has none) and the split
+    phashes = [s.phash for s in samples]
+    missing = [i for i, h in enumerate(phashes) if not h]
+    for n, i in enumerate(missing):
+        if n % 32 == 0:
+            stop()
+            emit({"phase": "preparing", "done": n, "total": len(missing)})
+        phashes[i] = perceptual_hash(samples[i].load())
+    groups = near_duplicate_groups([s.sha256 for s in samples], phashes, cfg.near_duplicate_bits)
+    tr, va = train_val_split(y, groups, cfg.val_fraction, cfg.seed)
+    timings["split"] = time.perf_counter() - t0
+
+    # 2. the model: frozen features + linear head, or end-to-end training
+    arch = {"name": cfg.architecture, "image_size": cfg.image_size, "pooling": cfg.pooling, "num_classes": len(labels)}
+    if cfg.width:
+        arch["width"] = cfg.width
+    prep = networks.default_preprocessing(cfg.architecture, cfg.image_size, cfg.resize, cfg.crop_fraction)
+    job = _Job(samples, y, tr, va, groups, cfg, arch, prep, dev, emit, stop, timings)
+    fitted = _fit_linear(job, feature_cache, pretrained_weights) if cfg.mode == "linear" else _fit_finetune(job, pretrained_weights)
+
+    # 3. honest metrics on held-out images, before and after the temperature
+    t = time.perf_counter()
+    emit({"phase": "evaluating"})
+    f = fitted
+    evaluation = evaluate(f.eval_probs, f.eval_y, labels, f.history)
+    before = evaluate(calibrate.softmax(f.eval_logits), f.eval_y, labels)["calibration"] if len(f.eval_y) else None
+    pred = f.eval_probs.argmax(1) if len(f.eval_y) else np.zeros(0, np.int64)
+    evaluation.update(
+        source=f.source,
+        temperature=f.temperature,
+        ece_before_calibration=before and before["ece"],
+        validation_image_ids=[samples[i].image_id for i in va],
+        mistakes=[{"image_id": f.eval_ids[i], "label": labels[f.eval_y[i]], "predicted": labels[pred[i]], "confidence": float(f.eval_probs[i, pred[i]])}
+                  for i in np.flatnonzero(pred != f.eval_y)],
+    )
+    metrics = {
+        "accuracy": evaluation["accuracy"],
+        "loss": evaluation["loss"],
+        "ece": evaluation["calibration"] and evaluation["calibration"]["ece"],
+        "ece_before_calibration": evaluation["ece_before_calibration"],
+        "roc_auc": evaluation["roc_auc"],
+        "temperature": f.temperature,
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "n_groups": int(groups.max() + 1),
+        "labels": labels,
+        "mode": cfg.mode,
+        **f.extra,
+    }
+    timings["evaluate"] = time.perf_counter() - t
+
+    # 4. the checkpoint: everything needed to predict, nothing from this module
+    net = f.net.cpu().to(memory_format=torch.contiguous_format)
+    net.temperature.fill_(f.temperature)
+    checkpoint = {
+        "format_version": FORMAT_VERSION,
+        "architecture": arch,
+        "mode": cfg.mode,
+        "labels": labels,
+        "preprocessing": prep.to_dict(),
+        "state_dict": {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
+        "temperature": float(f.temperature),
+        "training_config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "versions": library_versions(),
+    }
+    onnx = None
+    if cfg.export_onnx:
+        stop()
+        emit({"phase": "exporting"})
+        t = time.perf_counter()
+        from .export import export_onnx
+
+        onnx = export_onnx(checkpoint)
+        timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return TrainResult(checkpoint, metrics, evaluation, onnx, timings)
+
+
+def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _Fitted:
+    """Frozen features -> l2 and T by k-fold CV on the train split -> head scored on val -> refit."""
+    cfg, y, tr, va, t = job.cfg, job.y, job.tr, job.va, time.perf_counter()
+    extractor = FeatureExtractor(job.arch, job.prep, job.device, weights, batch_size=cfg.batch_size)
+    X, computed = cached_features(extractor, [s.sha256 for s in job.samples], [s.load for s in job.samples], cache,
+                                  lambda d, n: job.progress({"phase": "features", "done": d, "total": n}), job.stop)
+    job.timings["features"] = time.perf_counter() - t
+    t = time.perf_counter()
+    k_classes = job.arch["num_classes"]
+    folds_k = int(min(cfg.cv_folds, np.bincount(y[tr], minlength=k_classes).min()))
+    grid = (cfg.l2,) if cfg.l2 else linear.L2_GRID
+    history, temperature, l2, cv, extra = [], 1.0, cfg.l2 or 0.03, None, {}
+    if folds_k >= 2:  # out-of-fold logits for every l2: pick the best calibrated log-loss
+        folds = kfold(y[tr], job.groups[tr], folds_k, cfg.seed)
+        cv = linear.cross_val_logits(X[tr], y[tr], k_classes, folds, grid, job.stop,
+                                     lambda d, n: job.progress({"phase": "training", "step": d, "steps": n}))
+        for g in grid:
+            temp = calibrate.fit_temperature(cv[g], y[tr]) if cfg.calibrate else 1.0
+            history.append({"l2": g, "cv_accuracy": float((cv[g].argmax(1) == y[tr]).mean()), "cv_loss": calibrate.log_loss(cv[g], y[tr]),
+                            "cv_loss_calibrated": calibrate.log_loss(cv[g], y[tr], temp), "temperature": temp})
+        best = min(history, key=lambda h: h["cv_loss_calibrated"])
+        l2, temperature = best["l2"], best["temperature"]
+        cv_ece = calibration(calibrate.softmax(cv[l2], temperature), y[tr])["ece"]  # a second honest estimate, on more images
+        extra = {"cv_accuracy": best["cv_accuracy"], "cv_loss": best["cv_loss_calibrated"], "cv_ece": cv_ece}
+    job.progress({"phase": "calibrating"})
+    head = linear.fit(X[tr], y[tr], k_classes, l2)
+    if len(va):
+        logits, eval_y, idx, source = head.logits(X[va]), y[va], va, "validation"
+    elif cv is not None:
+        logits, eval_y, idx, source = cv[l2], y[tr], tr, "cross_validation"
+    else:
+        logits, eval_y, idx, source = np.zeros((0, k_classes)), np.zeros(0, np.int64), [], "none"
+    refit = bool(cfg.refit_full and len(va))
+    if refit:  # the shipped head sees every image; its metrics are those of the train-split head
+        job.stop()
+        head = linear.fit(X, y, k_classes, l2, init=head)
+    net = extractor.model
+    with torch.no_grad():
+        w, b = head.folded()
+        net.head.weight.copy_(w)
+        net.head.bias.copy_(b)
+    job.timings["head"] = time.perf_counter() - t
+    extra.update(l2=l2, cv_folds=folds_k if folds_k >= 2 else 0, features_computed=computed, feature_extractor=extractor.extractor_id, refit_full=refit)
+    return _Fitted(net, logits, calibrate.softmax(logits, temperature), eval_y, [job.samples[i].image_id for i in idx], source, temperature, history, extra)
+
+
+def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
+    """Decode every image once -> train the whole network -> temperature from val (cross-fitted)."""
+    cfg, y, tr, va, t = job.cfg, job.y, job.tr, job.va, time.perf_counter()
+    net = networks.build_classifier(job.arch)
+    if cfg.architecture != "simple_cnn":
+        networks.load_pretrained(net.backbone, cfg.architecture, weights)
+    size = job.prep.image_size
+    images = np.zeros((len(job.samples), 3, size, size), np.uint8)
+    for start in range(0, len(job.samples), 32):
+        job.stop()
+        images[start : start + 32] = uint8_batch([s.load() for s in job.samples[start : start + 32]], job.prep)
+        job.progress({"phase": "features", "done": min(start + 32, len(job.samples)), "total": len(job.samples)})
+    job.timings["decode"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x, yt = torch.from_numpy(images), torch.from_numpy(y)
+    params = FinetuneParams(cfg.epochs, cfg.learning_rate, cfg.weight_decay, cfg.batch_size, cfg.augmentation, cfg.label_smoothing, cfg.patience, cfg.time_budget_s)
+    net, history = train_network(net, x[tr], yt[tr], x[va], yt[va], job.prep, params, job.device, cfg.seed, job.progress, job.stop)
+    job.timings["training"] = time.perf_counter() - t
+    job.progress({"phase": "calibrating"})
+    logits = predict_logits(net, x[va].to(job.device), normalizer(job.prep, job.device), job.device)
+    if cfg.calibrate and len(va):
+        temperature, probs = calibrate.cross_fitted_temperature(logits, y[va], cfg.seed)
+    else:
+        temperature, probs = 1.0, calibrate.softmax(logits)
+    best_epoch = int(np.argmin([h.get("val_loss", h["train_loss"]) for h in history])) + 1
+    return _Fitted(net, logits, probs, y[va], [job.samples[i].image_id for i in va], "validation" if len(va) else "none",
+                   temperature, history, {"epochs_run": len(history), "best_epoch": best_epoch})

@@ -1,0 +1,152 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.images import ImageInfo, InvalidImage, decode_rgb, hamming, inspect_image, perceptual_hash
+
+MAX_PIXELS = 50_000_000
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo(photo_bytes) -> Image.Image:
+    return decode_rgb(photo_bytes[0])
+
+
+def test_inspect_real_jpeg(photo_bytes):
+    for data in photo_bytes:
+        info = inspect_image(data, max_pixels=MAX_PIXELS)
+        assert isinstance(info, ImageInfo) and info.format == "JPEG"
+        with Image.open(io.BytesIO(data)) as im:
+            assert (info.width, info.height) == im.size
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_inspect_supported_formats(photo, fmt):
+    data = _encode(photo.resize((120, 90)), fmt)
+    info = inspect_image(data, max_pixels=MAX_PIXELS)
+    assert (info.format, info.width, info.height) == (fmt, 120, 90)
+    assert decode_rgb(data).size == (120, 90)
+
+
+def test_exotic_modes_decode_to_rgb(photo):
+    small = photo.resize((64, 48))
+    grey16 = Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257).astype("<u2"))
+    assert grey16.mode.startswith("I;16")
+    cases = {
+        "16-bit grey": _encode(grey16, "PNG"),
+        "CMYK JPEG": _encode(small.convert("CMYK"), "JPEG"),
+        "palette": _encode(small.convert("P"), "PNG"),
+        "RGBA": _encode(small.convert("RGBA"), "PNG"),
+        "LA": _encode(small.convert("LA"), "PNG"),
+    }
+    for name, data in cases.items():
+        inspect_image(data, max_pixels=MAX_PIXELS)
+        rgb = decode_rgb(data)
+        assert rgb.mode == "RGB" and rgb.size == (64, 48), name
+    # 16-bit values are scaled, not clipped to white
+    grey = np.asarray(decode_rgb(cases["16-bit grey"]))[..., 0].astype(int)
+    assert np.abs(grey - np.asarray(small.convert("L"))).max() <= 1
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.paste((200, 10, 10, 255), (0, 0, 8, 16))
+    arr = np.asarray(decode_rgb(_encode(rgba, "PNG")))
+    assert tuple(arr[0, 0]) == (200, 10, 10) and tuple(arr[0, 15]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(photo):
+    img = photo.resize((80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encode(img, "JPEG", exif=exif.tobytes())
+    assert inspect_image(data, max_pixels=MAX_PIXELS).width == 80  # as stored
+    assert decode_rgb(data).size == (40, 80)  # as displayed
+
+
+def test_draft_mode_decodes_big_jpeg_smaller_but_not_below_hint(photo_bytes):
+    big = max(photo_bytes, key=len)
+    full = decode_rgb(big)
+    small = decode_rgb(big, size_hint=100)
+    assert min(small.size) >= 100
+    if min(full.size) >= 200:
+        assert small.size[0] < full.size[0]
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", "empty_file"),
+        (b"this is not an image at all" * 10, "not_an_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not_an_image"),
+    ],
+)
+def test_bad_bytes(data, code):
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(data, max_pixels=MAX_PIXELS)
+    assert e.value.code == code and e.value.message
+
+
+def test_truncated_jpeg_and_png(photo_bytes, photo):
+    for data in (photo_bytes[0][: len(photo_bytes[0]) // 2], _encode(photo, "PNG")[:5000]):
+        with pytest.raises(InvalidImage) as e:
+            inspect_image(data, max_pixels=MAX_PIXELS)
+        assert e.value.code in ("truncated_image", "not_an_image")
+        with pytest.raises(InvalidImage):
+            decode_rgb(data)
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(photo_bytes[0][: len(photo_bytes[0]) // 2], max_pixels=MAX_PIXELS)
+    assert e.value.code == "truncated_image"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR claims another size (CRC fixed): a decompression bomb header."""
+    data = bytearray(_encode(Image.new("RGB", (8, 8)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(_png_claiming(100_000, 100_000), max_pixels=MAX_PIXELS)
+    assert e.value.code == "image_too_large"
+    with pytest.raises(InvalidImage) as e:
+        decode_rgb(_png_claiming(100_000, 100_000))  # Pillow's own bomb guard
+    assert e.value.code == "image_too_large"
+
+
+def test_limits(photo_bytes):
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(photo_bytes[0], max_pixels=1000)
+    assert e.value.code == "image_too_large"
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(_encode(Image.new("RGB", (4, 40)), "PNG"), max_pixels=MAX_PIXELS, min_side=8)
+    assert e.value.code == "image_too_small"
+
+
+def test_unsupported_format(photo):
+    for fmt in ("ICO", "PPM"):
+        with pytest.raises(InvalidImage) as e:
+            inspect_image(_encode(photo.resize((32, 32)), fmt), max_pixels=MAX_PIXELS)
+        assert e.value.code == "unsupported_format"
+
+
+def test_perceptual_hash_finds_near_duplicates(photo_bytes, photo):
+    h = perceptual_hash(photo_bytes[0])
+    assert len(h) == 16 and int(h, 16) >= 0
+    copy = _encode(photo.resize((photo.width // 3, photo.height // 3)), "JPEG", quality=60)
+    assert hamming(h, perceptual_hash(copy)) <= 6
+    others = [hamming(h, perceptual_hash(d)) for d in photo_bytes[1:]]
+    assert min(others) > 10

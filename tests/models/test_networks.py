@@ -1,0 +1,63 @@
+import pytest
+import torch
+import torchvision
+
+from models import networks
+
+
+def test_efficientnet_lite0_pretrained_recognises_a_cat(photo_bytes):
+    """The converted ImageNet weights plus our preprocessing give ImageNet predictions:
+    the kaggle cat photos land in the cat classes (281-285) among the top 5."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from models.preprocess import preprocess_batch
+
+    full = EfficientNet.from_name("efficientnet-lite0", image_size=224, num_classes=1000)
+    full.load_state_dict(torch.load(networks.default_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True))
+    x = torch.from_numpy(preprocess_batch(photo_bytes[:3], networks.default_preprocessing("efficientnet_lite0", 224)))
+    with torch.no_grad():
+        top5 = full.eval()(x).topk(5).indices
+    assert sum(bool({281, 282, 283, 284, 285} & set(row.tolist())) for row in top5) >= 2
+
+
+@pytest.mark.parametrize("arch, channels", [("efficientnet_lite0", 1280), ("simple_cnn", 256), ("resnet18", 512), ("mobilenet_v3_small", 576)])
+def test_build_classifier_shapes(arch, channels):
+    net = networks.build_classifier({"name": arch, "image_size": 64, "pooling": "avgmax", "num_classes": 3}).eval()
+    assert net.head.in_features == 2 * channels
+    with torch.no_grad():
+        assert net.features(torch.zeros(2, 3, 64, 64)).shape == (2, 2 * channels)
+        assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    assert float(net.temperature) == 1.0
+
+
+def test_unknown_architecture():
+    assert not networks.is_supported("vit_b_16") and not networks.is_supported("nonsense")
+    with pytest.raises(ValueError):
+        networks.build_backbone({"name": "nonsense", "image_size": 64})
+
+
+def test_torchvision_weights_from_a_local_file(tmp_path):
+    """pretrained_weights may be a torchvision state_dict file (downloaded by the operator)."""
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone, _ = networks.build_backbone({"name": "resnet18", "image_size": 64})
+    networks.load_pretrained(backbone, "resnet18", str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(reference.children())[:-2]).eval()
+        torch.testing.assert_close(backbone.eval()(x), trunk(x))
+    # a file for another network is refused
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(RuntimeError):
+        networks.load_pretrained(backbone, "resnet18", str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError):
+        networks.load_pretrained(backbone, "resnet18", None)  # no default download in felis
+
+
+def test_efficientnet_weights_must_match(tmp_path):
+    backbone, _ = networks.build_backbone({"name": "efficientnet_lite0", "image_size": 64})
+    torch.save({"_conv_stem.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises((ValueError, RuntimeError)):
+        networks.load_pretrained(backbone, "efficientnet_lite0", str(tmp_path / "bad.pth"))

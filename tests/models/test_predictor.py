@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from models.images import InvalidImage
+from models.predictor import Predictor
+
+
+def test_backends_agree_and_answers_are_batch_shaped(trained, photo_bytes):
+    onnx_p = Predictor.from_checkpoint(trained.checkpoint, trained.onnx, threads=2)
+    torch_p = Predictor.from_checkpoint(trained.checkpoint, backend="torch")
+    assert onnx_p.backend == "onnx" and torch_p.backend == "torch"
+    assert onnx_p.labels == torch_p.labels == ["cat", "noncat"]
+    a, b = onnx_p.predict(photo_bytes), torch_p.predict(photo_bytes)
+    assert len(a) == len(photo_bytes) and set(a[0]) == {"cat", "noncat"}
+    for x, y in zip(a, b):
+        assert sum(x.values()) == pytest.approx(1, abs=1e-5)
+        assert abs(x["cat"] - y["cat"]) <= 1e-4
+    assert onnx_p.predict([]) == []
+
+
+def test_preprocess_infer_postprocess_steps(trained, photo_bytes):
+    p = Predictor.from_checkpoint(trained.checkpoint, trained.onnx)
+    x = np.stack([p.preprocess(d) for d in photo_bytes[:3]])
+    assert x.shape == (3, 3, 288, 288) and x.dtype == np.float32
+    probs = p.infer(x)
+    assert probs.shape == (3, 2)
+    assert p.postprocess(probs) == p.predict(photo_bytes[:3])
+
+
+def test_onnx_backend_exports_when_no_graph_is_given(trained, photo_bytes):
+    p = Predictor.from_checkpoint(trained.checkpoint, onnx=None, backend="onnx")
+    ref = Predictor.from_checkpoint(trained.checkpoint, trained.onnx)
+    assert np.abs(p.infer(ref.preprocess_batch(photo_bytes[:2])) - ref.infer(ref.preprocess_batch(photo_bytes[:2]))).max() < 1e-6
+
+
+def test_bad_image_raises_invalid_image(trained):
+    p = Predictor.from_checkpoint(trained.checkpoint, trained.onnx)
+    with pytest.raises(InvalidImage):
+        p.predict([b"not an image"])
+
+
+def test_unknown_backend_and_device(trained):
+    with pytest.raises(ValueError):
+        Predictor.from_checkpoint(trained.checkpoint, backend="tensorrt")
+    with pytest.raises(RuntimeError):
+        Predictor.from_checkpoint(trained.checkpoint, device="cuda:99")
