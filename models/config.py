@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from . import networks
+from . import catalog
+from .catalog import SIMPLE_CNN_DEFAULTS
 from .preprocess import RESIZE_MODES
-from .simple_cnn import DEFAULTS as SIMPLE_CNN_DEFAULTS
 
 AUGMENTATIONS = {True: "crop+flip", False: "none", "crop+flip": "crop+flip", "flip": "flip", "crop": "crop", "none": "none"}
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
@@ -67,7 +67,7 @@ class TrainConfig:
         for f in fields(self):  # types first: a string where a number belongs is a 4xx, not a crash
             value = getattr(self, f.name)
             need(_type_ok(value, f.type), f.name, f"must be {f.type}, got {type(value).__name__}")
-        need(networks.is_supported(self.architecture), "architecture", f"unknown architecture {self.architecture!r}")
+        need(catalog.is_supported(self.architecture), "architecture", f"unknown architecture {self.architecture!r}")
         need(self.mode in ("auto", "linear", "finetune"), "mode", "must be auto, linear or finetune")
         need(not (self.mode == "linear" and self.architecture == "simple_cnn"), "mode", "simple_cnn has no pretrained features; use finetune")
         need(self.image_size is None or 16 <= self.image_size <= 1024, "image_size", "must be 16..1024 pixels")
@@ -111,7 +111,7 @@ class TrainConfig:
         if c.mode == "auto":  # linear on photos: 99.3% test, 99.1% 5-fold CV in ~19 s on 2 CPUs; a 2-epoch fine-tune: 98.6% in ~100 s
             c.mode = "finetune" if scratch else "linear"
         defaults = SIMPLE_CNN_DEFAULTS if scratch else FINETUNE_DEFAULTS
-        c.image_size = c.image_size or networks.default_image_size(c.architecture, c.mode)
+        c.image_size = c.image_size or catalog.default_image_size(c.architecture, c.mode)
         c.crop_fraction = c.crop_fraction if c.crop_fraction is not None else (1.0 if scratch else 0.875)
         if scratch:
             c.width = c.width or defaults["width"]

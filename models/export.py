@@ -9,6 +9,7 @@ as torch with bf16 there, and the features are exactly those the exported model 
 from __future__ import annotations
 
 import io
+import json
 import warnings
 
 import torch
@@ -48,25 +49,18 @@ def module_to_onnx(module: nn.Module, image_size: int, output_name: str) -> byte
 
 
 def export_onnx(ckpt: dict) -> bytes:
-    return module_to_onnx(_Probabilities(build_network(ckpt)).eval(), ckpt["architecture"]["image_size"], "probabilities")
+    """The probabilities graph, carrying its labels and preprocessing as metadata, so that serving
+    needs this file alone (and ONNX Runtime, not torch)."""
+    graph = module_to_onnx(_Probabilities(build_network(ckpt)).eval(), ckpt["architecture"]["image_size"], "probabilities")
+    return with_metadata(graph, {"felis.labels": json.dumps(list(ckpt["labels"])),
+                                 "felis.preprocessing": json.dumps(ckpt["preprocessing"])})
 
 
-def onnx_session(onnx: bytes, threads: int):
-    """A CPU ONNX Runtime session: `threads` intra-op threads, one graph node at a time."""
-    import onnxruntime as ort
+def with_metadata(graph: bytes, props: dict[str, str]) -> bytes:
+    import onnx
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
-
-
-def has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+    model = onnx.load_from_string(graph)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString()

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import networks
-from .export import has_onnxruntime, module_to_onnx, onnx_session
+from .export import module_to_onnx
+from .onnx_session import has_onnxruntime, onnx_session
 from .preprocess import Preprocessing, preprocess_batch
 from .runtime import use_bf16
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .catalog import default_image_size, is_supported  # noqa: F401  (re-exported)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, Preprocessing
-
-_TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet_b", "efficientnet_v2", "convnext", "regnet")
 
 
 class _EfficientNetLiteTrunk(nn.Module):
@@ -74,28 +73,12 @@ class Classifier(nn.Module):
         return self.head(self.features(x)) / self.temperature
 
 
-def default_image_size(name: str, mode: str = "linear") -> int:
-    if name == "simple_cnn":
-        return 64
-    if name == "efficientnet_lite0":
-        return 288 if mode == "linear" else 224
-    return 224
-
-
 def default_preprocessing(name: str, image_size: int, resize: str = "center_crop", crop_fraction: float = 0.875) -> Preprocessing:
     if name == "efficientnet_lite0":  # weights converted from TensorFlow: (x - 127) / 128
         return Preprocessing(image_size, resize, crop_fraction, TF_LITE_MEAN, TF_LITE_STD)
     if name == "simple_cnn":
         return Preprocessing(image_size, resize, crop_fraction, 127.5, 64.0)
     return Preprocessing(image_size, resize, crop_fraction, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def is_supported(name: str) -> bool:
-    if name in ("efficientnet_lite0", "simple_cnn"):
-        return True
-    import torchvision
-
-    return name.startswith(_TORCHVISION_FAMILIES) and name in torchvision.models.list_models(torchvision.models)
 
 
 def build_backbone(arch: dict) -> tuple[nn.Module, int]:

@@ -2,17 +2,18 @@
 
 Backends: ONNX Runtime on CPU (default: fastest here, no autograd machinery), or torch under
 inference_mode (fallback, and for CUDA). Both compute softmax(logits / temperature).
+`from_onnx` needs the exported graph alone and never imports torch (an API process stays small);
+`from_checkpoint` loads torch.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import os
 
-from .checkpoint import build_network
-from .export import export_onnx, has_onnxruntime, onnx_session
+import numpy as np
+
+from .onnx_session import felis_metadata, has_onnxruntime, onnx_session
 from .preprocess import Preprocessing, preprocess, preprocess_batch
-from .runtime import cpu_count, resolve_device
 
 
 class Predictor:
@@ -23,9 +24,22 @@ class Predictor:
         self._run = run  # float32 NCHW numpy -> probabilities numpy
 
     @classmethod
+    def from_onnx(cls, onnx: bytes, threads: int = 0) -> "Predictor | None":
+        """From a graph made by export.export_onnx (labels and preprocessing in its metadata);
+        None for a graph without that metadata."""
+        session = onnx_session(onnx, threads or len(os.sched_getaffinity(0)))
+        meta = felis_metadata(session)
+        if meta is None:
+            return None
+        return cls(meta["labels"], Preprocessing.from_dict(meta["preprocessing"]), _onnx_runner(session), "onnx")
+
+    @classmethod
     def from_checkpoint(cls, ckpt: dict, onnx: bytes | None = None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> "Predictor":
         """backend: auto (ONNX Runtime on CPU when available, else torch) | onnx | torch.
         threads: CPU threads for inference (0: one per core)."""
+        from .export import export_onnx
+        from .runtime import cpu_count, resolve_device
+
         dev = resolve_device(device)
         threads = threads or cpu_count()
         if backend == "auto":
@@ -34,7 +48,7 @@ class Predictor:
             if dev.type != "cpu":
                 raise ValueError("the onnx backend runs on CPU; use backend='torch' for CUDA")
             onnx = onnx if onnx is not None else export_onnx(ckpt)
-            run = _onnx_runner(onnx, threads)
+            run = _onnx_runner(onnx_session(onnx, threads))
         elif backend == "torch":
             run = _torch_runner(ckpt, dev, threads)
         else:
@@ -61,12 +75,15 @@ class Predictor:
         return self.postprocess(self.infer(self.preprocess_batch(images)))
 
 
-def _onnx_runner(onnx: bytes, threads: int):
-    session = onnx_session(onnx, threads)
+def _onnx_runner(session):
     return lambda x: session.run(["probabilities"], {"images": x})[0]
 
 
-def _torch_runner(ckpt: dict, device: torch.device, threads: int):
+def _torch_runner(ckpt: dict, device, threads: int):
+    import torch
+
+    from .checkpoint import build_network
+
     if device.type == "cpu" and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     net = build_network(ckpt).to(device=device, memory_format=torch.channels_last)

@@ -9,15 +9,11 @@ small CPU machines; elsewhere it is a no-op.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 
 import torch
 
-_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
-_M_MMAP_MAX = -4
-_TRIM_THRESHOLD_BYTES = 1 << 30  # keep up to 1 GiB of freed heap instead of trimming it
+from .malloc import keep_freed_memory
 
 
 def cpu_count() -> int:
@@ -34,15 +30,7 @@ def tune_process(threads: int = 0) -> bool:
     Returns True when the malloc tuning was applied (glibc found), False otherwise.
     """
     torch.set_num_threads(threads if threads > 0 else cpu_count())
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, macOS, Windows: nothing to tune
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and ok
-    return ok
+    return keep_freed_memory()
 
 
 def resolve_device(device: str = "cpu") -> torch.device:

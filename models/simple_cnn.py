@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-DEFAULTS = dict(  # used by train.py when the TrainConfig field is None (image size: 64 px, networks.py)
-    width=32,  # channels of the first block
-    epochs=40,  # passes over the training split
-    learning_rate=3e-3,  # AdamW peak learning rate (OneCycle schedule)
-    weight_decay=5e-4,  # AdamW decoupled weight decay
-    batch_size=64,  # images per step
-    label_smoothing=0.1,  # cross-entropy target smoothing
-)
+# its training defaults (epochs, learning rate...) are catalog.SIMPLE_CNN_DEFAULTS, readable without torch
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -7,8 +7,10 @@ each time, and the cache is keyed by version, not by dataset.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,9 @@ from service.db import session_scope
 from service.errors import InvalidRequest, TooLarge
 from service.storage import BlobStore
 from service.batching import MicroBatcher
+
+
+_DECODE_POOL = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
 
 
 @dataclass
@@ -69,13 +74,19 @@ class ModelCache:
             return model
 
     def _load(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
-        from models.checkpoint import load_checkpoint
+        """The exported ONNX graph alone when there is one (no torch in this process: it stays
+        small); the checkpoint and torch otherwise, or when the torch backend is asked for."""
         from models.predictor import Predictor
 
-        ckpt = load_checkpoint(self.store.get(key))
-        onnx = self.store.get(onnx_key) if onnx_key and self.settings.predict_backend != "torch" else None
-        backend = self.settings.predict_backend
-        predictor = Predictor.from_checkpoint(ckpt, onnx=onnx, backend=backend, threads=self.settings.torch_threads)
+        predictor = None
+        if onnx_key and self.settings.predict_backend != "torch":
+            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads)
+        if predictor is None:
+            from models.checkpoint import load_checkpoint
+
+            predictor = Predictor.from_checkpoint(load_checkpoint(self.store.get(key)),
+                                                  backend=self.settings.predict_backend,
+                                                  threads=self.settings.torch_threads)
         batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000)
         return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
 
@@ -109,9 +120,11 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
         key, number, onnx_key, thresholds = row.checkpoint_key, row.version, row.onnx_key, dict(row.thresholds or {})
     model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, onnx_key)
 
+    loop = asyncio.get_running_loop()
+
     async def prepare(name: str, data: bytes) -> np.ndarray | InvalidImage:
-        try:
-            return await run_in_threadpool(model.predictor.preprocess, data)
+        try:  # decoding on as many threads as cores: more only holds more image buffers
+            return await loop.run_in_executor(_DECODE_POOL, model.predictor.preprocess, data)
         except InvalidImage as e:
             return e
 

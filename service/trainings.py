@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models.train import InvalidTrainConfig, TrainConfig
+from models.config import InvalidTrainConfig, TrainConfig
 from service import datasets
 from service.config import Settings
 from service.errors import Conflict, InvalidRequest, NotFound

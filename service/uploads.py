@@ -7,6 +7,7 @@ end. A crash at any point leaves at most an unreferenced blob, never a row witho
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 import zipfile
@@ -204,7 +205,7 @@ def ingest(
     seen: dict[str, str] = {}
     # Decoding dominates; Pillow releases the GIL, so threads use every core. Chunks bound the
     # memory held at once to a few dozen files whatever the upload's size.
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         for start in range(0, len(candidates), _CHUNK):
             chunk = candidates[start : start + _CHUNK]
             checked = list(pool.map(lambda c: _check(c, settings), chunk))

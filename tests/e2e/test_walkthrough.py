@@ -74,6 +74,23 @@ def test_predict_on_the_held_out_test_set(felis, trained):
     assert correct / total >= 0.9, f"{correct}/{total}"
 
 
+def test_api_process_serves_without_torch_and_stays_small(felis, trained):
+    """Issue 3: one loaded model, predictions under concurrency, and the API stays under 400 MB."""
+    from tests.utils.processes import api_pid, has_torch_loaded, rss_mb
+
+    img = _test_images("cat")[0]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> int:
+        return felis.post("/v1/datasets/cats/predict", files=[("files", (img.name, img.read_bytes()))]).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(one, range(64))) == {200}
+    pid = api_pid(felis.procs)
+    assert not has_torch_loaded(pid), "the API loaded torch: predictions should need ONNX Runtime only"
+    assert rss_mb(pid) < 400
+
+
 def test_retrain_promote_and_download(felis, trained):
     r = felis.post("/v1/datasets/cats/trainings", json={"architecture": "simple_cnn", "epochs": 3, "seed": 1})
     assert r.status_code == 202, r.text
@@ -146,3 +163,4 @@ def test_training_needs_two_labels_and_predict_needs_a_model(felis, trained):
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_model"
     assert felis.delete("/v1/datasets/onelabel").status_code == 204
     assert felis.get("/v1/datasets/onelabel").status_code == 404
+

@@ -44,3 +44,26 @@ def test_unknown_backend_and_device(trained):
         Predictor.from_checkpoint(trained.checkpoint, backend="tensorrt")
     with pytest.raises(RuntimeError):
         Predictor.from_checkpoint(trained.checkpoint, device="cuda:99")
+
+
+def test_from_onnx_needs_the_graph_alone_and_matches_the_checkpoint(trained, photo_bytes, tmp_path):
+    import subprocess
+    import sys
+
+    expected = Predictor.from_checkpoint(trained.checkpoint, backend="torch").predict(photo_bytes)
+    got = Predictor.from_onnx(trained.onnx, threads=2).predict(photo_bytes)
+    assert [list(e) for e in expected] == [list(g) for g in got]
+    assert max(abs(e[k] - g[k]) for e, g in zip(expected, got) for k in e) <= 1e-4
+    (tmp_path / "m.onnx").write_bytes(trained.onnx)
+    code = ("import sys; from models.predictor import Predictor;"
+            f"p = Predictor.from_onnx(open({str(tmp_path / 'm.onnx')!r}, 'rb').read());"
+            "assert p.labels == ['cat', 'noncat'] and 'torch' not in sys.modules, sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_from_onnx_declines_a_graph_without_felis_metadata(trained):
+    import onnx
+
+    model = onnx.load_from_string(trained.onnx)
+    del model.metadata_props[:]
+    assert Predictor.from_onnx(model.SerializeToString()) is None

@@ -101,3 +101,29 @@ def wait_training(client: httpx.Client, training_id: str, timeout: float = 600) 
             return body
         time.sleep(0.5)
     raise TimeoutError(f"training {training_id} still {body['status']}: {body.get('progress')}")
+
+
+def api_pid(procs: list[Proc]) -> int:
+    """The process serving HTTP: an `api` Proc itself, or the `api` child of `felis up`."""
+    for p in procs:
+        if p.args[0] == "api":
+            return p.popen.pid
+    up = procs[0].popen.pid
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == up and b"api" in cmdline:
+            return int(stat.parent.name)
+    raise LookupError("no api process found")
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def has_torch_loaded(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
