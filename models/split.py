@@ -20,6 +20,22 @@ def _find(parent: np.ndarray, i: int) -> int:
     return i
 
 
+def near_duplicate_pairs(phashes: list[str | None], max_distance: int = NEAR_DUPLICATE_BITS) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for every pair i < j whose pHashes differ in at most max_distance bits."""
+    have = np.array([i for i, h in enumerate(phashes) if h], dtype=np.int64)
+    pairs: list[tuple[int, int, int]] = []
+    if len(have) < 2:
+        return pairs
+    bits = np.array([int(phashes[i], 16) for i in have], dtype=np.uint64)
+    for start in range(0, len(bits), 512):  # 512 x n XOR-popcounts at a time
+        dist = np.bitwise_count(bits[start : start + 512, None] ^ bits[None, :])
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows, cols):
+            if r + start < c:
+                pairs.append((int(have[r + start]), int(have[c]), int(dist[r, c])))
+    return pairs
+
+
 def near_duplicate_groups(sha256s: list[str], phashes: list[str | None], max_distance: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
     """Group id (0..G-1) per sample: union of same-sha256 and pHash-close pairs."""
     n = len(sha256s)
@@ -33,15 +49,8 @@ def near_duplicate_groups(sha256s: list[str], phashes: list[str | None], max_dis
     first: dict[str, int] = {}
     for i, s in enumerate(sha256s):
         union(i, first.setdefault(s, i))
-    have = np.array([i for i, h in enumerate(phashes) if h], dtype=np.int64)
-    if len(have) > 1:
-        bits = np.array([int(phashes[i], 16) for i in have], dtype=np.uint64)
-        for start in range(0, len(bits), 512):  # 512 x n XOR-popcounts at a time
-            block = bits[start : start + 512, None] ^ bits[None, :]
-            rows, cols = np.nonzero(np.bitwise_count(block) <= max_distance)
-            for r, c in zip(rows + start, cols):
-                if r < c:
-                    union(int(have[r]), int(have[c]))
+    for a, b, _ in near_duplicate_pairs(phashes, max_distance):
+        union(a, b)
     roots = np.array([_find(parent, i) for i in range(n)])
     return np.unique(roots, return_inverse=True)[1]
 

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.split import NEAR_DUPLICATE_BITS, near_duplicate_pairs
 from service.errors import NotFound
 from service.storage import BlobStore, image_key
 from service.tables import Dataset, Image
@@ -39,6 +40,36 @@ def list_images(
         select(Image).where(*where).order_by(Image.created_at, Image.id).limit(limit).offset(offset)
     ).all()
     return list(rows), total
+
+
+def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR_DUPLICATE_BITS) -> list[dict[str, Any]]:
+    """Groups of images whose perceptual hashes are within max_distance bits: copies, re-encodes,
+    resized versions, burst shots. Training keeps each group on one side of every split; a group
+    whose images carry different labels is probably mislabeled."""
+    rows = session.execute(select(Image.id, Image.phash, Image.label, Image.filename)
+                           .where(Image.dataset_id == dataset.id).order_by(Image.id)).all()
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    closest: dict[int, int] = {}
+    for a, b, d in near_duplicate_pairs([r.phash for r in rows], max_distance):
+        parent[find(b)] = find(a)
+        closest[a], closest[b] = min(closest.get(a, 64), d), min(closest.get(b, 64), d)
+    groups: dict[int, list[int]] = {}
+    for i in closest:
+        groups.setdefault(find(i), []).append(i)
+    out = []
+    for members in groups.values():
+        labels = sorted({rows[i].label for i in members})
+        out.append({"images": [{"id": rows[i].id, "filename": rows[i].filename, "label": rows[i].label,
+                                "closest_distance": closest[i]} for i in sorted(members)],
+                    "labels": labels, "conflicting_labels": len(labels) > 1})
+    return sorted(out, key=lambda g: (not g["conflicting_labels"], -len(g["images"])))
 
 
 def get(session: Session, dataset: Dataset, image_id: str) -> Image:

@@ -55,7 +55,7 @@ def recover_stale_trainings() -> int:
 
 @signals.worker_process_init.connect
 def _init_process(**_: object) -> None:
-    """Once per worker process: tune malloc and threads, open the database, warm the backbone."""
+    """Once per worker process: tune malloc and threads, open the database."""
     from models.runtime import tune_process
 
     settings = get_settings()

@@ -79,7 +79,7 @@ def test_concurrent_trainings_on_two_workers_each_finish_once(cluster):
 def test_a_worker_killed_mid_training_loses_nothing(cluster):
     (a, b), workers = cluster
     _dataset(a, "gamma")
-    slow = {**OPTIONS, "epochs": 400}
+    slow = {**OPTIONS, "epochs": 150}
     ids = [a.post("/v1/datasets/gamma/trainings", json=slow).json()["id"] for _ in range(2)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both running, one per worker

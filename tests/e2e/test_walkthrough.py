@@ -164,3 +164,38 @@ def test_training_needs_two_labels_and_predict_needs_a_model(felis, trained):
     assert felis.delete("/v1/datasets/onelabel").status_code == 204
     assert felis.get("/v1/datasets/onelabel").status_code == 404
 
+
+
+def test_cancel_a_running_training_leaves_no_version(felis, trained):
+    before = felis.get("/v1/datasets/cats/models").json()["count"]
+    tid = felis.post("/v1/datasets/cats/trainings", json={"architecture": "simple_cnn", "epochs": 500}).json()["id"]
+    import time
+
+    deadline = time.monotonic() + 120
+    while felis.get(f"/v1/trainings/{tid}").json()["status"] != "running":
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    r = felis.post(f"/v1/trainings/{tid}/cancel")
+    assert r.status_code == 200
+    done = wait_training(felis, tid, timeout=60)
+    assert done["status"] == "cancelled" and done["model_version"] is None
+    assert felis.get("/v1/datasets/cats/models").json()["count"] == before
+    r = felis.post(f"/v1/trainings/{tid}/cancel")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "training_finished"
+
+
+def test_thresholds_set_directly_or_by_precision_change_the_decision(felis, trained):
+    r = felis.put("/v1/datasets/cats/models/1/thresholds/cat", json={"min_precision": 0.95})
+    assert r.status_code == 200, r.text
+    t = r.json()["thresholds"]["cat"]
+    assert 0.0 <= t <= 1.0
+    r = felis.put("/v1/datasets/cats/models/1/thresholds/cat", json={"threshold": 1.0})
+    assert r.json()["thresholds"] == {"cat": 1.0}
+    img = _test_images("cat")[0]
+    pred = felis.post("/v1/datasets/cats/predict?version=1", files=[("files", (img.name, img.read_bytes()))]).json()
+    p = pred["predictions"][0]
+    assert p["decision"] == ("cat" if p["probabilities"]["cat"] >= 1.0 else "noncat")
+    r = felis.put("/v1/datasets/cats/models/1/thresholds/dog", json={"threshold": 0.5})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_label"
+    r = felis.put("/v1/datasets/cats/models/1/thresholds/cat", json={})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_threshold"

@@ -85,6 +85,13 @@ def list_images(name: str, session: SessionDep, label: str | None = None,
     return {"data": [images.describe(i) for i in rows], "count": total}
 
 
+@router.get("/near-duplicates")
+def near_duplicates(name: str, session: SessionDep, max_distance: int = Query(6, ge=0, le=32)) -> dict:
+    """Groups of near-identical images (perceptual hash within max_distance bits), label conflicts first."""
+    groups = images.near_duplicates(session, datasets.get(session, name), max_distance)
+    return {"data": groups, "count": len(groups), "max_distance": max_distance}
+
+
 @router.get("/{image_id}")
 def get_image(name: str, image_id: str, session: SessionDep) -> dict:
     return images.describe(images.get(session, datasets.get(session, name), image_id))

@@ -1,0 +1,462 @@
+"""GPU check for issue 7: is felis fast on a CUDA card? One command, under 5 minutes on an H200.
+
+    python bench/gpu_check.py [--datasets DIR] [--json OUT]
+    python bench/gpu_check.py --dry-run-cpu     # every phase on CPU, tiny sizes, torch features as on CUDA (tests/bench/test_gpu_check.py)
+
+Phases, each bounded in time; a watchdog prints what was measured and exits 3 at --deadline seconds:
+  environment  the card (name, capability, memory), torch / CUDA / cuDNN versions, CPU threads
+  warm-up      the worker's one-time start in this process: CUDA context, then a tiny training ("first CUDA steps")
+  photos       models.train.train exactly as the worker calls it (default TrainConfig, device="cuda", pHashes
+               precomputed as the service does at upload): cold (empty MemoryFeatureCache) then warm (filled);
+               the cold model scored on photos/test through Predictor(backend="torch", device="cuda")
+  fine-tune    EfficientNet-Lite0, 224 px, built as models/finetune.py does (build_classifier + load_pretrained),
+               uint8 images resident on the GPU, bf16 autocast, channels_last, cudnn.benchmark, AdamW:
+               a lean step loop (eager), models.finetune.train_network as shipped (the worker's loop), then
+               the lean loop under torch.compile; steady img/s after warm-up steps
+Goals (issue 7): photos task <= 10 s after the warm-up; fine-tuning >= 5,000 img/s steady; photos test accuracy
+>= 99.0 % (bench/RESULTS.md target). Exit 0: every goal met; 1: a goal missed or a phase failed; 2: no CUDA device;
+3: deadline reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models.runtime import cpu_count, tune_process, use_bf16  # noqa: E402
+
+PHOTOS_GOAL_S = 10.0  # issue 7: the photos training, task time after the worker's warm-up
+FINETUNE_GOAL_IMG_S = 5000.0  # issue 7: EfficientNet-Lite0 fine-tuning, steady
+ACCURACY_GOAL = 0.99  # bench/RESULTS.md: photos test accuracy target
+
+
+@dataclass
+class Sizes:
+    """How big each phase is: the real check on a GPU, or a tiny CPU dry run of the same code."""
+
+    warmup_images: int  # per label, for the warm-up training
+    train_images: int | None  # per label from photos/train (None: all 600 + 600)
+    test_images: int | None  # per label from photos/test (None: all)
+    finetune_size: int  # pixels per side
+    finetune_batch: int  # images per step (halved on out-of-memory)
+    finetune_batches: int  # resident images = batches x batch
+    warmup_steps: int  # steps before timing (cudnn.benchmark autotuning, allocator)
+    measure_s: float  # seconds of steady steps per fine-tune measurement
+    compile_backend: str  # torch.compile backend
+    compile_min_left_s: float  # skip compiling when less time than this is left before the deadline
+    deadline_s: float  # seconds from the start: the watchdog ends the run here
+
+
+GPU = Sizes(warmup_images=8, train_images=None, test_images=None, finetune_size=224, finetune_batch=256, finetune_batches=4,
+            warmup_steps=10, measure_s=20.0, compile_backend="inductor", compile_min_left_s=90.0, deadline_s=290.0)
+DRY = Sizes(warmup_images=4, train_images=20, test_images=10, finetune_size=64, finetune_batch=8, finetune_batches=2,
+            warmup_steps=2, measure_s=2.0, compile_backend="aot_eager",  # dynamo + AOTAutograd, no C++ build on 2 cores
+            compile_min_left_s=10.0, deadline_s=85.0)
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+class Report:
+    """Everything measured so far; printed as a table at the end or when the watchdog fires."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.data: dict = {"dry_run": dry_run, "environment": {}, "phases": {}}
+        self.errors: list[str] = []
+        self.phase = "environment"
+        self.lock = threading.Lock()
+
+    def error(self, phase: str, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        self.errors.append(f"{phase}: {msg}")
+        self.data["phases"].setdefault(phase, {})["error"] = msg
+        say(f"  {phase} FAILED: {msg}")
+        traceback.print_exc(file=sys.stdout)
+
+    def goals(self) -> list[dict]:
+        p = self.data["phases"]
+        get = lambda phase, key: p.get(phase, {}).get(key)  # noqa: E731
+        rows = [  # (label, value, unit, target, higher is better, counts for the exit code)
+            ("first CUDA steps (context + tiny training)", get("warmup", "total_s"), "s", None, False, False),
+            ("photos task, cold features", get("photos", "cold_s"), "s", PHOTOS_GOAL_S, False, True),
+            ("photos task, warm feature cache", get("photos", "warm_s"), "s", PHOTOS_GOAL_S, False, False),
+            ("photos test accuracy (cold model)", get("photos", "test_accuracy"), "", ACCURACY_GOAL, True, True),
+            ("fine-tune Lite0, lean loop, eager", get("finetune", "eager_img_s"), "img/s", FINETUNE_GOAL_IMG_S, True, True),
+            ("fine-tune Lite0, train_network as shipped", get("finetune", "train_network_img_s"), "img/s", FINETUNE_GOAL_IMG_S, True, False),
+            ("fine-tune Lite0, lean loop, torch.compile", get("finetune", "compiled_img_s"), "img/s", FINETUNE_GOAL_IMG_S, True, False),
+        ]
+        out = []
+        for label, value, unit, target, higher, counts in rows:
+            if value is None:
+                verdict = "not run"
+            elif target is None:
+                verdict = "info"
+            elif self.dry_run:
+                verdict = "n/a (dry run)"
+            else:
+                verdict = "PASS" if (value >= target if higher else value <= target) else "FAIL"
+            out.append({"goal": label, "value": value, "unit": unit, "target": target, "higher_is_better": higher,
+                        "verdict": verdict, "counts": counts})
+        return out
+
+    def summary(self, json_path: Path | None, note: str = "") -> int:
+        with self.lock:
+            goals = self.goals()
+            self.data["goals"], self.data["errors"] = goals, self.errors
+            env = self.data["environment"]
+            say(f"\n== summary: {env.get('card', 'CPU dry run' if self.dry_run else 'no GPU')}, torch {env.get('torch')}"
+                + (f" ({note})" if note else ""))
+            say(f"{'goal':46s} {'measured':>14s} {'target':>16s}  verdict")
+            for g in goals:
+                v, t, u = g["value"], g["target"], g["unit"]
+                fmt = (lambda x: f"{100 * x:.2f} %") if u == "" else (lambda x: f"{x:,.1f} {u}" if u == "s" else f"{x:,.0f} {u}")
+                target = "-" if t is None else ("<= " if not g["higher_is_better"] else ">= ") + fmt(t)
+                say(f"{g['goal']:46s} {fmt(v) if v is not None else '-':>14s} {target:>16s}  {g['verdict']}")
+            for e in self.errors:
+                say(f"error in {e}")
+            failed = any(g["verdict"] == "FAIL" and g["counts"] for g in goals)
+            missing = any(g["verdict"] == "not run" and g["counts"] for g in goals) and not self.dry_run
+            if json_path:
+                json_path.write_text(json.dumps(self.data, indent=1, default=str))
+                say(f"wrote {json_path}")
+            return 1 if failed or missing or self.errors else 0
+
+
+# ---------------------------------------------------------------- environment
+
+
+def environment(report: Report) -> None:
+    env = report.data["environment"]
+    env.update(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+               cpu_threads=cpu_count(), cuda_available=torch.cuda.is_available(), host=platform.node())
+    t = time.perf_counter()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)  # the process's first CUDA call: driver initialisation
+        report.data["phases"]["warmup"] = {"cuda_init_s": time.perf_counter() - t}
+        env.update(card=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                   memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
+                   devices=torch.cuda.device_count(), bf16=use_bf16(torch.device("cuda")))
+    say("== environment")
+    for k, v in env.items():
+        say(f"  {k}: {v}")
+
+
+# ---------------------------------------------------------------- photos: the worker's training path
+
+
+def _bench_train():
+    """bench/train.py as a module (its load_folder builds Samples exactly as that benchmark does)."""
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _subset(samples: list, per_label: int | None, last: bool = False) -> list:
+    """per_label samples of each label, spread over the sorted list (all prefixes), or all."""
+    if per_label is None:
+        return samples
+    out = []
+    for label in sorted({s.label for s in samples}):
+        mine = [s for s in samples if s.label == label]
+        picks = mine[::-1] if last else mine
+        out += picks[:: max(1, len(mine) // per_label)][:per_label]
+    return out
+
+
+def _train(samples, device: str, cache):
+    from models.train import TrainConfig, train
+
+    t = time.perf_counter()
+    result = train(samples, TrainConfig(), device=device, feature_cache=cache)
+    return result, time.perf_counter() - t
+
+
+def warmup(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
+    """The worker's one-time start: CUDA context, then a tiny training (cuDNN, kernels, ONNX export)."""
+    report.phase = "warmup"
+    say("\n== warm-up (first CUDA steps of this process)")
+    out = report.data["phases"].setdefault("warmup", {})
+    t = time.perf_counter()
+    torch.zeros(1, device=device).add_(1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    out["context_s"] = time.perf_counter() - t
+    say(f"  CUDA driver initialisation {out.get('cuda_init_s', 0):.1f} s, context + first kernel {out['context_s']:.1f} s")
+    from models.images import perceptual_hash
+
+    samples = _subset(_bench_train().load_folder(photos / "train"), sizes.warmup_images, last=True)
+    for s in samples:
+        s.phash = perceptual_hash(s.load())
+    result, out["training_s"] = _train(samples, device, None)
+    out["total_s"] = out.get("cuda_init_s", 0) + out["context_s"] + out["training_s"]
+    say(f"  first training ({len(samples)} images): {out['training_s']:.1f} s | "
+        + " ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+
+
+def photos_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
+    """The photos task twice through models.train.train: cold, then with the feature cache filled."""
+    from models.features import MemoryFeatureCache
+    from models.images import perceptual_hash
+    from models.predictor import Predictor
+
+    report.phase = "photos"
+    out = report.data["phases"].setdefault("photos", {})
+    bench = _bench_train()
+    samples = _subset(bench.load_folder(photos / "train"), sizes.train_images)
+    t = time.perf_counter()
+    for s in samples:  # the service hashes at upload, so the worker's task never does
+        s.phash = perceptual_hash(s.load())
+    out.update(n_train=len(samples), phash_s=time.perf_counter() - t)
+    say(f"\n== photos: {len(samples)} training images (pHashes precomputed in {out['phash_s']:.1f} s, as at upload)")
+    cache = MemoryFeatureCache()
+    for run in ("cold", "warm"):
+        result, wall = _train(samples, device, cache)
+        m = result.metrics
+        out[f"{run}_s"], out[f"{run}_timings"] = wall, result.timings
+        out[f"{run}_validation_accuracy"], out[f"{run}_features_computed"] = m["accuracy"], m["features_computed"]
+        say(f"  {run}: {wall:.1f} s (goal <= {PHOTOS_GOAL_S:.0f} s) | " + " ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+        say(f"        validation accuracy {m['accuracy']:.4f} (n={m['n_val']}), features computed {m['features_computed']}, "
+            f"extractor {m['feature_extractor']}")
+        if run == "cold":
+            test = [s for s in _subset(bench.load_folder(photos / "test"), sizes.test_images) if s.label in m["labels"]]
+            t = time.perf_counter()
+            # threads: keep this process's count (0 would reset torch's global count to one per core)
+            pred = Predictor.from_checkpoint(result.checkpoint, backend="torch", device=device, threads=torch.get_num_threads())
+            answers = [a for i in range(0, len(test), 64) for a in pred.predict([s.load() for s in test[i : i + 64]])]
+            correct = sum(max(a, key=a.get) == s.label for a, s in zip(answers, test))
+            out.update(test_accuracy=correct / len(test), n_test=len(test), test_predict_s=time.perf_counter() - t)
+            say(f"  test ({len(test)} images, Predictor torch on {device}): accuracy {out['test_accuracy']:.4f} "
+                f"({len(test) - correct} errors) in {out['test_predict_s']:.1f} s incl. decoding")
+
+
+# ---------------------------------------------------------------- fine-tuning throughput
+
+
+def _lite0(size: int, device: torch.device) -> torch.nn.Module:
+    """EfficientNet-Lite0 + average pooling + 2-class head with ImageNet weights, as _fit_finetune builds it."""
+    from models import networks
+
+    net = networks.build_classifier({"name": "efficientnet_lite0", "image_size": size, "pooling": "avg", "num_classes": 2})
+    networks.load_pretrained(net.backbone, "efficientnet_lite0", None)
+    return net.to(device=device, memory_format=torch.channels_last).train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
+    """Endless full batches of resident uint8 images, reshuffled per pass, random horizontal flips, all on the device."""
+    while True:
+        order = torch.randperm(len(x), device=x.device)
+        for i in range(len(x) // bs):
+            idx = order[i * bs : (i + 1) * bs]
+            xb = x[idx]
+            flip = torch.rand(bs, device=x.device) < 0.5
+            yield torch.where(flip.view(bs, 1, 1, 1), xb.flip(3), xb), y[idx]
+
+
+def _lean_step(model, opt, norm, device: torch.device):
+    bf16 = use_bf16(device)  # the rule train_network uses
+
+    def step(xb, yb):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(norm(xb).contiguous(memory_format=torch.channels_last)).float(), yb, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _steady(step, batches, bs: int, warmup_steps: int, seconds: float, device: torch.device) -> dict:
+    """Warm-up steps (timed), then steps for `seconds`, synchronising only every few steps."""
+    t = time.perf_counter()
+    for _ in range(warmup_steps):
+        loss = step(*next(batches))
+    _sync(device)
+    first = time.perf_counter() - t
+    n, t, chunk = 0, time.perf_counter(), 5 if device.type == "cuda" else 1  # CPU steps are synchronous anyway
+    while True:
+        for _ in range(chunk):
+            loss = step(*next(batches))
+        n += chunk
+        _sync(device)
+        dt = time.perf_counter() - t
+        if dt >= seconds:
+            return {"img_s": n * bs / dt, "steps": n, "seconds": dt, "warmup_s": first, "loss": float(loss)}
+
+
+def finetune_phase(report: Report, device: torch.device, sizes: Sizes, started: float, compile_mode: str) -> None:
+    from models.finetune import FinetuneParams, normalizer, train_network
+    from models.networks import default_preprocessing
+
+    report.phase = "finetune"
+    out = report.data["phases"].setdefault("finetune", {})
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size, bs = sizes.finetune_size, sizes.finetune_batch
+    prep = default_preprocessing("efficientnet_lite0", size)
+    norm = normalizer(prep, device)
+    say(f"\n== fine-tune: EfficientNet-Lite0, {size} px, bf16 autocast {use_bf16(device)}, channels_last, "
+        f"cudnn.benchmark {torch.backends.cudnn.benchmark}, AdamW, random uint8 images resident on {device}")
+    net = _lite0(size, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.05)  # as train_network: foreach, not fused
+    gen = torch.Generator(device=device).manual_seed(0)
+    while True:  # the largest batch that fits, from sizes.finetune_batch down
+        try:
+            x = torch.randint(0, 256, (bs * sizes.finetune_batches, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
+            y = torch.randint(0, 2, (len(x),), device=device, generator=gen)
+            step = _lean_step(net, opt, norm, device)
+            r = _steady(step, _batches(x, y, bs), bs, sizes.warmup_steps, sizes.measure_s, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            x = y = None
+            torch.cuda.empty_cache()
+            if bs <= 16:
+                raise
+            bs //= 2
+            say(f"  out of memory: batch {bs * 2} -> {bs}")
+    out.update(batch=bs, resident_images=len(x), eager_img_s=r["img_s"], eager=r)
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    say(f"  lean loop, eager, batch {bs}: {r['img_s']:,.0f} img/s steady ({r['steps']} steps in {r['seconds']:.1f} s; "
+        f"first {sizes.warmup_steps} steps {r['warmup_s']:.1f} s) — goal >= {FINETUNE_GOAL_IMG_S:,.0f}")
+
+    # the worker's own loop: crop+flip augmentation, per-step loss read-back, OneCycle, fresh network
+    report.phase = "finetune/train_network"
+    stamps: list[tuple[float, int]] = []
+
+    def progress(p: dict) -> None:
+        if "step" in p:  # after float(loss): the step has finished on the device
+            stamps.append((time.perf_counter(), p["epoch"]))
+
+    params = FinetuneParams(epochs=1000, learning_rate=5e-4, weight_decay=0.05, batch_size=bs, augmentation="crop+flip",
+                            label_smoothing=0.1, time_budget_s=sizes.measure_s * 0.75)
+    try:
+        empty = x[:0]
+        train_network(_lite0(size, device), x, y, empty, y[:0], prep, params, device, 0, progress, lambda: None)
+        later = [t for t, epoch in stamps if epoch > 1]  # epoch 1 holds cudnn autotuning of new shapes
+        steady = len(later) >= 2
+        later = later if steady else [t for t, _ in stamps]
+        if len(later) >= 2:
+            rate = (len(later) - 1) * bs / (later[-1] - later[0])
+            out.update(train_network_img_s=rate, train_network={"steps": len(stamps), "timed_steps": len(later) - 1, "steady": steady})
+            say(f"  models.finetune.train_network as shipped (crop+flip, batch {bs}): {rate:,.0f} img/s "
+                + (f"steady ({len(later) - 1} steps after epoch 1)" if steady else f"(NOT steady: {len(later) - 1} steps incl. epoch 1)"))
+        else:
+            say(f"  train_network: only {len(stamps)} step(s) in its budget, no figure")
+    except Exception as e:  # noqa: BLE001 -- reported, the compiled run still goes
+        report.error("finetune/train_network", e)
+
+    # torch.compile of the same network, the step around it eager (AdamW foreach)
+    report.phase = "finetune/compile"
+    left = sizes.deadline_s - (time.perf_counter() - started)
+    mode = compile_mode if sizes.compile_backend == "inductor" else None
+    out["compile_mode"], out["compile_backend"] = mode, sizes.compile_backend
+    if left < sizes.compile_min_left_s + sizes.measure_s:
+        out["compile_skipped"] = f"only {left:.0f} s left before the deadline"
+        say(f"  torch.compile skipped: {out['compile_skipped']}")
+        return
+    try:
+        compiled = torch.compile(net, backend=sizes.compile_backend, mode=mode)
+        step = _lean_step(compiled, opt, norm, device)
+        batches = _batches(x, y, bs)
+        t = time.perf_counter()
+        step(*next(batches))
+        _sync(device)
+        out["compile_s"] = time.perf_counter() - t
+        say(f"  torch.compile ({sizes.compile_backend}, mode {mode}): first step {out['compile_s']:.1f} s")
+        r = _steady(step, batches, bs, sizes.warmup_steps, sizes.measure_s * 0.75, device)
+        out.update(compiled_img_s=r["img_s"], compiled=r)
+        say(f"  lean loop, compiled, batch {bs}: {r['img_s']:,.0f} img/s steady ({r['steps']} steps in {r['seconds']:.1f} s)")
+    except Exception as e:  # noqa: BLE001 -- a compile failure is a finding, not a crash
+        out["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        say(f"  torch.compile failed: {out['compile_error']}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def _watchdog(report: Report, seconds: float, deadline: float, json_path: Path | None) -> threading.Timer:
+    def fire():
+        say(f"\nDEADLINE: {deadline:.0f} s reached during phase {report.phase!r}; stopping with what was measured")
+        report.errors.append(f"{report.phase}: deadline of {deadline:.0f} s reached")
+        report.summary(json_path, note="deadline reached")
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_datasets = Path(os.environ.get("FELIS_DATASETS", ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--datasets", type=Path, default=default_datasets, help=f"folder holding photos/ (default {default_datasets})")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="run every phase on CPU with tiny sizes (tests the script)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode on CUDA (e.g. max-autotune-no-cudagraphs: slower to compile)")
+    ap.add_argument("--deadline", type=float, help="seconds before the watchdog stops the run (default 290 on GPU, 85 dry run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads, as the worker's torch_threads (0: one per core; 1 in a dry run)")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    tune_process(args.threads or (1 if args.dry_run_cpu else 0))  # as the worker, once per process; 1 thread: robust on a shared 2-core VM
+    report = Report(args.dry_run_cpu)
+    environment(report)
+    if not args.dry_run_cpu and not torch.cuda.is_available():
+        print("no CUDA device: this check needs a GPU (use --dry-run-cpu to test the script on CPU)", file=sys.stderr, flush=True)
+        return 2
+    sizes = DRY if args.dry_run_cpu else GPU
+    if args.deadline:
+        sizes = replace(sizes, deadline_s=args.deadline)
+    device = "cpu" if args.dry_run_cpu else "cuda"
+    if args.dry_run_cpu:  # extract features with torch, as on CUDA, not with ONNX Runtime (the CPU default)
+        import models.features
+
+        models.features.has_onnxruntime = lambda: False
+    photos = args.datasets / "photos"
+    say(f"\nsizes: {sizes}\nphotos: {photos}")
+    watchdog = _watchdog(report, sizes.deadline_s - (time.perf_counter() - started), sizes.deadline_s, args.json)
+
+    for name, run in (("warmup", lambda: warmup(report, device, photos, sizes)),
+                      ("photos", lambda: photos_phase(report, device, photos, sizes)),
+                      ("finetune", lambda: finetune_phase(report, torch.device(device), sizes, started, args.compile_mode))):
+        try:
+            if name in ("warmup", "photos") and not (photos / "train").is_dir():
+                raise FileNotFoundError(f"{photos / 'train'} not found (--datasets)")
+            run()
+        except Exception as e:  # noqa: BLE001 -- the later phases still run
+            report.error(name, e)
+    watchdog.cancel()
+    report.data["total_s"] = time.perf_counter() - started
+    say(f"\ntotal {report.data['total_s']:.0f} s")
+    return report.summary(args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

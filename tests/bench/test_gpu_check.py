@@ -1,0 +1,46 @@
+"""bench/gpu_check.py without a GPU: the CPU dry run goes through every phase; no CUDA means exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DATASETS, needs_datasets
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+@needs_datasets()
+@pytest.mark.timeout(120)
+def test_dry_run_goes_through_every_phase_on_cpu(tmp_path: Path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run-cpu", "--datasets", str(DATASETS), "--json", str(out)],
+                          capture_output=True, text=True, timeout=90)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    for section in ("== environment", "torch:", "cudnn:", "== warm-up", "context + first kernel", "first training",
+                    "== photos", "cold:", "warm:", "test (", "== fine-tune", "lean loop, eager",
+                    "train_network as shipped", "torch.compile (aot_eager", "lean loop, compiled", "== summary"):
+        assert section in text, f"{section!r} missing from:\n{text}"
+    assert "FAILED" not in text and "DEADLINE" not in text, text
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and not report["errors"]
+    photos, finetune = report["phases"]["photos"], report["phases"]["finetune"]
+    assert photos["cold_features_computed"] == photos["n_train"] == 40 and photos["warm_features_computed"] == 0
+    assert 0 <= photos["test_accuracy"] <= 1 and photos["n_test"] == 20
+    assert finetune["eager_img_s"] > 0 and finetune["train_network_img_s"] > 0 and finetune["compiled_img_s"] > 0
+    assert {g["verdict"] for g in report["goals"]} <= {"info", "n/a (dry run)"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_it_prints_the_environment_and_exits_2():
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "== environment" in proc.stdout and "torch:" in proc.stdout
+    assert "no CUDA device: this check needs a GPU" in proc.stderr

@@ -1,0 +1,76 @@
+"""service.batching.MicroBatcher: concurrent requests share batches; a lone one waits at most max_wait."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+
+
+class _Net:
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[int] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(len(x))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True) * np.ones((1, 2))
+
+
+def test_concurrent_requests_are_batched_and_answers_stay_in_order():
+    net = _Net(delay=0.02)
+    batcher = MicroBatcher(net, max_batch=8, max_wait_s=0.005)
+
+    async def main():
+        xs = [np.full((1, 2, 2), i, np.float32) for i in range(40)]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in xs))
+        return [float(o[0, 0]) for o in outs]
+
+    sums = asyncio.run(main())
+    assert sums == [4.0 * i for i in range(40)]
+    assert max(net.batches) == 8 and sum(net.batches) == 40 and len(net.batches) <= 8
+    assert len(net.threads) == 1  # one inference at a time: the network itself uses every core
+    batcher.close()
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    net = _Net()
+    batcher = MicroBatcher(net, max_batch=32, max_wait_s=0.01)
+
+    async def main():
+        await batcher.submit(np.zeros((1, 2, 2), np.float32))  # warm the runner
+        t = time.perf_counter()
+        await batcher.submit(np.zeros((1, 2, 2), np.float32))
+        return time.perf_counter() - t
+
+    assert asyncio.run(main()) < 0.01 + 0.05  # max wait plus scheduling slack, on a loaded machine
+    assert net.batches == [1, 1]
+    batcher.close()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_runner_lives_on():
+    calls = []
+
+    def flaky(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return np.ones((len(x), 2))
+
+    batcher = MicroBatcher(flaky, max_batch=4, max_wait_s=0.001)
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            await batcher.submit(np.zeros((1, 1), np.float32))
+        return await batcher.submit(np.zeros((2, 1), np.float32))
+
+    assert asyncio.run(main()).shape == (2, 2)
+    batcher.close()

@@ -1,0 +1,36 @@
+"""Near-duplicates are reported per dataset (and kept on one side of every split by models.split)."""
+
+from __future__ import annotations
+
+import io
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.conftest import DATASETS, asset_images
+
+
+def _reencoded(data: bytes, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").resize((size, size)).save(buf, "JPEG", quality=70)
+    return buf.getvalue()
+
+
+def test_copies_are_grouped_and_label_conflicts_come_first(felis_env):
+    from service.api.app import create_app
+
+    photo = sorted((DATASETS / "photos" / "train" / "cat").iterdir())[0].read_bytes() if DATASETS.is_dir() \
+        else asset_images()[0].read_bytes()
+    other = asset_images("train", "noncat")[3].read_bytes()
+    with TestClient(create_app()) as c:
+        c.post("/v1/datasets", json={"name": "pets"})
+        c.post("/v1/datasets/pets/images", data={"label": "cat"},
+               files=[("files", ("orig.jpg", photo)), ("files", ("small.jpg", _reencoded(photo, 120))),
+                      ("files", ("other.jpg", other))])
+        c.post("/v1/datasets/pets/images", data={"label": "noncat"},
+               files=[("files", ("mislabeled.jpg", _reencoded(photo, 200)))])
+        body = c.get("/v1/datasets/pets/images/near-duplicates").json()
+    assert body["count"] == 1 and body["max_distance"] == 6
+    group = body["data"][0]
+    assert sorted(i["filename"] for i in group["images"]) == ["mislabeled.jpg", "orig.jpg", "small.jpg"]
+    assert group["conflicting_labels"] is True and group["labels"] == ["cat", "noncat"]
