@@ -80,7 +80,8 @@ def _run(training_id: str, settings: Settings, store: BlobStore, device: str) ->
     with session_scope() as s:
         training = s.get(Training, training_id)
         dataset = s.get(Dataset, training.dataset_id)
-        images = s.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.id)).all()
+        # content order, not id order: the same images give the same splits whenever they were uploaded
+        images = s.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.sha256)).all()
         options, dataset_id, dataset_name = dict(training.options), dataset.id, dataset.name
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
     snapshot = _snapshot(rows)
