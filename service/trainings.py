@@ -119,8 +119,4 @@ def stale(session: Session, lease_seconds: int) -> list[Training]:
     """Running trainings whose worker stopped beating: it died, or lost its connection."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=lease_seconds)
     rows = session.scalars(select(Training).where(Training.status == "running")).all()
-    return [t for t in rows if t.heartbeat_at is None or _aware(t.heartbeat_at) < cutoff]
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+    return [t for t in rows if t.heartbeat_at is None or t.heartbeat_at < cutoff]

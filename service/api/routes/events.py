@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from service import trainings
@@ -25,13 +25,15 @@ from service.errors import NotFound
 
 router = APIRouter(tags=["trainings"])
 
+_AS_JSON = TypeAdapter(dict)
 POLL_SECONDS = 0.5  # how often the stream looks at the training row
 KEEPALIVE_SECONDS = 15.0
 
 
 def _snapshot(training_id: str) -> dict:
     with session_scope() as s:
-        return jsonable_encoder(trainings.describe(s, trainings.get(s, training_id)))
+        # the same serializer FastAPI uses for GET /v1/trainings/{id}, so both read alike
+        return _AS_JSON.dump_python(trainings.describe(s, trainings.get(s, training_id)), mode="json")
 
 
 async def _stream(request: Request, first: dict, training_id: str) -> AsyncIterator[str]:
@@ -61,7 +63,7 @@ async def _stream(request: Request, first: dict, training_id: str) -> AsyncItera
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "the training (as GET /v1/trainings/{id}) each time it changes"}})
 def training_events(training_id: str, request: Request, session: SessionDep) -> StreamingResponse:
-    first = jsonable_encoder(trainings.describe(session, trainings.get(session, training_id)))  # 404 up front
+    first = _AS_JSON.dump_python(trainings.describe(session, trainings.get(session, training_id)), mode="json")  # 404 up front
     # The stream can last as long as the training: hand the request's database connection back
     # now (the stream opens a short session per look) instead of holding it until the stream ends.
     session.close()
