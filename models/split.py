@@ -58,7 +58,7 @@ def near_duplicate_groups(sha256s: list[str], phashes: list[str | None], max_dis
 def _deal(y: np.ndarray, groups: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:
     """Fold id per sample; groups go, largest first, to the fold that lacks their label most."""
     rng = np.random.default_rng(seed)
-    n_labels, n_folds = int(y.max()) + 1, len(fractions)
+    n_labels = int(y.max()) + 1
     target = np.outer(fractions, np.bincount(y, minlength=n_labels))  # (folds, labels) wanted counts
     have = np.zeros_like(target)
     by_group = np.argsort(groups, kind="stable")

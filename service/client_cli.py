@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO

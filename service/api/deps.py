@@ -7,11 +7,24 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException
 
 from service.config import Settings, get_settings
+from service.errors import InvalidRequest
 from service.db import new_session
 from service.predictions import ModelCache
 from service.storage import BlobStore, get_store
+
+
+async def read_form(request: Request, max_files: int, max_fields: int) -> FormData:
+    """The multipart body, or a clear 422 when it is not one. The caller closes it."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except MultiPartException as e:
+        raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
+    except (AssertionError, ValueError) as e:  # not multipart/form-data at all
+        raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e
 
 
 def _session() -> Iterator[Session]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor

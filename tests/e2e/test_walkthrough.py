@@ -4,7 +4,6 @@ Runs once in embedded mode and once against Redis + PostgreSQL."""
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

@@ -7,10 +7,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from service import datasets, images, uploads
-from service.api.deps import SessionDep, SettingsDep, StoreDep
+from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
 from service.api.errors import error_body
 from service.errors import InvalidRequest
 
@@ -44,12 +43,7 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
                         settings: SettingsDep) -> JSONResponse:
     """Upload images: `files` (repeatable) with one `label`, or one `archive` zip with a folder per label."""
     dataset = await run_in_threadpool(datasets.get, session, name)
-    try:
-        form = await request.form(max_files=settings.max_files_per_request + 1, max_fields=100)
-    except MultiPartException as e:
-        raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
-    except (AssertionError, ValueError) as e:
-        raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e
+    form = await read_form(request, max_files=settings.max_files_per_request + 1, max_fields=100)
     try:
         archives = [f for f in form.getlist("archive") if isinstance(f, UploadFile)]
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
