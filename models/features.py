@@ -60,6 +60,23 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:12]
 
 
+def warm_extractor(arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None,
+                   batch_size: int = 32) -> "FeatureExtractor":
+    """The process's extractor for this backbone, built once and kept: a worker's later trainings
+    skip rebuilding the network, loading the weights, moving them to the GPU and exporting the
+    ONNX session. The extractor is frozen, so sharing it between trainings changes nothing."""
+    key = (tuple(sorted((k, v) for k, v in arch.items() if k != "num_classes")), prep, str(device),
+           weights_path, batch_size)
+    extractor = _WARM.get(key)
+    if extractor is None:
+        _WARM.clear()  # one backbone at a time: a worker keeps only the latest (memory)
+        extractor = _WARM[key] = FeatureExtractor(arch, prep, device, weights_path, batch_size=batch_size)
+    return extractor
+
+
+_WARM: dict[tuple, "FeatureExtractor"] = {}
+
+
 class FeatureExtractor:
     """Pretrained backbone + pooling, in eval mode, batch by batch.
 

@@ -22,7 +22,7 @@ from . import calibrate, linear, networks
 from .checkpoint import FORMAT_VERSION, library_versions
 from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
-from .features import FeatureCache, FeatureExtractor, cached_features
+from .features import FeatureCache, cached_features, warm_extractor
 from .finetune import FinetuneParams, normalizer, predict_logits, train_network
 from .images import perceptual_hash
 from .preprocess import Preprocessing, uint8_batch
@@ -188,7 +188,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
 def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _Fitted:
     """Frozen features -> l2 and T by k-fold CV on the train split -> head scored on val -> refit."""
     cfg, y, tr, va, t = job.cfg, job.y, job.tr, job.va, time.perf_counter()
-    extractor = FeatureExtractor(job.arch, job.prep, job.device, weights, batch_size=cfg.batch_size)
+    extractor = warm_extractor(job.arch, job.prep, job.device, weights, batch_size=cfg.batch_size)
     X, computed = cached_features(extractor, [s.sha256 for s in job.samples], [s.load for s in job.samples], cache,
                                   lambda d, n: job.progress({"phase": "features", "done": d, "total": n}), job.stop)
     job.timings["features"] = time.perf_counter() - t

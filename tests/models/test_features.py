@@ -52,3 +52,17 @@ def test_backends_agree(small_catvnoncat):
     f16 = torch_ex._run(x)
     cos = (f32 * f16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(f16, axis=1)
     assert cos.min() > 0.99
+
+
+def test_a_worker_keeps_its_extractor_warm_between_trainings():
+    import torch
+
+    from models.features import warm_extractor
+    from models.networks import default_preprocessing
+
+    prep = default_preprocessing("efficientnet_lite0", 64)
+    arch = {"name": "efficientnet_lite0", "image_size": 64, "pooling": "avgmax", "num_classes": 2}
+    first = warm_extractor(arch, prep, torch.device("cpu"))
+    assert warm_extractor({**arch, "num_classes": 5}, prep, torch.device("cpu")) is first  # same backbone
+    other = warm_extractor({**arch, "image_size": 96}, default_preprocessing("efficientnet_lite0", 96), torch.device("cpu"))
+    assert other is not first
