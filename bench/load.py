@@ -130,13 +130,9 @@ def main() -> int:
     if args.url:
         base = args.url
     else:
-        from tests.utils.processes import Proc, felis_env, free_port, wait_ready
+        from tests.utils.processes import start_felis
 
-        tmp = Path(tempfile.mkdtemp(prefix="felis-load-"))
-        port = free_port()
-        proc = Proc(["up", "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp / "var")), tmp / "up.log")
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, [proc])
+        proc, base = start_felis("up", Path(tempfile.mkdtemp(prefix="felis-load-")))
     try:
         result = asyncio.run(run(base, args.seconds, args.concurrency))
     finally:

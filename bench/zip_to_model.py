@@ -100,13 +100,9 @@ def main() -> int:
     proc = None
     base = args.url
     if not base:
-        from tests.utils.processes import Proc, felis_env, free_port, wait_ready
+        from tests.utils.processes import start_felis
 
-        tmp = Path(tempfile.mkdtemp(prefix="felis-bench-"))
-        port = free_port()
-        proc = Proc(["up", "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp / "var")), tmp / "up.log")
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, [proc])
+        proc, base = start_felis("up", Path(tempfile.mkdtemp(prefix="felis-bench-")))
     try:
         print(json.dumps(run(base, args.set, options), indent=2))
     finally:

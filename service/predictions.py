@@ -122,13 +122,13 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
 
     loop = asyncio.get_running_loop()
 
-    async def prepare(name: str, data: bytes) -> np.ndarray | InvalidImage:
+    async def prepare(data: bytes) -> np.ndarray | InvalidImage:
         try:  # decoding on as many threads as cores: more only holds more image buffers
             return await loop.run_in_executor(_DECODE_POOL, model.predictor.preprocess, data)
         except InvalidImage as e:
             return e
 
-    prepared = await asyncio.gather(*(prepare(name, data) for name, data in files))
+    prepared = await asyncio.gather(*(prepare(data) for _, data in files))
     good = [x for x in prepared if isinstance(x, np.ndarray)]
     if not good:
         first = prepared[0]

@@ -12,7 +12,6 @@ from kombu import Queue
 from service.config import Settings, get_settings
 
 TRAIN_TASK = "felis.train"
-RECOVER_TASK = "felis.recover_stale_trainings"
 GPU_QUEUE = "gpu"
 
 
@@ -40,7 +39,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(GPU_QUEUE, routing_key=GPU_QUEUE)],
         task_default_queue=GPU_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, RECOVER_TASK: {"queue": GPU_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # state lives in the metadata store, not in a result backend

@@ -11,7 +11,7 @@ from service.config import get_settings
 from service.db import init_db, session_scope
 from service.logs import configure_logging, log_context
 from service.metrics import install_worker_metrics
-from worker.app import RECOVER_TASK, TRAIN_TASK, celery_app
+from worker.app import TRAIN_TASK, celery_app
 
 log = logging.getLogger("felis.worker")
 
@@ -44,13 +44,6 @@ def train(self, training_id: str) -> str:
 def _setup_logging(**_: object) -> None:
     """The worker logs like the API: JSON lines in production, with request and training ids."""
     configure_logging(get_settings())
-
-
-@celery_app.task(name=RECOVER_TASK)
-def recover_stale_trainings() -> int:
-    from service.recovery import recover_stale
-
-    return recover_stale()
 
 
 @signals.worker_process_init.connect

@@ -16,17 +16,9 @@ import httpx
 import pytest
 
 from tests.conftest import ASSETS
-from tests.utils.processes import Proc, felis_env, free_port, wait_ready
+from tests.utils.processes import start_felis
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _api(tmp: Path, **env: str) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc(["api", "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp / "var"), **env), tmp / f"api-{port}.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base, [proc])
-    return proc, base
 
 
 def _cats() -> list[Path]:
@@ -34,7 +26,7 @@ def _cats() -> list[Path]:
 
 
 def test_same_image_uploaded_concurrently_is_stored_once(tmp_path):
-    proc, base = _api(tmp_path)
+    proc, base = start_felis("api", tmp_path)
     try:
         httpx.post(f"{base}/v1/datasets", json={"name": "pets"})
         data = _cats()[0].read_bytes()
@@ -70,7 +62,7 @@ def tiny_disk(tmp_path):
 
 
 def test_disk_full_is_a_clean_507_and_loses_nothing(tmp_path, tiny_disk):
-    proc, base = _api(tmp_path, FELIS_STORAGE_PATH=str(tiny_disk))
+    proc, base = start_felis("api", tmp_path, FELIS_STORAGE_PATH=str(tiny_disk))
     try:
         httpx.post(f"{base}/v1/datasets", json={"name": "pets"})
         first = _cats()[:3]
@@ -103,7 +95,7 @@ def test_disk_full_is_a_clean_507_and_loses_nothing(tmp_path, tiny_disk):
 
 
 def test_api_killed_mid_upload_leaves_no_orphan_rows(tmp_path):
-    proc, base = _api(tmp_path)
+    proc, base = start_felis("api", tmp_path)
     httpx.post(f"{base}/v1/datasets", json={"name": "pets"})
     photos = sorted((ASSETS / "cifar-cat" / "train").rglob("*.jpg"))
     boundary = uuid.uuid4().hex
@@ -120,7 +112,7 @@ def test_api_killed_mid_upload_leaves_no_orphan_rows(tmp_path):
     time.sleep(0.5)
     proc.kill_group()
     sock.close()
-    proc2, base2 = _api(tmp_path)
+    proc2, base2 = start_felis("api", tmp_path)
     try:
         assert httpx.get(f"{base2}/v1/datasets/pets").json()["image_count"] == 0
         r = httpx.post(f"{base2}/v1/datasets/pets/images", data={"label": "cat"},

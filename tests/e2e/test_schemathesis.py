@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import ASSETS, zip_folder
-from tests.utils.processes import Proc, felis_env, free_port, wait_ready, wait_training
+from tests.utils.processes import start_felis, wait_training
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -23,12 +23,8 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schemathesis")
-    port = free_port()
-    proc = Proc(["up", "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp / "var"), FELIS_PORT=str(port)),
-                tmp / "up.log")
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_felis("up", tmp)
     try:
-        wait_ready(base, [proc])
         with httpx.Client(base_url=base, timeout=60) as c:
             c.post("/v1/datasets", json={"name": "pets"})
             c.post("/v1/datasets/pets/images",

@@ -77,6 +77,21 @@ def wait_ready(base_url: str, procs: list[Proc], timeout: float = 120) -> None:
     raise TimeoutError(f"felis at {base_url} not ready:\n" + "\n".join(p.tail() for p in procs))
 
 
+def start_felis(command: str, tmp: Path, **env: str) -> tuple[Proc, str]:
+    """`felis up` or `felis api` on a free port with its data under tmp/var, once it is ready:
+    (the process, its base URL)."""
+    port = free_port()
+    proc = Proc([command, "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp / "var"), **env),
+                tmp / f"{command}-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, [proc])
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
 def create_postgres_database() -> tuple[str, callable]:
     """A fresh PostgreSQL database on the local server, and a function that drops it."""
     import psycopg
