@@ -48,9 +48,13 @@ def resolve_device(device: str = "cpu") -> torch.device:
 
 def use_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast pays off: 2-3x faster than float32 for EfficientNet-Lite0 on CPUs with
-    native bf16 (AVX512-BF16, AMX; measured on Zen 4) and on recent GPUs; same accuracy on photos."""
+    native bf16 (AVX512-BF16, AMX; measured on Zen 4) and on recent GPUs; same accuracy on photos.
+
+    On CUDA only for native bf16 (compute capability 8.0 and up: Ampere, Hopper, ...) of that very
+    device: torch.cuda.is_bf16_supported() also says yes for older cards that emulate it (slower
+    than float32), and asks about the current device rather than this one."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
