@@ -963,7 +963,8 @@ def describe_checkpoint(ckpt_bytes: bytes) -> str:
     ckpt = load_checkpoint(ckpt_bytes)
     arch, prep = ckpt["architecture"], ckpt["preprocessing"]
     return (f"{arch['name']} at {arch['image_size']}x{arch['image_size']} px, {ckpt['mode']} mode, "
-            f"{arch.get('pooling', 'avg')} pooling, labels {', '.join(ckpt['labels'])}; felis preprocessing: "
+            f"{arch.get('pooling', 'avg')} pooling, labels {', '.join(ckpt['labels'])}; felis serves it in "
+            f"{ckpt.get('precision', 'fp32').upper()} (TorchServe: the float32 weights); felis preprocessing: "
             f"{prep['resize']} {prep['crop_fraction']}, (x - {prep['mean']}) / {prep['std']}")
 
 

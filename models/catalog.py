@@ -38,3 +38,12 @@ def default_image_size(name: str, mode: str = "linear") -> int:
     if name == "efficientnet_lite0":
         return 288 if mode == "linear" else 224
     return 224
+
+
+# backbones with a shipped INT8 activation-range table (models/quant/<name>.json, see quantize.py)
+INT8_BACKBONES = frozenset({"efficientnet_lite0"})
+
+
+def default_precision(name: str, mode: str) -> str:
+    """int8 where a range table ships (frozen features, linear mode), float32 otherwise."""
+    return "int8" if mode == "linear" and name in INT8_BACKBONES else "fp32"

@@ -2,8 +2,11 @@
 
 Input "images": float32 (N, 3, S, S), already preprocessed (checkpoint["preprocessing"]);
 output "probabilities": float32 (N, K) = softmax(logits / temperature). N is dynamic.
-ONNX Runtime also extracts the frozen features during training on CPU (features.py): as fast
-as torch with bf16 there, and the features are exactly those the exported model computes.
+ONNX Runtime also extracts the frozen features during training on CPU (features.py), from the
+same features graph, so the features are exactly those the exported model computes.
+
+A checkpoint with precision "int8" (linear mode, see quantize.py) exports as its INT8 features
+graph followed by the float32 head: the graph training scored, not the float32 network.
 """
 
 from __future__ import annotations
@@ -12,12 +15,24 @@ import io
 import json
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import build_network
 
 OPSET = 17
+
+
+class FeaturesOnly(nn.Module):
+    """The pooled features of a Classifier (N, D): what the frozen backbone contributes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.features(images)
 
 
 class _Probabilities(nn.Module):
@@ -48,12 +63,44 @@ def module_to_onnx(module: nn.Module, image_size: int, output_name: str) -> byte
     return buf.getvalue()
 
 
-def export_onnx(ckpt: dict) -> bytes:
+def export_onnx(ckpt: dict, features_onnx: bytes | None = None) -> bytes:
     """The probabilities graph, carrying its labels and preprocessing as metadata, so that serving
-    needs this file alone (and ONNX Runtime, not torch)."""
-    graph = module_to_onnx(_Probabilities(build_network(ckpt)).eval(), ckpt["architecture"]["image_size"], "probabilities")
+    needs this file alone (and ONNX Runtime, not torch).
+
+    features_onnx: for an int8 checkpoint, its quantized features graph when the caller has it
+    already (the training's extractor); built from the checkpoint and the range table otherwise.
+    """
+    net = build_network(ckpt).eval()
+    size = ckpt["architecture"]["image_size"]
+    if ckpt.get("precision", "fp32") == "int8":
+        if features_onnx is None:
+            from .quantize import quantize_features
+
+            features_onnx = quantize_features(module_to_onnx(FeaturesOnly(net), size, "features"), ckpt["quantization"])
+        graph = append_head(features_onnx, net.head.weight.detach().numpy(), net.head.bias.detach().numpy(),
+                            float(ckpt["temperature"]))
+    else:
+        graph = module_to_onnx(_Probabilities(net), size, "probabilities")
     return with_metadata(graph, {"felis.labels": json.dumps(list(ckpt["labels"])),
-                                 "felis.preprocessing": json.dumps(ckpt["preprocessing"])})
+                                 "felis.preprocessing": json.dumps(ckpt["preprocessing"]),
+                                 "felis.precision": ckpt.get("precision", "fp32")})
+
+
+def append_head(features_onnx: bytes, weight: np.ndarray, bias: np.ndarray, temperature: float) -> bytes:
+    """features graph (output "features", N x D) -> probabilities = softmax((features W^T + b) / T)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(features_onnx)
+    g = model.graph
+    (out,) = [o.name for o in g.output]
+    g.initializer.extend([numpy_helper.from_array((weight / temperature).astype(np.float32), "head.weight"),
+                          numpy_helper.from_array((bias / temperature).astype(np.float32), "head.bias")])
+    g.node.extend([helper.make_node("Gemm", [out, "head.weight", "head.bias"], ["logits"], transB=1, name="head"),
+                   helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", int(weight.shape[0])]))
+    return model.SerializeToString()
 
 
 def with_metadata(graph: bytes, props: dict[str, str]) -> bytes:

@@ -8,7 +8,6 @@ retrain with new labels or a few new images only runs the network on what is new
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
 
@@ -16,9 +15,10 @@ import numpy as np
 import torch
 
 from . import networks
-from .export import module_to_onnx
+from .export import FeaturesOnly, module_to_onnx
 from .onnx_session import has_onnxruntime, onnx_session
 from .preprocess import Preprocessing, preprocess_batch
+from .quantize import load_table, quantize_features, sha256_file, table_id
 from .runtime import use_bf16
 
 FEATURE_VERSION = 1  # bump when decoding/preprocessing code changes what a cached feature means
@@ -43,34 +43,17 @@ class MemoryFeatureCache:
         self.store.update({(extractor_id, s): np.asarray(f) for s, f in features.items()})
 
 
-class _Pooled(torch.nn.Module):
-    def __init__(self, model: networks.Classifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.features(images)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def warm_extractor(arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None,
-                   batch_size: int = 32) -> "FeatureExtractor":
+                   batch_size: int = 32, precision: str = "fp32") -> "FeatureExtractor":
     """The process's extractor for this backbone, built once and kept: a worker's later trainings
     skip rebuilding the network, loading the weights, moving them to the GPU and exporting the
     ONNX session. The extractor is frozen, so sharing it between trainings changes nothing."""
     key = (tuple(sorted((k, v) for k, v in arch.items() if k != "num_classes")), prep, str(device),
-           weights_path, batch_size)
+           weights_path, batch_size, precision)
     extractor = _WARM.get(key)
     if extractor is None:
         _WARM.clear()  # one backbone at a time: a worker keeps only the latest (memory)
-        extractor = _WARM[key] = FeatureExtractor(arch, prep, device, weights_path, batch_size=batch_size)
+        extractor = _WARM[key] = FeatureExtractor(arch, prep, device, weights_path, batch_size=batch_size, precision=precision)
     return extractor
 
 
@@ -80,39 +63,58 @@ _WARM: dict[tuple, "FeatureExtractor"] = {}
 class FeatureExtractor:
     """Pretrained backbone + pooling, in eval mode, batch by batch.
 
-    backend "onnx" (default on CPU): ONNX Runtime, float32 -- as fast as torch in bf16 on the
-    2-vCPU Zen 4 (120 vs 105 img/s at 288 px) and numerically the features of the exported
-    model, so validation metrics describe exactly what is deployed. "torch": bf16 autocast
-    where supported (CUDA, or CPU without onnxruntime).
+    backend "onnx" (default on CPU): ONNX Runtime -- the features graph that the exported model
+    starts with, so validation metrics describe exactly what is deployed. precision "int8" runs
+    its INT8 version (quantize.py; always ONNX Runtime on CPU, even in a GPU worker: the graph
+    is the one served), "fp32" the float32 one. backend "torch" (CUDA, or no onnxruntime):
+    float32 weights under bf16 autocast where the hardware has native bf16.
     """
 
-    def __init__(self, arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None, batch_size: int = 32, backend: str = "auto"):
+    def __init__(self, arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None,
+                 batch_size: int = 32, backend: str = "auto", precision: str = "fp32"):
         self.arch, self.prep, self.device, self.batch_size = arch, prep, device, batch_size
         self.model = networks.build_classifier(arch)
         weights_path = weights_path or networks.default_weights_path(arch["name"])
         networks.load_pretrained(self.model.backbone, arch["name"], weights_path)
         self.model.eval()
+        self.table = None
+        if precision == "int8":
+            self.table = load_table(arch["name"], weights_path)  # NoRangeTable: no int8 for these weights
+            backend = "onnx"
         if backend == "auto":
             backend = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
-        self.backend, self.bf16, self._session = backend, False, None
-        if backend == "onnx":  # the session is built on first use: not at all when the cache has everything
-            precision = "ort-fp32"
+        self.backend, self.precision, self.bf16 = backend, precision, False
+        self._session, self._features_onnx = None, None
+        if self.table is not None:
+            kind = f"ort-int8-{table_id(self.table)}"
+        elif backend == "onnx":  # the session is built on first use: not at all when the cache has everything
+            kind = "ort-fp32"
         else:
             self.model.to(device=device, memory_format=torch.channels_last)
             self.bf16 = use_bf16(device)
-            precision = "torch-bf16" if self.bf16 else "torch-fp32"
+            kind = "torch-bf16" if self.bf16 else "torch-fp32"
         p = prep
         self.extractor_id = (
             f"{arch['name']}-{p.image_size}px-{p.resize}{p.crop_fraction:g}-{arch.get('pooling', 'avg')}"
-            f"-{precision}-w{_file_digest(weights_path) if weights_path else 'none'}-v{FEATURE_VERSION}"
+            f"-{kind}-w{sha256_file(weights_path)[:12] if weights_path else 'none'}-v{FEATURE_VERSION}"
         )
         self.dim = self.model.head.in_features
+
+    @property
+    def features_onnx(self) -> bytes:
+        """The ONNX features graph this extractor runs (float32, or INT8 with precision int8)."""
+        if self._features_onnx is None:
+            graph = module_to_onnx(FeaturesOnly(self.model), self.prep.image_size, "features")
+            if self.table is not None:
+                graph = quantize_features(graph, self.table)
+            self._features_onnx = graph
+        return self._features_onnx
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         if self.backend == "torch":
             return self._run_torch(x)
         if self._session is None:
-            self._session = onnx_session(module_to_onnx(_Pooled(self.model), self.prep.image_size, "features"), torch.get_num_threads())
+            self._session = onnx_session(self.features_onnx, torch.get_num_threads())
         return self._session.run(["features"], {"images": x})[0]
 
     @torch.inference_mode()

@@ -3,7 +3,9 @@
 Backends: ONNX Runtime on CPU (default: fastest here, no autograd machinery), or torch under
 inference_mode (fallback, and for CUDA). Both compute softmax(logits / temperature).
 `from_onnx` needs the exported graph alone and never imports torch (an API process stays small);
-`from_checkpoint` loads torch.
+`from_checkpoint` loads torch. For an int8 version (checkpoint["precision"]) the ONNX backend
+rebuilds the served INT8 graph from the checkpoint; the torch backend runs the float32 weights it
+was quantized from (close, not identical: tests/models/test_quantize.py).
 """
 
 from __future__ import annotations

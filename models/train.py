@@ -26,6 +26,7 @@ from .features import FeatureCache, cached_features, warm_extractor
 from .finetune import FinetuneParams, normalizer, predict_logits, train_network
 from .images import perceptual_hash
 from .preprocess import Preprocessing, uint8_batch
+from .quantize import NoRangeTable, load_table
 from .runtime import resolve_device
 from .split import kfold, near_duplicate_groups, train_val_split
 
@@ -83,12 +84,21 @@ class _Fitted:
     temperature: float
     history: list[dict]
     extra: dict  # mode-specific metrics
+    features_onnx: bytes | None = None  # linear: the features graph the head was fitted on (reused by export)
+    quantization: dict | None = None  # int8: the range table (quantize.py) the features graph was built with
 
 
 def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None) -> TrainResult:
     """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled."""
     cfg = config.validate().resolved()
     dev = resolve_device(device)
+    if cfg.precision == "int8":  # auto falls back to float32 for weights the shipped range table does not describe
+        try:
+            load_table(cfg.architecture, pretrained_weights or networks.default_weights_path(cfg.architecture))
+        except NoRangeTable as e:
+            if config.precision != "auto":
+                raise InvalidTrainConfig("precision", str(e)) from None
+            cfg.precision = "fp32"
     labels = sorted({s.label for s in samples})
     y = np.array([labels.index(s.label) for s in samples], dtype=np.int64)
     counts = np.bincount(y, minlength=len(labels))
@@ -152,6 +162,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         "n_groups": int(groups.max() + 1),
         "labels": labels,
         "mode": cfg.mode,
+        "precision": cfg.precision,
         **f.extra,
     }
     timings["evaluate"] = time.perf_counter() - t
@@ -165,6 +176,8 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         "mode": cfg.mode,
         "labels": labels,
         "preprocessing": prep.to_dict(),
+        "precision": cfg.precision,  # int8: export runs the quantized features graph (quantize.py)
+        "quantization": f.quantization,
         "state_dict": {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
         "temperature": float(f.temperature),
         "training_config": cfg.to_dict(),
@@ -179,7 +192,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         t = time.perf_counter()
         from .export import export_onnx
 
-        onnx = export_onnx(checkpoint)
+        onnx = export_onnx(checkpoint, features_onnx=f.features_onnx if cfg.precision == "int8" else None)
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return TrainResult(checkpoint, metrics, evaluation, onnx, timings)
@@ -188,7 +201,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
 def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _Fitted:
     """Frozen features -> l2 and T by k-fold CV on the train split -> head scored on val -> refit."""
     cfg, y, tr, va, t = job.cfg, job.y, job.tr, job.va, time.perf_counter()
-    extractor = warm_extractor(job.arch, job.prep, job.device, weights, batch_size=cfg.batch_size)
+    extractor = warm_extractor(job.arch, job.prep, job.device, weights, batch_size=cfg.batch_size, precision=cfg.precision)
     X, computed = cached_features(extractor, [s.sha256 for s in job.samples], [s.load for s in job.samples], cache,
                                   lambda d, n: job.progress({"phase": "features", "done": d, "total": n}), job.stop)
     job.timings["features"] = time.perf_counter() - t
@@ -228,7 +241,8 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
         net.head.bias.copy_(b)
     job.timings["head"] = time.perf_counter() - t
     extra.update(l2=l2, cv_folds=folds_k if folds_k >= 2 else 0, features_computed=computed, feature_extractor=extractor.extractor_id, refit_full=refit)
-    return _Fitted(net, logits, calibrate.softmax(logits, temperature), eval_y, [job.samples[i].image_id for i in idx], source, temperature, history, extra)
+    return _Fitted(net, logits, calibrate.softmax(logits, temperature), eval_y, [job.samples[i].image_id for i in idx], source, temperature, history, extra,
+                   features_onnx=extractor.features_onnx if extractor.table is not None else None, quantization=extractor.table)
 
 
 def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:

@@ -79,6 +79,13 @@ def feature_cache() -> MemoryFeatureCache:
 
 @pytest.fixture(scope="session")
 def trained(small_catvnoncat, feature_cache):
-    """The default configuration (EfficientNet-Lite0, linear head, 288 px) on 80 small images."""
+    """The default configuration (EfficientNet-Lite0 INT8 features, linear head, 288 px) on 80 small images."""
     torch.manual_seed(0)
     return train(small_catvnoncat, TrainConfig(), feature_cache=feature_cache)
+
+
+@pytest.fixture(scope="session")
+def trained_fp32(small_catvnoncat, feature_cache):
+    """As `trained`, with float32 features: its ONNX graph must match the torch network to 1e-4."""
+    torch.manual_seed(0)
+    return train(small_catvnoncat, TrainConfig(precision="fp32"), feature_cache=feature_cache)

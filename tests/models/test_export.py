@@ -8,7 +8,8 @@ from models.export import OPSET, export_onnx
 from models.preprocess import Preprocessing, preprocess_batch
 
 
-def test_onnx_matches_torch_on_real_images(trained, photo_bytes, catvnoncat_test):
+def test_onnx_matches_torch_on_real_images(trained_fp32, photo_bytes, catvnoncat_test):
+    trained = trained_fp32
     ckpt = trained.checkpoint
     model = onnx.load_from_string(trained.onnx)
     onnx.checker.check_model(model)
@@ -32,7 +33,8 @@ def test_export_of_other_architectures_runs(trained):
     from models.networks import build_classifier
 
     net = build_classifier(arch)
-    ckpt = {**trained.checkpoint, "architecture": arch, "labels": ["a", "b", "c"], "state_dict": net.state_dict(), "temperature": 1.5}
+    ckpt = {**trained.checkpoint, "architecture": arch, "labels": ["a", "b", "c"], "state_dict": net.state_dict(), "temperature": 1.5,
+            "precision": "fp32", "quantization": None}
     session = ort.InferenceSession(export_onnx(ckpt), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
