@@ -8,7 +8,8 @@ Phases, each bounded in time; a watchdog prints what was measured and exits 3 at
   warm-up      the worker's one-time start in this process: CUDA context, then a tiny training ("first CUDA steps")
   photos       models.train.train exactly as the worker calls it (default TrainConfig, device="cuda", pHashes
                precomputed as the service does at upload): cold (empty MemoryFeatureCache) then warm (filled);
-               the cold model scored on photos/test through Predictor(backend="torch", device="cuda")
+               then cold with precision fp32 (features from torch on the GPU instead of INT8 ONNX Runtime on the CPU);
+               the cold model scored on photos/test through its exported graph (Predictor.from_onnx), as served
   fine-tune    EfficientNet-Lite0, 224 px, built as models/finetune.py does (build_classifier + load_pretrained),
                uint8 images resident on the GPU, bf16 autocast, channels_last, cudnn.benchmark, AdamW:
                a lean step loop (eager), models.finetune.train_network as shipped (the worker's loop), then
@@ -182,11 +183,11 @@ def _subset(samples: list, per_label: int | None, last: bool = False) -> list:
     return out
 
 
-def _train(samples, device: str, cache):
+def _train(samples, device: str, cache, **options):
     from models.train import TrainConfig, train
 
     t = time.perf_counter()
-    result = train(samples, TrainConfig(), device=device, feature_cache=cache)
+    result = train(samples, TrainConfig(**options), device=device, feature_cache=cache)
     return result, time.perf_counter() - t
 
 
@@ -228,8 +229,10 @@ def photos_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> Non
     out.update(n_train=len(samples), phash_s=time.perf_counter() - t)
     say(f"\n== photos: {len(samples)} training images (pHashes precomputed in {out['phash_s']:.1f} s, as at upload)")
     cache = MemoryFeatureCache()
-    for run in ("cold", "warm"):
-        result, wall = _train(samples, device, cache)
+    # default: INT8 features in ONNX Runtime on the CPU cores (the graph predict serves); fp32: torch features
+    # on the GPU under bf16 autocast, the model served in float32
+    for run, options in (("cold", {}), ("warm", {}), ("fp32_cold", {"precision": "fp32"})):
+        result, wall = _train(samples, device, cache, **options)
         m = result.metrics
         out[f"{run}_s"], out[f"{run}_timings"] = wall, result.timings
         out[f"{run}_validation_accuracy"], out[f"{run}_features_computed"] = m["accuracy"], m["features_computed"]
@@ -239,12 +242,12 @@ def photos_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> Non
         if run == "cold":
             test = [s for s in _subset(bench.load_folder(photos / "test"), sizes.test_images) if s.label in m["labels"]]
             t = time.perf_counter()
-            # threads: keep this process's count (0 would reset torch's global count to one per core)
-            pred = Predictor.from_checkpoint(result.checkpoint, backend="torch", device=device, threads=torch.get_num_threads())
+            # the served graph (INT8, ONNX Runtime on CPU); threads: keep this process's count
+            pred = Predictor.from_onnx(result.onnx, threads=torch.get_num_threads())
             answers = [a for i in range(0, len(test), 64) for a in pred.predict([s.load() for s in test[i : i + 64]])]
             correct = sum(max(a, key=a.get) == s.label for a, s in zip(answers, test))
             out.update(test_accuracy=correct / len(test), n_test=len(test), test_predict_s=time.perf_counter() - t)
-            say(f"  test ({len(test)} images, Predictor torch on {device}): accuracy {out['test_accuracy']:.4f} "
+            say(f"  test ({len(test)} images, the exported graph in ONNX Runtime): accuracy {out['test_accuracy']:.4f} "
                 f"({len(test) - correct} errors) in {out['test_predict_s']:.1f} s incl. decoding")
 
 
@@ -344,29 +347,35 @@ def finetune_phase(report: Report, device: torch.device, sizes: Sizes, started: 
     say(f"  lean loop, eager, batch {bs}: {r['img_s']:,.0f} img/s steady ({r['steps']} steps in {r['seconds']:.1f} s; "
         f"first {sizes.warmup_steps} steps {r['warmup_s']:.1f} s) — goal >= {FINETUNE_GOAL_IMG_S:,.0f}")
 
-    # the worker's own loop: crop+flip augmentation, per-step loss read-back, OneCycle, fresh network
+    # the worker's own loop: crop+flip augmentation, OneCycle, fresh network. It reads the loss back
+    # once per epoch (no per-step host sync), so time whole epochs: an epoch-end event comes after
+    # that read-back, i.e. after every step of the epoch has finished on the device.
     report.phase = "finetune/train_network"
     stamps: list[tuple[float, int]] = []
 
     def progress(p: dict) -> None:
-        if "step" in p:  # after float(loss): the step has finished on the device
+        if "loss" in p and "step" not in p:
             stamps.append((time.perf_counter(), p["epoch"]))
 
     params = FinetuneParams(epochs=1000, learning_rate=5e-4, weight_decay=0.05, batch_size=bs, augmentation="crop+flip",
                             label_smoothing=0.1, time_budget_s=sizes.measure_s * 0.75)
     try:
         empty = x[:0]
+        t0 = time.perf_counter()
         train_network(_lite0(size, device), x, y, empty, y[:0], prep, params, device, 0, progress, lambda: None)
         later = [t for t, epoch in stamps if epoch > 1]  # epoch 1 holds cudnn autotuning of new shapes
         steady = len(later) >= 2
-        later = later if steady else [t for t, _ in stamps]
-        if len(later) >= 2:
-            rate = (len(later) - 1) * bs / (later[-1] - later[0])
-            out.update(train_network_img_s=rate, train_network={"steps": len(stamps), "timed_steps": len(later) - 1, "steady": steady})
+        if steady:
+            rate = (len(later) - 1) * len(x) / (later[-1] - later[0])
+        elif stamps:
+            rate = len(stamps) * len(x) / (stamps[-1][0] - t0)
+        if stamps:
+            out.update(train_network_img_s=rate, train_network={"epochs": len(stamps), "images_per_epoch": len(x), "steady": steady})
             say(f"  models.finetune.train_network as shipped (crop+flip, batch {bs}): {rate:,.0f} img/s "
-                + (f"steady ({len(later) - 1} steps after epoch 1)" if steady else f"(NOT steady: {len(later) - 1} steps incl. epoch 1)"))
+                + (f"steady ({len(later) - 1} epochs of {len(x)} images after epoch 1)" if steady
+                   else f"(NOT steady: {len(stamps)} epoch(s) incl. the first)"))
         else:
-            say(f"  train_network: only {len(stamps)} step(s) in its budget, no figure")
+            say("  train_network: no epoch finished in its budget, no figure")
     except Exception as e:  # noqa: BLE001 -- reported, the compiled run still goes
         report.error("finetune/train_network", e)
 
