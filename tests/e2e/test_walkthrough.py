@@ -107,9 +107,13 @@ def test_retrain_promote_and_download(felis, trained):
     assert blob.status_code == 200
     ckpt = load_checkpoint(blob.content)
     assert ckpt["labels"] == ["cat", "noncat"] and ckpt["dataset"]["image_count"] == 209
-    local = Predictor.from_checkpoint(ckpt, backend="torch").predict([img.read_bytes()])[0]
-    assert np.allclose([local[k] for k in ("cat", "noncat")],
-                       [explicit["predictions"][0]["probabilities"][k] for k in ("cat", "noncat")], atol=1e-4)
+    served = [explicit["predictions"][0]["probabilities"][k] for k in ("cat", "noncat")]
+    local = Predictor.from_checkpoint(ckpt).predict([img.read_bytes()])[0]  # rebuilds the served (INT8) graph
+    assert ckpt["precision"] == "int8" and np.allclose([local[k] for k in ("cat", "noncat")], served, atol=1e-4)
+    graph = felis.get("/v1/datasets/cats/models/1/download", params={"format": "onnx"})
+    assert graph.status_code == 200 and graph.headers["content-disposition"].endswith('cats-v1.onnx"')
+    local = Predictor.from_onnx(graph.content).predict([img.read_bytes()])[0]
+    assert np.allclose([local[k] for k in ("cat", "noncat")], served, atol=1e-6)
 
 
 def test_upload_files_with_a_label_and_duplicates(felis, trained):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Path, Response
+from typing import Literal
+
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from service import datasets, versions
 from service.api.deps import SessionDep, StoreDep
+from service.errors import NotFound
 
 router = APIRouter(prefix="/datasets/{name}/models", tags=["models"])
 
@@ -41,12 +44,21 @@ def promote_version(name: str, session: SessionDep, version: int = VersionPath) 
 
 
 @router.get("/{version}/download", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint"}})
-def download_version(name: str, session: SessionDep, store: StoreDep, version: int = VersionPath) -> Response:
-    """The checkpoint: weights, architecture, labels, preprocessing, metrics (load with models.checkpoint)."""
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint or ONNX graph"}})
+def download_version(name: str, session: SessionDep, store: StoreDep, version: int = VersionPath,
+                     format: Literal["checkpoint", "onnx"] = Query("checkpoint")) -> Response:
+    """checkpoint: weights, architecture, labels, preprocessing, metrics (load with models.checkpoint);
+    onnx: the graph predict serves (INT8 backbone for int8 versions), labels and preprocessing in its
+    metadata (models.predictor.Predictor.from_onnx, or any ONNX runtime)."""
     row = versions.get(session, datasets.get(session, name), version)
-    return Response(store.get(row.checkpoint_key), media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{name}-v{version}.pt"'})
+    if format == "onnx":
+        if not row.onnx_key:
+            raise NotFound(f"version {version} of {name!r} has no ONNX graph", code="onnx_not_available")
+        key, filename = row.onnx_key, f"{name}-v{version}.onnx"
+    else:
+        key, filename = row.checkpoint_key, f"{name}-v{version}.pt"
+    return Response(store.get(key), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 class ThresholdSet(BaseModel):
