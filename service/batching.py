@@ -1,15 +1,17 @@
 """Dynamic micro-batching: concurrent predict requests share one pass through the network.
 
-A request's images join a queue; one runner takes up to ``max_batch`` of them, waiting at most
-``max_wait`` for company after the first arrives, and runs them as one batch on a single
-inference thread (the network itself uses every core). While a batch runs, the next one fills,
-so under load batches grow on their own and a lone request pays at most ``max_wait``.
+A request's images join a queue; one runner takes up to ``max_batch`` of them and runs them as
+one batch on a single inference thread (the network itself uses every core). While a batch runs,
+the next one fills, so under load batches grow on their own. The runner waits for company (at
+most ``max_wait`` after the first image) only while other requests have announced images that
+are still being decoded (``expecting``): a lone request never waits at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,9 +25,19 @@ class MicroBatcher:
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
         self._runner: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._expected = 0  # images announced by requests that are still decoding them
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for a stack of preprocessed images (N x C x H x W)."""
+    @contextlib.contextmanager
+    def expecting(self, n: int) -> Iterator[None]:
+        """Announce n images on their way (being decoded): batches wait for them, up to max_wait."""
+        self._expected += n
+        try:
+            yield
+        finally:
+            self._expected -= n
+
+    def enqueue(self, images: np.ndarray) -> list[asyncio.Future]:
+        """Queue a stack of preprocessed images (N x C x H x W); a future per image's probabilities."""
         self._ensure_runner()
         loop = asyncio.get_running_loop()
         futures = []
@@ -33,7 +45,11 @@ class MicroBatcher:
             fut = loop.create_future()
             self._queue.put_nowait((x, fut))  # type: ignore[union-attr]
             futures.append(fut)
-        return np.stack(await asyncio.gather(*futures))
+        return futures
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for a stack of preprocessed images (N x C x H x W)."""
+        return np.stack(await asyncio.gather(*self.enqueue(images)))
 
     def _ensure_runner(self) -> None:
         if self._runner is None or self._runner.done():
@@ -51,7 +67,7 @@ class MicroBatcher:
                     batch.append(self._queue.get_nowait())
                     continue
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._expected <= 0:  # nothing on its way: run what there is
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))

@@ -18,7 +18,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from models.images import InvalidImage
-from service import datasets, versions
+from service import versions
 from service.config import Settings
 from service.db import session_scope
 from service.errors import InvalidRequest, TooLarge
@@ -115,10 +115,9 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
                        code="too_many_files")
     with session_scope() as s:
-        dataset = datasets.get(s, dataset_name)
-        row = versions.resolve(s, dataset, version)
-        key, number, onnx_key, thresholds = row.checkpoint_key, row.version, row.onnx_key, dict(row.thresholds or {})
-    model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, onnx_key)
+        serving = versions.for_serving(s, dataset_name, version)
+    key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
+    model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, serving.onnx_key)
 
     loop = asyncio.get_running_loop()
 
@@ -128,14 +127,16 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
         except InvalidImage as e:
             return e
 
-    prepared = await asyncio.gather(*(prepare(data) for _, data in files))
-    good = [x for x in prepared if isinstance(x, np.ndarray)]
-    if not good:
-        first = prepared[0]
-        assert isinstance(first, InvalidImage)
-        raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code,
-                             details={"filename": files[0][0]})
-    probs = iter(await model.batcher.submit(np.stack(good)))
+    with model.batcher.expecting(len(files)):  # the batcher waits for company only while some is on its way
+        prepared = await asyncio.gather(*(prepare(data) for _, data in files))
+        good = [x for x in prepared if isinstance(x, np.ndarray)]
+        if not good:
+            first = prepared[0]
+            assert isinstance(first, InvalidImage)
+            raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code,
+                                 details={"filename": files[0][0]})
+        pending = model.batcher.enqueue(np.stack(good))
+    probs = iter(await asyncio.gather(*pending))
     out = []
     for (name, _), x in zip(files, prepared):
         if isinstance(x, InvalidImage):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -64,6 +65,31 @@ def resolve(session: Session, dataset: Dataset, version: int | None) -> ModelVer
             raise NotFound(f"dataset {dataset.name!r} has no trained model yet", code="no_model")
         version = dataset.default_version
     return get(session, dataset, version)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What predict needs of a version (not its evaluation, which can be large JSON)."""
+
+    version: int
+    checkpoint_key: str
+    onnx_key: str | None
+    thresholds: dict[str, float]
+
+
+def for_serving(session: Session, dataset_name: str, version: int | None) -> Serving:
+    """The version to predict with (asked for, else the default), in one small query per request:
+    a promotion takes effect on the next request, in every API process."""
+    wanted = version if version is not None else Dataset.default_version
+    row = session.execute(
+        select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds)
+        .join(Dataset, Dataset.id == ModelVersion.dataset_id)
+        .where(Dataset.name == dataset_name, ModelVersion.version == wanted)
+    ).first()
+    if row is None:  # say precisely what is missing: the dataset, any model, or that version
+        resolve(session, datasets.get(session, dataset_name), version)
+        raise NotFound(f"dataset {dataset_name!r} has no model version {version}", code="version_not_found")
+    return Serving(row.version, row.checkpoint_key, row.onnx_key, dict(row.thresholds or {}))
 
 
 def promote(session: Session, dataset_name: str, version: int) -> ModelVersion:
