@@ -26,10 +26,10 @@ class Predictor:
         self._run = run  # float32 NCHW numpy -> probabilities numpy
 
     @classmethod
-    def from_onnx(cls, onnx: bytes, threads: int = 0) -> "Predictor | None":
+    def from_onnx(cls, onnx: bytes, threads: int = 0, spin: bool = True) -> "Predictor | None":
         """From a graph made by export.export_onnx (labels and preprocessing in its metadata);
-        None for a graph without that metadata."""
-        session = onnx_session(onnx, threads or len(os.sched_getaffinity(0)))
+        None for a graph without that metadata. spin: see onnx_session (False in the API)."""
+        session = onnx_session(onnx, threads or len(os.sched_getaffinity(0)), spin)
         meta = felis_metadata(session)
         if meta is None:
             return None

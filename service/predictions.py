@@ -80,7 +80,7 @@ class ModelCache:
 
         predictor = None
         if onnx_key and self.settings.predict_backend != "torch":
-            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads)
+            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads, spin=False)
         if predictor is None:
             from models.checkpoint import load_checkpoint
 
