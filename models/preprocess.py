@@ -71,10 +71,12 @@ def resize(img: Image.Image, prep: Preprocessing) -> Image.Image:
 
 def to_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """Resized RGB picture -> normalised float32 CHW."""
-    x = np.asarray(img, dtype=np.float32)  # HWC, 0..255
-    mean = np.asarray(prep.mean, dtype=np.float32)
-    std = np.asarray(prep.std, dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
+    chw = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # transpose the bytes, not floats
+    mean = np.broadcast_to(np.asarray(prep.mean, dtype=np.float32), 3).reshape(3, 1, 1)
+    std = np.broadcast_to(np.asarray(prep.std, dtype=np.float32), 3).reshape(3, 1, 1)
+    out = np.subtract(chw, mean, dtype=np.float32)
+    out /= std  # (x - mean) / std, the same float32 operations as before
+    return out
 
 
 def resized_rgb(data: bytes | Image.Image, prep: Preprocessing) -> Image.Image:
