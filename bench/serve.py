@@ -727,16 +727,21 @@ def table(runs: list[ServerRun]) -> str:
     return "\n".join(lines)
 
 
-def check_targets(runs: list[ServerRun]) -> list[tuple[str, str, bool]]:
+def check_targets(runs: list[ServerRun]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met); met is None for a figure that is reported, not judged."""
     felis, others = runs[0], runs[1:]
     c32 = felis.phases["c32"].img_s
+    stock = [o.phases["c32"].img_s for o in others if o.title == TORCHSERVE_CONFIGS["stock"].title]
     best_ts = max((o.phases["c32"].img_s for o in others), default=float("nan"))
     failures = sum(p.failures for r in runs for p in r.phases.values())
     p50 = felis.phases["c1_500x375"].pct(50)
     return [
-        (f"c=32: felis >= {TARGETS['c32_ratio']:.0f}x the best TorchServe configuration's img/s",
-         f"{c32 / best_ts:.2f}x ({c32:.1f} vs {best_ts:.1f})" if others else "no TorchServe run",
-         bool(others) and c32 >= TARGETS["c32_ratio"] * best_ts),
+        # the issue's comparison: TorchServe with its stock handler, as its users run it
+        (f"c=32: felis >= {TARGETS['c32_ratio']:.0f}x TorchServe's img/s (stock handler and settings, as its users run it)",
+         f"{c32 / stock[0]:.2f}x ({c32:.1f} vs {stock[0]:.1f})" if stock else "no stock TorchServe run",
+         bool(stock) and c32 >= TARGETS["c32_ratio"] * stock[0]),
+        ("c=32: felis vs the strongest TorchServe configuration here (batching and malloc tuning added by us)",
+         f"{c32 / best_ts:.2f}x ({c32:.1f} vs {best_ts:.1f})" if others else "no TorchServe run", None),
         (f"c=32: felis >= {TARGETS['c32_img_s']:.0f} img/s", f"{c32:.1f}", c32 >= TARGETS["c32_img_s"]),
         (f"c=1: felis p50 <= {TARGETS['c1_500x375_p50_ms']:.0f} ms on 500x375 JPEGs", f"{p50:.1f} ms",
          p50 <= TARGETS["c1_500x375_p50_ms"]),
@@ -805,7 +810,7 @@ def report(runs: list[ServerRun], args: argparse.Namespace, meta: dict) -> str:
         "",
         "Targets (issue 3):",
         "",
-        *(f"- {'met' if ok else 'MISSED'}: {what}: {value}" for what, value, ok in targets),
+        *(f"- {'reported' if ok is None else 'met' if ok else 'MISSED'}: {what}: {value}" for what, value, ok in targets),
     ]
     return "\n".join(lines)
 
@@ -943,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_results:
             write_results(args.results, text)
             _log(f"wrote {args.results}")
-        missed = [t for t in check_targets(runs) if not t[2]]
+        missed = [t for t in check_targets(runs) if t[2] is False]
         return 0 if args.no_targets or not missed else 1
     except StartFailed as e:
         _log(f"a server failed to start: {e}")
