@@ -17,9 +17,9 @@ import torch
 from . import networks
 from .export import FeaturesOnly, module_to_onnx
 from .onnx_session import has_onnxruntime, onnx_session
-from .preprocess import Preprocessing, preprocess_batch
+from .preprocess import Preprocessing, preprocess, preprocess_batch
 from .quantize import load_table, quantize_features, sha256_file, table_id
-from .runtime import use_bf16
+from .runtime import cpu_count, use_bf16
 
 FEATURE_VERSION = 1  # bump when decoding/preprocessing code changes what a cached feature means
 
@@ -71,8 +71,9 @@ class FeatureExtractor:
     """
 
     def __init__(self, arch: dict, prep: Preprocessing, device: torch.device, weights_path: str | None = None,
-                 batch_size: int = 32, backend: str = "auto", precision: str = "fp32"):
+                 batch_size: int = 32, backend: str = "auto", precision: str = "fp32", decode_workers: int | None = None):
         self.arch, self.prep, self.device, self.batch_size = arch, prep, device, batch_size
+        self.decode_workers = decode_workers  # None: a pool on CUDA, inline on CPU (see extract)
         self.model = networks.build_classifier(arch)
         weights_path = weights_path or networks.default_weights_path(arch["name"])
         networks.load_pretrained(self.model.backbone, arch["name"], weights_path)
@@ -126,19 +127,27 @@ class FeatureExtractor:
     def extract(self, loads: Sequence[Callable[[], bytes]], progress: Callable[[int, int], None] = lambda d, t: None, should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
         """Features (N, dim) float32 for the images returned by `loads`, in order.
 
-        On CUDA the next batch is decoded in a background thread while the GPU works. On CPU
-        decoding runs inline: the network already keeps every core busy (a decode thread was
-        measured 5% slower on 2 cores).
+        In a GPU worker (device cuda) the next batch's images are decoded on a pool of threads
+        (up to 8, one core left) while the current batch runs: decoding, about 5 ms of one core
+        per photo, would otherwise dominate (6 s for 1,200 photos), whether the network runs on
+        the GPU or, for INT8, in ONNX Runtime on the CPU cores. On a CPU worker decoding runs
+        inline: the network already keeps every core busy (a decode thread was measured 5%
+        slower on 2 cores). decode_workers overrides the choice (0: inline).
         """
         n, bs = len(loads), self.batch_size
         out = np.zeros((n, self.dim), dtype=np.float32)
-        decode = lambda i: preprocess_batch([load() for load in loads[i : i + bs]], self.prep)  # noqa: E731
-        with ThreadPoolExecutor(max_workers=1) if self.device.type == "cuda" else contextlib.nullcontext() as pool:
-            ahead = pool.submit(decode, 0) if pool and n else None
+        workers = self.decode_workers
+        if workers is None:
+            workers = min(8, max(1, cpu_count() - 1)) if self.device.type == "cuda" else 0
+        with ThreadPoolExecutor(max_workers=workers) if workers else contextlib.nullcontext() as pool:
+            def ahead_of(i: int) -> list:  # Pillow releases the GIL while decoding and resizing
+                return [pool.submit(lambda load=load: preprocess(load(), self.prep)) for load in loads[i : i + bs]]
+
+            ahead = ahead_of(0) if pool and n else None
             for start in range(0, n, bs):
                 should_stop()
-                x = ahead.result() if ahead else decode(start)
-                ahead = pool.submit(decode, start + bs) if pool and start + bs < n else None
+                x = np.stack([f.result() for f in ahead]) if ahead else preprocess_batch([load() for load in loads[start : start + bs]], self.prep)
+                ahead = ahead_of(start + bs) if pool and start + bs < n else None
                 out[start : start + len(x)] = self._run(x)
                 progress(start + len(x), n)
         return out

@@ -24,6 +24,16 @@ def test_extract_shapes_order_and_batching(small_catvnoncat):
     assert ex.extractor_id == ex_big.extractor_id and "128px" in ex.extractor_id
 
 
+def test_decoding_on_a_pool_gives_the_same_features_in_order(small_catvnoncat):
+    """The GPU worker's path (next batch decoded on a thread pool) = the CPU worker's inline path."""
+    loads = [s.load for s in small_catvnoncat[:11]]
+    inline = _extractor(batch_size=4, decode_workers=0).extract(loads)
+    seen = []
+    pooled = _extractor(batch_size=4, decode_workers=3).extract(loads, progress=lambda d, t: seen.append(d))
+    np.testing.assert_array_equal(pooled, inline)
+    assert seen == [4, 8, 11]
+
+
 def test_cache_is_used_and_duplicates_computed_once(small_catvnoncat):
     ex, cache = _extractor(), MemoryFeatureCache()
     samples = small_catvnoncat[:6]
