@@ -41,7 +41,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.utils.processes import Proc, felis_env, free_port, wait_ready  # noqa: E402  (shared with the e2e tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DATASETS = Path(os.environ.get("FELIS_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
@@ -63,7 +65,7 @@ BOUNDARY = "felisbenchboundary7d3f"
 SIZE_500x375 = (500, 375)
 
 TARGETS = {  # issue 3, this 2-core machine, one run
-    "c32_ratio": 3.0,  # felis img/s over TorchServe img/s at concurrency 32 (best TorchServe config)
+    "c32_ratio": 3.0,  # felis img/s over TorchServe img/s at concurrency 32 (stock TorchServe, as its users run it)
     "c32_img_s": 120.0,  # felis img/s at concurrency 32, end to end over HTTP
     "c1_500x375_p50_ms": 12.0,  # felis p50 at concurrency 1 on 500x375 JPEGs
     "felis_rss_mb": 400.0,  # felis API process resident memory after the load
@@ -72,12 +74,6 @@ TARGETS = {  # issue 3, this 2-core machine, one run
 
 # --------------------------------------------------------------------------------------------
 # processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log(msg: str) -> None:
@@ -95,53 +91,27 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
-class Felis:
-    """`felis up` (API + worker, for training) or `felis api` (serving), in a data dir of our choosing."""
+class Felis(Proc):
+    """`felis up` (API + worker, for training) or `felis api` (serving), in a data dir of our choosing:
+    the e2e tests' process wrapper, with the bench's environment."""
 
     def __init__(self, command: str, data_dir: Path, log: Path, extra_env: dict[str, str] | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FELIS_")}
-        env.update({
-            "FELIS_DATA_DIR": str(data_dir),
+        env = felis_env(
+            FELIS_DATA_DIR=str(data_dir),
             # one load driver is one caller: felis's per-caller limit (6000/min) would cap it at 100 req/s
-            "FELIS_RATE_LIMIT_PREDICT_PER_MINUTE": "0",
-            "FELIS_RATE_LIMIT_UPLOAD_PER_MINUTE": "0",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.update(extra_env or {})
-        self._log = open(log, "ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "service.cli", command, "--port", str(self.port)],
-                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            FELIS_RATE_LIMIT_PREDICT_PER_MINUTE="0",
+            FELIS_RATE_LIMIT_UPLOAD_PER_MINUTE="0",
+            **(extra_env or {}),
+        )
+        super().__init__([command, "--port", str(self.port)], env, log)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise StartFailed(f"felis exited with {self.popen.returncode}:\n{_tail(self.log_path)}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise StartFailed(f"felis did not answer /healthz within {timeout:.0f} s:\n{_tail(self.log_path)}")
-
-    @property
-    def pids(self) -> list[int]:
-        return _tree(self.popen.pid)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
-        self._log.close()
+        try:
+            wait_ready(self.url, [self], timeout)
+        except (RuntimeError, TimeoutError) as e:
+            raise StartFailed(str(e)) from None
 
 
 @dataclass
@@ -173,7 +143,7 @@ class TorchServe:
         self.dir = workdir / f"ts-{cfg.name}"
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
-        self.port, mport, xport = _free_port(), _free_port(), _free_port()
+        self.port, mport, xport = free_port(), free_port(), free_port()
         self.url, self.management = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{mport}"
         props = [
             f"inference_address=http://127.0.0.1:{self.port}",
@@ -392,7 +362,7 @@ def train_in_felis(data_dir: Path, workdir: Path, options: dict, timeout: float)
                     if t["status"] in ("succeeded", "failed", "cancelled"):
                         break
                     if time.monotonic() > deadline or felis.popen.poll() is not None:
-                        raise RuntimeError(f"training did not finish within {timeout:.0f} s:\n{_tail(felis.log_path)}")
+                        raise RuntimeError(f"training did not finish within {timeout:.0f} s:\n{felis.tail(40)}")
                     time.sleep(2)
                 if t["status"] != "succeeded":
                     raise RuntimeError(f"training {t['status']}: {t.get('error')}")
@@ -869,8 +839,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
-    felis_env = dict(kv.split("=", 1) for kv in args.felis_env)
+    extra_env = dict(kv.split("=", 1) for kv in args.felis_env)
     configs = [] if args.torchserve == "none" else [TORCHSERVE_CONFIGS[n] for n in args.torchserve.split(",") if n]
     workdir = Path(tempfile.mkdtemp(prefix="felis-bench-serve-"))
     data_dir = (args.data_dir or workdir / "felis-data").resolve()
@@ -895,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[ServerRun] = []
 
         _log("felis: starting the API")
-        felis = Felis("api", data_dir, workdir / "felis-api.log", felis_env)
+        felis = Felis("api", data_dir, workdir / "felis-api.log", extra_env)
         running.append(felis)
         felis.wait_ready()
         host = f"127.0.0.1:{felis.port}"
