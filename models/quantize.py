@@ -17,7 +17,9 @@ A table is valid only for the weights it was measured with (their sha256 is in i
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import os
 import json
 import tempfile
 from pathlib import Path
@@ -33,6 +35,14 @@ class NoRangeTable(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read once per process while its size and mtime stay the same (the
+    weights file is hashed for the training's precision check, the range table and the feature id)."""
+    st = os.stat(path)
+    return _sha256_file(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
