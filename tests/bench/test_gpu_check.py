@@ -25,7 +25,7 @@ def test_dry_run_goes_through_every_phase_on_cpu(tmp_path: Path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     for section in ("== environment", "torch:", "cudnn:", "== warm-up", "context + first kernel", "first training",
-                    "== photos", "cold:", "warm:", "test (", "== fine-tune", "lean loop, eager",
+                    "== photos", "cold:", "warm:", "test (", "== task", "uploads.ingest", "== fine-tune", "lean loop, eager",
                     "train_network as shipped", "torch.compile (aot_eager", "lean loop, compiled", "== summary"):
         assert section in text, f"{section!r} missing from:\n{text}"
     assert "FAILED" not in text and "DEADLINE" not in text, text
@@ -44,3 +44,23 @@ def test_without_cuda_it_prints_the_environment_and_exits_2():
     assert proc.returncode == 2
     assert "== environment" in proc.stdout and "torch:" in proc.stdout
     assert "no CUDA device: this check needs a GPU" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_phases_runs_only_those_named_and_skipped_goals_do_not_fail(tmp_path: Path):
+    """--phases finetune needs no photos (the device check can send the photos in a second call)."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run-cpu", "--phases", "finetune", "--seconds", "0.5",
+                           "--datasets", str(tmp_path / "none"), "--json", str(out)], capture_output=True, text=True, timeout=90)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "== fine-tune" in text and "== photos" not in text and "== warm-up" not in text
+    report = json.loads(out.read_text())
+    verdicts = {g["goal"]: g["verdict"] for g in report["goals"]}
+    assert verdicts["photos worker task (run_training), cold"] == "skipped" and verdicts["fine-tune Lite0, lean loop, eager"] == "n/a (dry run)"
+    assert report["phases"]["finetune"]["eager"]["seconds"] < 2
+
+
+def test_phases_rejects_an_unknown_name():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run-cpu", "--phases", "photos,gpu"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown phase(s) ['gpu']" in proc.stderr
