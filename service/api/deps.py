@@ -35,16 +35,29 @@ def _session() -> Iterator[Session]:
         session.close()
 
 
-def _model_cache(request: Request) -> ModelCache:
+# The dependencies below are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in its thread pool, one thread hop per dependency per request, which the predict
+# path cannot afford. They must stay cheap and non-blocking.
+
+
+async def _settings() -> Settings:
+    return get_settings()
+
+
+async def _store() -> BlobStore:
+    return get_store()
+
+
+async def _model_cache(request: Request) -> ModelCache:
     return request.app.state.models
 
 
-def _request_id(request: Request) -> str | None:
+async def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
 SessionDep = Annotated[Session, Depends(_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[BlobStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[BlobStore, Depends(_store)]
 ModelCacheDep = Annotated[ModelCache, Depends(_model_cache)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
