@@ -6,15 +6,26 @@ from __future__ import annotations
 import json
 
 
-def onnx_session(onnx: bytes, threads: int, spin: bool = True):
+SPIN_MODES = ("always", "never", "in_run")
+
+
+def onnx_session(onnx: bytes, threads: int, spin: str = "always"):
     """A CPU ONNX Runtime session: `threads` intra-op threads, one graph node at a time.
 
-    spin=False: idle intra-op threads sleep instead of busy-waiting for the next run. Right when
-    the process has other work for the same cores (the API decodes images and speaks HTTP between
-    batches: +17 % predict throughput at concurrency 32 on 2 cores); spinning is faster when
-    inference is all the process does (training's feature extraction)."""
+    spin: how idle intra-op threads wait for work.
+    - "always" (ORT's default): they busy-wait, also for a while after a run. Best when inference
+      is all the process does (training's feature extraction).
+    - "never": they sleep. Best when the process has other work for the same cores: the API
+      decodes images and speaks HTTP while a batch runs (+10-17 % predict throughput at
+      concurrency 32 on 2 cores, bench/RESULTS.md).
+    - "in_run": they busy-wait between the graph's nodes and stop when the run ends
+      (`session.force_spinning_stop`). Best for a lone small batch: on 2 cores (AMD EPYC), INT8
+      Lite0 at 288 px ran batch 1 in 3.98 ms against 4.91 ms for "never", at the same CPU per request.
+    """
     import onnxruntime as ort
 
+    if spin not in SPIN_MODES:
+        raise ValueError(f"spin must be one of {SPIN_MODES}, got {spin!r}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -23,8 +34,10 @@ def onnx_session(onnx: bytes, threads: int, spin: bool = True):
     # Memory patterns are planned per input shape; micro-batches vary in size, so each new size
     # would pin another plan's worth of buffers (1 GB after a few sizes at 288 px here).
     opts.enable_mem_pattern = False
-    if not spin:
+    if spin == "never":
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin == "in_run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
 
 

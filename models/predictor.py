@@ -19,21 +19,29 @@ from .preprocess import Preprocessing, preprocess, preprocess_batch
 
 
 class Predictor:
-    def __init__(self, labels: list[str], preprocessing: Preprocessing, run, backend: str):
+    def __init__(self, labels: list[str], preprocessing: Preprocessing, run, backend: str, run_alone=None):
         self.labels = list(labels)
         self.preprocessing = preprocessing
         self.backend = backend  # "onnx" | "torch"
         self._run = run  # float32 NCHW numpy -> probabilities numpy
+        self._run_alone = run_alone or run  # the same, for a small batch with the cores to itself
 
     @classmethod
-    def from_onnx(cls, onnx: bytes, threads: int = 0, spin: bool = True) -> "Predictor | None":
+    def from_onnx(cls, onnx: bytes, threads: int = 0, shared_cores: bool = False) -> "Predictor | None":
         """From a graph made by export.export_onnx (labels and preprocessing in its metadata);
-        None for a graph without that metadata. spin: see onnx_session (False in the API)."""
-        session = onnx_session(onnx, threads or len(os.sched_getaffinity(0)), spin)
+        None for a graph without that metadata.
+
+        shared_cores (the API): the process has other work for the same cores, so batches run
+        in a session whose idle threads sleep (onnx_session spin "never"), and `infer(alone=True)`
+        in a second one that spins only inside its runs ("in_run"): lower latency for a lone
+        request, no core held between runs. Else one session that spins ("always")."""
+        threads = threads or len(os.sched_getaffinity(0))
+        session = onnx_session(onnx, threads, "never" if shared_cores else "always")
         meta = felis_metadata(session)
         if meta is None:
             return None
-        return cls(meta["labels"], Preprocessing.from_dict(meta["preprocessing"]), _onnx_runner(session), "onnx")
+        alone = _onnx_runner(onnx_session(onnx, threads, "in_run")) if shared_cores else None
+        return cls(meta["labels"], Preprocessing.from_dict(meta["preprocessing"]), _onnx_runner(session), "onnx", alone)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, onnx: bytes | None = None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> "Predictor":
@@ -64,11 +72,14 @@ class Predictor:
     def preprocess_batch(self, images: list[bytes]) -> np.ndarray:
         return preprocess_batch(images, self.preprocessing)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, S, S) -> probabilities (N, len(labels))."""
+    def infer(self, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        """float32 (N, 3, S, S) -> probabilities (N, len(labels)).
+
+        alone: the caller knows nothing else in the process wants the cores while this runs
+        (see from_onnx's shared_cores); same probabilities, sooner."""
         if len(batch) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return (self._run_alone if alone else self._run)(np.ascontiguousarray(batch, dtype=np.float32))
 
     def postprocess(self, probs: np.ndarray) -> list[dict[str, float]]:
         return [{label: float(p) for label, p in zip(self.labels, row)} for row in probs]

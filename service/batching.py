@@ -5,6 +5,9 @@ one batch on a single inference thread (the network itself uses every core). Whi
 the next one fills, so under load batches grow on their own. The runner waits for company (at
 most ``max_wait`` after the first image) only while other requests have announced images that
 are still being decoded (``expecting``): a lone request never waits at all.
+
+A small batch with nothing queued or announced behind it runs through ``infer_alone`` when
+given: the predictor's session that trades idle CPU for latency (models.onnx_session "in_run").
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import numpy as np
 
 
 class MicroBatcher:
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float):
+    ALONE_MAX = 4  # images: a batch this small, with nothing behind it, is latency-bound
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float,
+                 infer_alone: Callable[[np.ndarray], np.ndarray] | None = None):
         self._infer = infer
+        self._infer_alone = infer_alone or infer
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_s)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
@@ -76,8 +83,10 @@ class MicroBatcher:
             live = [(x, f) for x, f in batch if not f.done()]
             if not live:
                 continue
+            alone = len(live) <= self.ALONE_MAX and self._queue.empty() and self._expected <= 0
             try:
-                probs = await loop.run_in_executor(self._executor, self._infer, np.stack([x for x, _ in live]))
+                probs = await loop.run_in_executor(self._executor, self._infer_alone if alone else self._infer,
+                                                   np.stack([x for x, _ in live]))
             except Exception as e:  # the requests fail, the runner lives on
                 for _, f in live:
                     if not f.done():

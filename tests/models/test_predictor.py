@@ -70,3 +70,14 @@ def test_from_onnx_declines_a_graph_without_felis_metadata(trained):
     model = onnx.load_from_string(trained.onnx)
     del model.metadata_props[:]
     assert Predictor.from_onnx(model.SerializeToString()) is None
+
+
+def test_shared_cores_runs_alone_batches_in_a_second_session_with_the_same_answers(trained, photo_bytes):
+    """The API's predictor: batches under load in a non-spinning session, a lone one in an in-run spinning one."""
+    p = Predictor.from_onnx(trained.onnx, threads=2, shared_cores=True)
+    assert p._run_alone is not p._run
+    x = p.preprocess_batch(photo_bytes[:3])
+    np.testing.assert_array_equal(p.infer(x, alone=True), p.infer(x))
+    plain = Predictor.from_onnx(trained.onnx, threads=2)
+    assert plain._run_alone is plain._run
+    np.testing.assert_array_equal(plain.infer(x, alone=True), p.infer(x))

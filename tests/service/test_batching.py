@@ -56,6 +56,30 @@ def test_a_lone_request_does_not_wait_for_company():
     batcher.close()
 
 
+def test_a_small_batch_with_nothing_behind_it_runs_alone_and_load_does_not():
+    net, alone = _Net(delay=0.02), _Net()
+    batcher = MicroBatcher(net, max_batch=8, max_wait_s=0.005, infer_alone=alone)
+
+    async def main():
+        await batcher.submit(np.zeros((1, 2, 2), np.float32))  # lone: nothing queued or announced
+        await batcher.submit(np.zeros((MicroBatcher.ALONE_MAX, 2, 2), np.float32))  # still small and alone
+        await batcher.submit(np.zeros((MicroBatcher.ALONE_MAX + 1, 2, 2), np.float32))  # too big for alone
+        with batcher.expecting(1):  # another request is still decoding an image: not alone
+            first = batcher.enqueue(np.zeros((1, 2, 2), np.float32))
+            await asyncio.sleep(0.001)
+            second = batcher.enqueue(np.zeros((1, 2, 2), np.float32))
+            await asyncio.gather(*first, *second)
+        # 40 concurrent requests: the first batch may run alone, the ones queued behind it not
+        await asyncio.gather(*(batcher.submit(np.zeros((1, 2, 2), np.float32)) for _ in range(40)))
+
+    asyncio.run(main())
+    assert alone.batches[:2] == [1, MicroBatcher.ALONE_MAX]
+    assert net.batches[0] == MicroBatcher.ALONE_MAX + 1 and net.batches[1] == 2
+    assert sum(alone.batches) + sum(net.batches) == 1 + 4 + 5 + 2 + 40
+    assert sum(net.batches[2:]) >= 40 - MicroBatcher.ALONE_MAX  # under load the sleeping session does the work
+    batcher.close()
+
+
 def test_announced_images_are_waited_for_up_to_max_wait():
     net = _Net()
     batcher = MicroBatcher(net, max_batch=32, max_wait_s=1.0)
