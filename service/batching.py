@@ -8,6 +8,8 @@ are still being decoded (``expecting``): a lone request never waits at all.
 
 A small batch with nothing queued or announced behind it runs through ``infer_alone`` when
 given: the predictor's session that trades idle CPU for latency (models.onnx_session "in_run").
+And when the batcher is ``idle()``, a lone request can skip the queue altogether: ``run_alone``
+runs its whole job (decode and infer) in one trip to the inference thread.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class MicroBatcher:
@@ -33,6 +38,20 @@ class MicroBatcher:
         self._runner: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self._expected = 0  # images announced by requests that are still decoding them
+        self._running = 0  # jobs handed to the inference thread and not finished
+
+    def idle(self) -> bool:
+        """Nothing queued, announced or running: a request now would have the cores to itself."""
+        return self._running == 0 and self._expected <= 0 and (self._queue is None or self._queue.empty())
+
+    async def run_alone(self, job: Callable[[], T]) -> T:
+        """Run a lone request's whole job on the inference thread (one thread hop instead of a
+        decode hop plus a batch). Batches queued meanwhile run after it: one inference at a time."""
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        finally:
+            self._running -= 1
 
     @contextlib.contextmanager
     def expecting(self, n: int) -> Iterator[None]:
@@ -84,6 +103,7 @@ class MicroBatcher:
             if not live:
                 continue
             alone = len(live) <= self.ALONE_MAX and self._queue.empty() and self._expected <= 0
+            self._running += 1
             try:
                 probs = await loop.run_in_executor(self._executor, self._infer_alone if alone else self._infer,
                                                    np.stack([x for x, _ in live]))
@@ -92,6 +112,8 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            finally:
+                self._running -= 1
             for (_, f), p in zip(live, probs):
                 if not f.done():
                     f.set_result(p)

@@ -99,6 +99,40 @@ class ModelCache:
             self._models.clear()
 
 
+async def _predict_alone(model: LoadedModel, data: bytes) -> tuple[list, list]:
+    """One image while nothing else is in flight: decode and infer in one trip to the inference
+    thread, in the session that spins within its run (0.5-1 ms sooner at concurrency 1)."""
+    def job() -> np.ndarray | InvalidImage:
+        try:
+            x = model.predictor.preprocess(data)
+        except InvalidImage as e:
+            return e
+        return model.predictor.infer(x[None], alone=True)[0]
+
+    result = await model.batcher.run_alone(job)
+    return [result], ([] if isinstance(result, InvalidImage) else [result])
+
+
+async def _predict_batched(model: LoadedModel, files: list[tuple[str, bytes]]) -> tuple[list, list]:
+    """Decode on the decode threads, then join the micro-batcher's queue; (per-file arrays or
+    errors, probabilities of the good ones in order)."""
+    loop = asyncio.get_running_loop()
+
+    async def prepare(data: bytes) -> np.ndarray | InvalidImage:
+        try:  # decoding on as many threads as cores: more only holds more image buffers
+            return await loop.run_in_executor(_DECODE_POOL, model.predictor.preprocess, data)
+        except InvalidImage as e:
+            return e
+
+    with model.batcher.expecting(len(files)):  # the batcher waits for company only while some is on its way
+        prepared = await asyncio.gather(*(prepare(data) for _, data in files))
+        good = [x for x in prepared if isinstance(x, np.ndarray)]
+        if not good:
+            return prepared, []
+        pending = model.batcher.enqueue(np.stack(good))
+    return prepared, await asyncio.gather(*pending)
+
+
 def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
     """The thresholded decision: a thresholded label that clears its threshold (the likeliest, if
     several), else the likeliest label without a threshold; None when every label has one and none clears it."""
@@ -121,24 +155,15 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
     key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
     model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, serving.onnx_key)
 
-    loop = asyncio.get_running_loop()
-
-    async def prepare(data: bytes) -> np.ndarray | InvalidImage:
-        try:  # decoding on as many threads as cores: more only holds more image buffers
-            return await loop.run_in_executor(_DECODE_POOL, model.predictor.preprocess, data)
-        except InvalidImage as e:
-            return e
-
-    with model.batcher.expecting(len(files)):  # the batcher waits for company only while some is on its way
-        prepared = await asyncio.gather(*(prepare(data) for _, data in files))
-        good = [x for x in prepared if isinstance(x, np.ndarray)]
-        if not good:
-            first = prepared[0]
-            assert isinstance(first, InvalidImage)
-            raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code,
-                                 details={"filename": files[0][0]})
-        pending = model.batcher.enqueue(np.stack(good))
-    probs = iter(await asyncio.gather(*pending))
+    if len(files) == 1 and model.batcher.idle():
+        prepared, probs = await _predict_alone(model, files[0][1])
+    else:
+        prepared, probs = await _predict_batched(model, files)
+    if not probs:
+        first = prepared[0]
+        assert isinstance(first, InvalidImage)
+        raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code, details={"filename": files[0][0]})
+    probs = iter(probs)
     out = []
     for (name, _), x in zip(files, prepared):
         if isinstance(x, InvalidImage):

@@ -120,3 +120,34 @@ def test_a_failing_batch_fails_its_requests_and_the_runner_lives_on():
 
     assert asyncio.run(main()).shape == (2, 2)
     batcher.close()
+
+
+def test_run_alone_takes_the_inference_thread_and_batches_queue_behind_it():
+    net = _Net()
+    order: list[str] = []
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        order.append("batch")
+        return net(x)
+
+    def job() -> str:
+        order.append("job")
+        time.sleep(0.05)
+        order.append("job done")
+        return threading.current_thread().name
+
+    batcher = MicroBatcher(infer, max_batch=8, max_wait_s=0.005)
+
+    async def main():
+        assert batcher.idle()
+        await batcher.submit(np.zeros((1, 2, 2), np.float32))  # the inference thread exists now
+        lone = asyncio.ensure_future(batcher.run_alone(job))
+        await asyncio.sleep(0.01)
+        assert not batcher.idle()  # a later request must not take the lone path too
+        thread, _ = await asyncio.gather(lone, batcher.submit(np.zeros((1, 2, 2), np.float32)))
+        assert batcher.idle()
+        return thread
+
+    assert asyncio.run(main()) in net.threads  # the one inference thread: never two inferences at once
+    assert order == ["batch", "job", "job done", "batch"] and net.batches == [1, 1]
+    batcher.close()
