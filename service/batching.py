@@ -102,7 +102,7 @@ class MicroBatcher:
             live = [(x, f) for x, f in batch if not f.done()]
             if not live:
                 continue
-            alone = len(live) <= self.ALONE_MAX and self._queue.empty() and self._expected <= 0
+            alone = len(live) <= self.ALONE_MAX and self.idle()  # nothing queued, announced or running behind it
             self._running += 1
             try:
                 probs = await loop.run_in_executor(self._executor, self._infer_alone if alone else self._infer,
