@@ -17,11 +17,13 @@ A table is valid only for the weights it was measured with (their sha256 is in i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import os
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,17 +76,26 @@ def quantize_features(fp32_onnx: bytes, table: dict) -> bytes:
     """A float32 features graph (export.module_to_onnx) -> the same graph in INT8 (QDQ)."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in table["ranges"].items()})
-    with tempfile.TemporaryDirectory(prefix="felis-quant-") as tmp:
-        d = Path(tmp)
-        (d / "fp32.onnx").write_bytes(fp32_onnx)
-        quant_pre_process(d / "fp32.onnx", d / "pre.onnx", skip_symbolic_shape=True)  # folds constants: names as in the table
+    with _workdir(fp32_onnx) as d:
         save_tensors_data(ranges, d / "ranges.json")
         quantize_static(d / "pre.onnx", d / "int8.onnx", None, calibration_cache_path=d / "ranges.json", **_options())
         return (d / "int8.onnx").read_bytes()
+
+
+@contextlib.contextmanager
+def _workdir(fp32_onnx: bytes) -> Iterator[Path]:
+    """A temporary folder holding pre.onnx: the float32 graph after ONNX Runtime's quantization
+    pre-processing, which folds constants so tensor names match the range table's."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="felis-quant-") as tmp:
+        d = Path(tmp)
+        (d / "fp32.onnx").write_bytes(fp32_onnx)
+        quant_pre_process(d / "fp32.onnx", d / "pre.onnx", skip_symbolic_shape=True)
+        yield d
 
 
 def _options() -> dict:
@@ -100,7 +111,6 @@ def calibrate(fp32_onnx: bytes, batches, weights_path: str, about: dict) -> dict
     ({"images": float32 NCHW} dicts) -> a range table (see load_table)."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -109,10 +119,7 @@ def calibrate(fp32_onnx: bytes, batches, weights_path: str, about: dict) -> dict
         def get_next(self):
             return next(self.it, None)
 
-    with tempfile.TemporaryDirectory(prefix="felis-quant-") as tmp:
-        d = Path(tmp)
-        (d / "fp32.onnx").write_bytes(fp32_onnx)
-        quant_pre_process(d / "fp32.onnx", d / "pre.onnx", skip_symbolic_shape=True)
+    with _workdir(fp32_onnx) as d:
         quantize_static(d / "pre.onnx", d / "int8.onnx", Reader(), calibration_cache_path=d / "ranges.json", **_options())
         measured = load_tensors_data(d / "ranges.json")
     ranges = {name: [float(np.asarray(t.range_value[0]).item()), float(np.asarray(t.range_value[1]).item())]
@@ -122,8 +129,10 @@ def calibrate(fp32_onnx: bytes, batches, weights_path: str, about: dict) -> dict
 
 def _calibrate_cli(argv: list[str] | None = None) -> None:
     """python -m models.quantize calibrate FOLDER [--images 128] [--arch efficientnet_lite0]"""
+    import torch
+
     from . import networks
-    from .export import FeaturesOnly, module_to_onnx
+    from .features import FeatureExtractor
     from .images import InvalidImage
     from .preprocess import preprocess_batch
 
@@ -140,10 +149,8 @@ def _calibrate_cli(argv: list[str] | None = None) -> None:
     chosen = [files[i] for i in sorted(rng.choice(len(files), min(args.images, len(files)), replace=False))]
     arch = {"name": args.arch, "image_size": args.image_size, "pooling": "avgmax", "num_classes": 2}
     prep = networks.default_preprocessing(args.arch, args.image_size)
-    model = networks.build_classifier(arch)
     weights = networks.default_weights_path(args.arch)
-    networks.load_pretrained(model.backbone, args.arch, weights)
-    graph = module_to_onnx(FeaturesOnly(model.eval()), args.image_size, "features")
+    graph = FeatureExtractor(arch, prep, torch.device("cpu"), weights, backend="onnx").features_onnx  # the float32 graph
 
     def batches():
         for i in range(0, len(chosen), 16):
