@@ -283,7 +283,12 @@ def task_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
         from service.tables import ModelVersion, Training
         from service.trainer import run_training
 
-        get_settings.cache_clear(), reset_caches(), get_store.cache_clear()
+        def fresh_caches() -> None:  # settings, engine and store follow the environment set above
+            get_settings.cache_clear()
+            reset_caches()
+            get_store.cache_clear()
+
+        fresh_caches()
         settings, store = get_settings(), get_store()
         init_db()
         bench = _bench_train()
@@ -315,7 +320,7 @@ def task_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
             out[f"{run}_features_computed"] = metrics.get("features_computed")
             say(f"  {run}: {wall:.1f} s (goal <= {PHOTOS_GOAL_S:.0f} s), validation accuracy {metrics.get('accuracy', 0):.4f}, "
                 f"features computed {metrics.get('features_computed')}, precision {metrics.get('precision', '?')}")
-        get_settings.cache_clear(), reset_caches(), get_store.cache_clear()
+        fresh_caches()
 
 
 # ---------------------------------------------------------------- fine-tuning throughput
