@@ -11,7 +11,7 @@ Phases, each bounded in time; a watchdog prints what was measured and exits 3 at
                precomputed as the service does at upload): cold (empty MemoryFeatureCache) then warm (filled);
                then cold with precision fp32 (features from torch on the GPU instead of INT8 ONNX Runtime on the CPU);
                the cold model scored on photos/test through its exported graph (Predictor.from_onnx), as served
-  task         service.trainer.run_training, what the worker's Celery task runs, in this warm process: photos/train
+  task         service.domain.pipeline.run_training, what the worker's Celery task runs, in this warm process: photos/train
                uploaded through the service's ingest into a temporary embedded store, then trained cold and warm;
                timed from the task's start to its return (blob reads, training, checkpoint + ONNX writes, version row)
   fine-tune    EfficientNet-Lite0, 224 px, built as models/finetune.py does (build_classifier + load_pretrained),
@@ -261,7 +261,7 @@ def photos_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> Non
 
 
 def task_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
-    """The worker's task itself: service.trainer.run_training (what worker.tasks.train runs) in this warm process.
+    """The worker's task itself: service.domain.pipeline.run_training (what worker.tasks.train runs) in this warm process.
 
     Embedded mode in a temporary folder: photos/train uploaded through the service's own ingest (validation, dedup,
     pHash, local blobs, SQLite), then two train requests with default options: cold (features computed and stored
@@ -276,12 +276,12 @@ def task_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
         for key in [k for k in os.environ if k.startswith("FELIS_") and k != "FELIS_DATASETS"]:
             del os.environ[key]
         os.environ.update(FELIS_DATA_DIR=tmp, FELIS_DEVICE=device)
-        from service import datasets, trainings, uploads
         from service.config import get_settings
-        from service.db import init_db, reset_caches, session_scope
-        from service.storage import get_store
-        from service.tables import ModelVersion, Training
-        from service.trainer import run_training
+        from service.domain import datasets, trainings, uploads
+        from service.domain.pipeline import run_training
+        from service.store.blobs import get_store
+        from service.store.db import init_db, reset_caches, session_scope
+        from service.store.tables import ModelVersion, Training
 
         def fresh_caches() -> None:  # settings, engine and store follow the environment set above
             get_settings.cache_clear()
@@ -300,7 +300,7 @@ def task_phase(report: Report, device: str, photos: Path, sizes: Sizes) -> None:
                 mine = [(f.image_id, f.load) for f in files if f.label == label]
                 uploads.ingest(s, store, ds, uploads.files_candidates(mine, label), settings)
         out.update(n_images=len(files), upload_s=time.perf_counter() - t)
-        say(f"\n== task: service.trainer.run_training, embedded store in {tmp}; {len(files)} images uploaded "
+        say(f"\n== task: service.domain.pipeline.run_training, embedded store in {tmp}; {len(files)} images uploaded "
             f"through uploads.ingest in {out['upload_s']:.1f} s")
         for run in ("cold", "warm"):
             with session_scope() as s:

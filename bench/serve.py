@@ -943,35 +943,24 @@ def describe_checkpoint(ckpt_bytes: bytes) -> str:
 
 
 _REGISTER = """
-import io, sys
-from models.checkpoint import load_checkpoint
-from models.export import export_onnx
-from service import datasets, versions
-from service.db import init_db, new_session
+import sys
+from service.domain import datasets, versions
+from service.domain.pipeline import import_checkpoint
 from service.errors import NotFound
-from service.storage import get_store
-from service.tables import Training
+from service.store.blobs import get_store
+from service.store.db import init_db, new_session
 
-data = open(sys.argv[1], "rb").read()
-ckpt = load_checkpoint(data)
 init_db()
-store, session = get_store(), new_session()
+session = new_session()
 try:
     try:
         dataset = datasets.get(session, sys.argv[2])
     except NotFound:
         dataset = datasets.create(session, sys.argv[2])
-    training = Training(dataset_id=dataset.id, status="running", options=dict(ckpt.get("training_config") or {}))
-    session.add(training)
-    session.commit()
-    prefix = f"models/{dataset.id}/{training.id}"
-    store.put(f"{prefix}/model.pt", data)
-    store.put(f"{prefix}/model.onnx", export_onnx(ckpt))
-    row = versions.create(session, training, architecture=ckpt["architecture"]["name"], labels=list(ckpt["labels"]),
-                          metrics=dict(ckpt.get("metrics") or {}), evaluation={}, config=dict(ckpt.get("training_config") or {}),
-                          snapshot={}, checkpoint_key=f"{prefix}/model.pt", onnx_key=f"{prefix}/model.onnx")
-    versions.promote(session, sys.argv[2], row.version)
-    print(row.version)
+        session.commit()
+    version = import_checkpoint(session, get_store(), dataset, open(sys.argv[1], "rb").read())
+    versions.promote(session, sys.argv[2], version)
+    print(version)
 finally:
     session.close()
 """

@@ -5,12 +5,17 @@
     mode            "linear" | "finetune"
     labels          class names, index i = output i
     preprocessing   Preprocessing.to_dict()
+    precision       "int8" | "fp32": what the exported graph's features run in
+    quantization    the INT8 range table the export needs (None for fp32)
     state_dict      the whole network (backbone + head + temperature), so no pretrained file is needed
     temperature     float, softmax temperature (authoritative; also in the state_dict buffer)
-    training_config TrainConfig.to_dict(); seed
+    training_config the resolved TrainConfig.to_dict() (no None where a default applied); seed
     metrics         small dict of validation metrics
     versions        {"torch", "torchvision", "felis"}
-    dataset         left to the service (snapshot of what it was trained on)
+    dataset         what it was trained on: {"name", "image_count", "label_counts", "hash", "images"}
+                    (the caller's snapshot; absent when trained outside the service)
+
+``build_checkpoint`` is the one place that assembles this dict.
 
 Saved with torch.save and loaded with torch.load(weights_only=True): only plain Python values
 and tensors, never pickled classes. This module never imports the training code.
@@ -60,6 +65,30 @@ def _plain(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     return x
+
+
+def build_checkpoint(*, net: "networks.Classifier", architecture: dict, mode: str, labels: list[str],
+                     preprocessing: dict, precision: str, quantization: dict | None, temperature: float,
+                     training_config: dict, metrics: dict, dataset: dict | None = None) -> dict:
+    """The checkpoint of a trained network (see the module docstring for every key)."""
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "mode": mode,
+        "labels": list(labels),
+        "preprocessing": preprocessing,
+        "precision": precision,  # int8: export runs the quantized features graph (quantize.py)
+        "quantization": quantization,
+        "state_dict": {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
+        "temperature": float(temperature),
+        "training_config": training_config,
+        "seed": training_config.get("seed", 0),
+        "metrics": metrics,
+        "versions": library_versions(),
+    }
+    if dataset is not None:
+        ckpt["dataset"] = dataset
+    return ckpt
 
 
 def save_checkpoint(ckpt: dict, f: str | IO[bytes]) -> None:

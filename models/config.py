@@ -1,7 +1,11 @@
 """TrainConfig: every knob of a training run, with units, validation and the resolved defaults.
 
 A config with None fields means "the default for this architecture and mode"; `resolved()`
-fills them in, and the resolved copy is what the checkpoint records (reproducible runs).
+fills them in. The service validates (`from_dict`) and resolves a request's config once, when the
+training is requested; the resolved copy is what the training row, the version row, the
+checkpoint and the API show. The None that stay after resolving mean what their comment says
+(l2: picked by cross-validation; time_budget_s: no limit; patience: never stop early; the
+finetune-only fields in linear mode: unused).
 """
 
 from __future__ import annotations
@@ -109,8 +113,15 @@ class TrainConfig:
         except TypeError as e:
             raise InvalidTrainConfig("config", str(e)) from None
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with every None replaced by the concrete default that will be used."""
+    @classmethod
+    def from_stored(cls, d: dict) -> "TrainConfig":
+        """A config recorded by the service (validated when it was requested): no second validation."""
+        return cls(**d)
+
+    def resolved(self, *, int8_available: bool = True) -> "TrainConfig":
+        """A copy with every default filled in with the concrete value that will be used. Idempotent.
+        int8_available=False resolves precision auto to fp32 (pretrained weights the shipped range
+        table may not describe)."""
         c = TrainConfig(**asdict(self))
         scratch = c.architecture == "simple_cnn"
         if c.mode == "auto":  # linear on photos: 99.3% test, 99.1% 5-fold CV in ~19 s on 2 CPUs; a 2-epoch fine-tune: 98.6% in ~100 s
@@ -124,7 +135,7 @@ class TrainConfig:
         c.batch_size = c.batch_size or defaults["batch_size"]
         c.augmentation = AUGMENTATIONS[c.augmentation]
         if c.precision == "auto":
-            c.precision = catalog.default_precision(c.architecture, c.mode)
+            c.precision = catalog.default_precision(c.architecture, c.mode) if int8_available else "fp32"
         if c.mode == "finetune":
             c.epochs = c.epochs or defaults["epochs"]
             c.learning_rate = c.learning_rate or defaults["learning_rate"]

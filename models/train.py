@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import calibrate, linear, networks
-from .checkpoint import FORMAT_VERSION, library_versions
+from .checkpoint import build_checkpoint
 from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
 from .features import FeatureCache, cached_features, warm_extractor
@@ -88,9 +88,11 @@ class _Fitted:
     quantization: dict | None = None  # int8: the range table (quantize.py) the features graph was built with
 
 
-def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None) -> TrainResult:
-    """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled."""
-    cfg = config.validate().resolved()
+def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None, dataset: dict | None = None) -> TrainResult:
+    """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled.
+    The config is used as given (validated by whoever built it: TrainConfig.from_dict); its defaults
+    are resolved here for callers that did not. ``dataset`` goes into the checkpoint as it is."""
+    cfg = config.resolved()
     dev = resolve_device(device)
     if cfg.precision == "int8":  # auto falls back to float32 for weights the shipped range table does not describe
         try:
@@ -170,21 +172,11 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
     # 4. the checkpoint: everything needed to predict, nothing from this module
     net = f.net.cpu().to(memory_format=torch.contiguous_format)
     net.temperature.fill_(f.temperature)
-    checkpoint = {
-        "format_version": FORMAT_VERSION,
-        "architecture": arch,
-        "mode": cfg.mode,
-        "labels": labels,
-        "preprocessing": prep.to_dict(),
-        "precision": cfg.precision,  # int8: export runs the quantized features graph (quantize.py)
-        "quantization": f.quantization,
-        "state_dict": {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
-        "temperature": float(f.temperature),
-        "training_config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "metrics": metrics,
-        "versions": library_versions(),
-    }
+    checkpoint = build_checkpoint(
+        net=net, architecture=arch, mode=cfg.mode, labels=labels, preprocessing=prep.to_dict(),
+        precision=cfg.precision, quantization=f.quantization, temperature=f.temperature,
+        training_config=cfg.to_dict(), metrics=metrics, dataset=dataset,
+    )
     onnx = None
     if cfg.export_onnx:
         stop()

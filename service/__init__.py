@@ -1,1 +1,3 @@
-"""felis service: the domain (datasets, images, trainings, model versions, predictions) and its HTTP API."""
+"""felis service: the application. domain/ (datasets, images, uploads, trainings, versions, keys,
+the training pipeline), serving/ (predictions), store/ (metadata, blobs, queue, feature cache),
+api/ (the HTTP surface); config, errors and logs at the top."""

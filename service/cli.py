@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from service.store.queue import GPU_QUEUE
+
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
@@ -45,7 +47,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
     from service.config import get_settings
-    from service.db import init_db
+    from service.store.db import init_db
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def _up(args: argparse.Namespace) -> int:
     exe = [sys.executable, "-m", "service.cli"]
     port = str(args.port or settings.port)
     procs = [
-        subprocess.Popen(exe + ["worker", "--queues", "gpu", "--concurrency", "1"]),
+        subprocess.Popen(exe + ["worker", "--queues", GPU_QUEUE, "--concurrency", "1"]),
         subprocess.Popen(exe + ["api", "--port", port]),
     ]
     print(f"felis: embedded mode, data in {settings.data_dir}, API on http://{settings.host}:{port}", flush=True)
@@ -88,8 +90,8 @@ def _keys(args: argparse.Namespace) -> int:
     """Operator commands on API keys, straight against the metadata store."""
     import json
 
-    from service import keys
-    from service.db import init_db, session_scope
+    from service.domain import keys
+    from service.store.db import init_db, session_scope
 
     init_db()
     with session_scope() as session:
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=_api)
 
     worker = sub.add_parser("worker", help="run a training worker")
-    worker.add_argument("--queues", default="gpu")
+    worker.add_argument("--queues", default=GPU_QUEUE)
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--hostname", default=None, help="Celery node name (default: celery@host)")
     worker.set_defaults(func=_worker)
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     keys_sub.add_parser("list")
     keys.set_defaults(func=_keys)
-    from service.client_cli import add_client_commands  # HTTP only: no torch, no FastAPI
+    from felis_client.cli import add_client_commands  # HTTP only: no torch, no FastAPI
     add_client_commands(sub)
     return parser
 

@@ -26,10 +26,10 @@ def needs_datasets() -> pytest.MarkDecorator:
 
 
 def _reset_caches() -> None:
-    from service import queue
     from service.config import get_settings
-    from service.db import reset_caches
-    from service.storage import get_store
+    from service.store import queue
+    from service.store.blobs import get_store
+    from service.store.db import reset_caches
 
     get_settings.cache_clear()
     reset_caches()
@@ -45,7 +45,7 @@ def felis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             monkeypatch.delenv(key)
     monkeypatch.setenv("FELIS_DATA_DIR", str(tmp_path / "var"))
     _reset_caches()
-    from service.db import init_db
+    from service.store.db import init_db
 
     init_db()
     yield tmp_path / "var"
@@ -54,7 +54,7 @@ def felis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 @pytest.fixture
 def session(felis_env: Path):
-    from service.db import new_session
+    from service.store.db import new_session
 
     s = new_session()
     yield s
@@ -63,7 +63,7 @@ def session(felis_env: Path):
 
 @pytest.fixture
 def store(felis_env: Path):
-    from service.storage import get_store
+    from service.store.blobs import get_store
 
     return get_store()
 

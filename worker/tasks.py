@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters that take ids and call the domain (service.trainer, service.trainings)."""
+"""Celery tasks: thin adapters that take ids and call the domain (service.domain.pipeline, service.domain.trainings)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import threading
 from celery import signals
 
 from service.config import get_settings
-from service.db import init_db, session_scope
 from service.logs import configure_logging, log_context
-from service.metrics import install_worker_metrics
-from worker.app import TRAIN_TASK, celery_app
+from service.store.db import init_db, session_scope
+from service.store.queue import TRAIN_TASK
+from worker.app import celery_app
+from worker.metrics import install_worker_metrics
 
 log = logging.getLogger("felis.worker")
 
@@ -22,15 +23,15 @@ install_worker_metrics()
 def train(self, training_id: str) -> str:
     """Run one training to a final state. Safe to deliver twice: the domain claims it atomically.
     Its log lines carry the training id and the id of the HTTP request that asked for it."""
-    from service.tables import Training
-    from service.trainings import mark_failed
+    from service.domain.trainings import mark_failed
+    from service.store.tables import Training
 
     with session_scope() as s:
         t = s.get(Training, training_id)
         request_id = t.request_id if t else None
     with log_context(training_id=training_id, request_id=request_id):
         try:
-            from service.trainer import run_training
+            from service.domain.pipeline import run_training
 
             return run_training(training_id, worker_name=self.request.hostname)
         except Exception as e:  # failed before the domain could record it (an import error, say)
@@ -64,7 +65,7 @@ def _start_recovery_loop(**_: object) -> None:
     stop = threading.Event()
 
     def loop() -> None:
-        from service.recovery import recover_stale
+        from service.domain.recovery import recover_stale
 
         while not stop.wait(interval):
             try:

@@ -6,16 +6,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 
+from models.malloc import keep_freed_memory
 from service.api import errors
 from service.api.auth import authorize_request, make_limiters
+from service.api.metrics import MetricsMiddleware
+from service.api.metrics import router as metrics_router
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from service.api.routes import console, datasets, events, health, images, models, predict, trainings
-from models.malloc import keep_freed_memory
+from service.api.routes import (
+    console,
+    datasets,
+    events,
+    health,
+    images,
+    models,
+    predict,
+    trainings,
+)
 from service.config import get_settings
-from service.db import init_db
-from service.metrics import MetricsMiddleware, router as metrics_router
-from service.predictions import ModelCache
-from service.storage import LocalBlobStore, get_store
+from service.serving.cache import ModelCache
+from service.store.blobs import LocalBlobStore, get_store
+from service.store.db import init_db
 
 
 @asynccontextmanager

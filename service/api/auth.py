@@ -9,12 +9,12 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from service import keys
 from service.api.deps import SettingsDep
-from service.db import session_scope
+from service.api.ratelimit import RateLimiter
 from service.config import Settings
+from service.domain import keys
 from service.errors import Unauthorized
-from service.ratelimit import RateLimiter
+from service.store.db import session_scope
 
 
 def _presented_key(request: Request) -> str | None:

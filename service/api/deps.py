@@ -12,9 +12,9 @@ from starlette.formparsers import MultiPartException
 
 from service.config import Settings, get_settings
 from service.errors import InvalidRequest
-from service.db import new_session
-from service.predictions import ModelCache
-from service.storage import BlobStore, get_store
+from service.serving.cache import ModelCache
+from service.store.blobs import BlobStore, get_store
+from service.store.db import new_session
 
 
 async def read_form(request: Request, max_files: int, max_fields: int) -> FormData:

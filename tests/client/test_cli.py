@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from felis_client.cli import EpochTracker, _Bar, _TrainingWatcher
 from service.cli import main
-from service.client_cli import EpochTracker, _Bar, _TrainingWatcher
 from tests.conftest import ASSETS, ROOT, asset_images
 
 TRAIN = ASSETS / "cifar-cat" / "train"

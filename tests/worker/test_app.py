@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from service.config import Settings
-from worker.app import GPU_QUEUE, TRAIN_TASK, make_celery
+from service.store.queue import GPU_QUEUE, TRAIN_TASK
+from worker.app import make_celery
 
 
 def test_embedded_broker_is_files_under_the_data_dir(tmp_path):
@@ -31,8 +32,8 @@ def test_long_jobs_are_acked_late_one_at_a_time_on_the_gpu_queue(tmp_path):
 
 
 def test_the_train_task_is_registered_with_late_acks(tmp_path):
-    from worker.tasks import train  # noqa: F401  (registers with the module's app)
     from worker.app import celery_app
+    from worker.tasks import train  # noqa: F401  (registers with the module's app)
 
     task = celery_app.tasks[TRAIN_TASK]
     assert task.acks_late and task.reject_on_worker_lost

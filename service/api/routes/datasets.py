@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from service import datasets
 from service.api.deps import SessionDep, StoreDep
+from service.domain import datasets
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

@@ -18,10 +18,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from service import trainings
 from service.api.deps import SessionDep
-from service.db import session_scope
+from service.domain import trainings
 from service.errors import NotFound
+from service.store.db import session_scope
 
 router = APIRouter(tags=["trainings"])
 

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service.api.deps import SessionDep, StoreDep
-from service.queue import check_broker
+from service.store.queue import check_broker
 
 router = APIRouter(tags=["health"])
 

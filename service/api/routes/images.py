@@ -8,9 +8,9 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service import datasets, images, uploads
 from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
 from service.api.errors import error_body
+from service.domain import datasets, images, uploads
 from service.errors import InvalidRequest
 
 router = APIRouter(prefix="/datasets/{name}/images", tags=["images"])

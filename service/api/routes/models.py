@@ -7,8 +7,8 @@ from typing import Literal
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 
-from service import datasets, versions
 from service.api.deps import SessionDep, StoreDep
+from service.domain import datasets, versions
 from service.errors import NotFound
 
 router = APIRouter(prefix="/datasets/{name}/models", tags=["models"])

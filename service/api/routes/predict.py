@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
 from service.api.deps import ModelCacheDep, SettingsDep, read_form
-from service.predictions import predict
+from service.serving.predictions import predict
 
 router = APIRouter(tags=["predict"])
 

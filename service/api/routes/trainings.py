@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Body
 
-from service import datasets, trainings
 from service.api.deps import RequestIdDep, SessionDep, SettingsDep
-from service.queue import enqueue_training
+from service.domain import datasets, trainings
+from service.store.queue import enqueue_training
 
 router = APIRouter(tags=["trainings"])
 

@@ -8,10 +8,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_pairs
+from service.domain.uploads import validate_label
 from service.errors import NotFound
-from service.storage import BlobStore, image_key
-from service.tables import Dataset, Image
-from service.uploads import validate_label
+from service.store.blobs import BlobStore, image_key
+from service.store.tables import Dataset, Image
 
 
 def describe(image: Image) -> dict[str, Any]:

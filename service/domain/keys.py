@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from service.tables import ApiKey
+from service.store.tables import ApiKey
 
 SCOPES = ("predict", "write", "admin")
 # what each scope may do: predict reads and predicts; write also uploads, trains, promotes and

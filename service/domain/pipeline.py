@@ -8,7 +8,6 @@ training another worker is still running (fresh heartbeat) is dropped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import socket
@@ -18,16 +17,17 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import checkpoint_bytes, load_checkpoint
 from models.train import Sample, TrainConfig, TrainingCancelled, train
-from service import versions
 from service.config import Settings, get_settings
-from service.db import new_session, session_scope
-from service.features import DbFeatureCache
-from service.storage import BlobStore, get_store, image_key
-from service.tables import Dataset, Image, Training, utcnow
-from service.trainings import mark_failed
+from service.domain import trainings, versions
+from service.domain.trainings import mark_failed
+from service.store.blobs import BlobStore, get_store, image_key, model_keys
+from service.store.db import new_session, session_scope
+from service.store.features import DbFeatureCache
+from service.store.tables import Dataset, Image, Training, utcnow
 
 log = logging.getLogger("felis.trainer")
 
@@ -89,24 +89,22 @@ def _run(training_id: str, settings: Settings, store: BlobStore, device: str) ->
         Sample(image_id=i, sha256=sha, label=label, phash=phash, load=_loader(store, sha))
         for i, sha, label, phash in rows
     ]
-    config = TrainConfig.from_dict(options)
+    config = TrainConfig.from_stored(options)  # validated and resolved when it was requested
     reporter = _Progress(training_id)
     result = train(
         samples, config, device=device, feature_cache=DbFeatureCache(),
         progress=reporter.report, should_stop=reporter.should_stop,
         pretrained_weights=str(settings.pretrained_weights) if settings.pretrained_weights else None,
+        dataset={"name": dataset_name, **snapshot},
     )
     reporter.report({"phase": "saving"}, force=True)
     ckpt = result.checkpoint
-    ckpt["dataset"] = {"name": dataset_name, **snapshot}
-    buf = io.BytesIO()
-    save_checkpoint(ckpt, buf)
-    prefix = f"models/{dataset_id}/{training_id}"
-    checkpoint_key, onnx_key = f"{prefix}/model.pt", None
-    store.put(checkpoint_key, buf.getvalue())
+    checkpoint_key, onnx_key = model_keys(dataset_id, training_id)
+    store.put(checkpoint_key, checkpoint_bytes(ckpt))
     if result.onnx:
-        onnx_key = f"{prefix}/model.onnx"
         store.put(onnx_key, result.onnx)
+    else:
+        onnx_key = None
     session = new_session()
     try:
         training = session.get(Training, training_id)
@@ -114,13 +112,36 @@ def _run(training_id: str, settings: Settings, store: BlobStore, device: str) ->
             raise TrainingCancelled()
         versions.create(
             session, training, architecture=config.architecture, labels=list(ckpt["labels"]),
-            metrics=result.metrics, evaluation=result.evaluation, config=config.to_dict(),
+            metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
             snapshot={k: v for k, v in snapshot.items() if k != "images"},
             checkpoint_key=checkpoint_key, onnx_key=onnx_key,
         )
     finally:
         session.close()
     return "succeeded"
+
+
+def import_checkpoint(session: Session, store: BlobStore, dataset: Dataset, checkpoint: bytes,
+                      onnx: bytes | None = None) -> int:
+    """Record a checkpoint trained elsewhere as the dataset's next version, the way a finished
+    training records one (its blobs under model_keys, a training row, a version row); returns the
+    version number. The ONNX graph is exported from the checkpoint when not given."""
+    ckpt = load_checkpoint(checkpoint)
+    if onnx is None:
+        from models.export import export_onnx
+
+        onnx = export_onnx(ckpt)
+    config = dict(ckpt.get("training_config") or {})
+    training = trainings.record_import(session, dataset, config)
+    session.commit()
+    checkpoint_key, onnx_key = model_keys(dataset.id, training.id)
+    store.put(checkpoint_key, checkpoint)
+    store.put(onnx_key, onnx)
+    row = versions.create(session, training, architecture=ckpt["architecture"]["name"], labels=list(ckpt["labels"]),
+                          metrics=dict(ckpt.get("metrics") or {}), evaluation={}, config=config,
+                          snapshot={k: v for k, v in (ckpt.get("dataset") or {}).items() if k != "images"},
+                          checkpoint_key=checkpoint_key, onnx_key=onnx_key)
+    return row.version
 
 
 def _loader(store: BlobStore, sha: str):

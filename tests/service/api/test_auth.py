@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service import keys
+from service.api.ratelimit import RateLimiter
+from service.domain import keys
 from service.errors import RateLimited
-from service.ratelimit import RateLimiter
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def secured(felis_env, monkeypatch):
     monkeypatch.setenv("FELIS_API_KEYS_REQUIRED", "true")
     from service.api.app import create_app
     from service.config import get_settings
-    from service.db import session_scope
+    from service.store.db import session_scope
 
     get_settings.cache_clear()
     with session_scope() as s:
@@ -41,7 +41,7 @@ def test_keys_are_required_and_scoped(secured):
 
 def test_revoked_key_stops_working(secured):
     c, made = secured
-    from service.db import session_scope
+    from service.store.db import session_scope
 
     key_id = made["write"].split("_")[1]
     with session_scope() as s:
@@ -52,8 +52,8 @@ def test_revoked_key_stops_working(secured):
 
 def test_keys_are_stored_hashed(secured):
     _, made = secured
-    from service.db import session_scope
-    from service.tables import ApiKey
+    from service.store.db import session_scope
+    from service.store.tables import ApiKey
 
     with session_scope() as s:
         stored = [row.key_hash for row in s.query(ApiKey)]

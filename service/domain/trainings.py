@@ -1,4 +1,4 @@
-"""Training runs: requested by the API, run by a worker (trainer.py), watched by users.
+"""Training runs: requested by the API, run by a worker (pipeline.py), watched by users.
 The only writer of Training rows."""
 
 from __future__ import annotations
@@ -10,19 +10,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.config import InvalidTrainConfig, TrainConfig
-from service import datasets
 from service.config import Settings
+from service.domain import datasets
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.tables import Dataset, Training, utcnow
+from service.store.tables import Dataset, Training, utcnow
 
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def validate_options(options: dict[str, Any]) -> TrainConfig:
+def resolve_options(options: dict[str, Any], settings: Settings) -> TrainConfig:
+    """The request's options validated and resolved, once: every default filled in with what the
+    worker will use (int8 only with the pretrained weights its range table was measured on)."""
     try:
-        config = TrainConfig.from_dict(options)
-        config.validate()
+        config = TrainConfig.from_dict(options).resolved(int8_available=settings.pretrained_weights is None)
     except InvalidTrainConfig as e:
         raise InvalidRequest(str(e), code="invalid_training_option", details={"field": e.field}) from e
     except (TypeError, ValueError) as e:
@@ -35,7 +36,7 @@ def request(
 ) -> Training:
     """Validate and record a training request. The caller commits, then enqueues."""
     dataset = datasets.get(session, dataset_name)
-    config = validate_options(options)
+    config = resolve_options(options, settings)
     counts = datasets.label_counts(session, dataset)
     if len(counts) < 2:
         raise InvalidRequest(
@@ -51,6 +52,16 @@ def request(
             details={"label_counts": counts},
         )
     training = Training(dataset_id=dataset.id, options=config.to_dict(), request_id=request_id)
+    session.add(training)
+    session.flush()
+    return training
+
+
+def record_import(session: Session, dataset: Dataset, config: dict[str, Any]) -> Training:
+    """A training that ran elsewhere and whose checkpoint is being imported (pipeline.import_checkpoint):
+    recorded as running, so that recording its version marks it succeeded. The caller commits."""
+    training = Training(dataset_id=dataset.id, status="running", options=dict(config), started_at=utcnow(),
+                        heartbeat_at=utcnow(), worker="import")
     session.add(training)
     session.flush()
     return training

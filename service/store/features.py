@@ -9,8 +9,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from service.db import session_scope
-from service.tables import ImageFeature
+from service.store.db import session_scope
+from service.store.tables import ImageFeature
 
 
 class DbFeatureCache:

@@ -1,12 +1,12 @@
-"""service.datasets and service.images: names, counts, relabel, delete (rows and blobs)."""
+"""service.domain.datasets and service.domain.images: names, counts, relabel, delete (rows and blobs)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service import datasets, images, uploads
+from service.domain import datasets, images, uploads
 from service.errors import AlreadyExists, InvalidRequest, NotFound
-from service.storage import image_key
+from service.store.blobs import image_key
 from tests.conftest import asset_images
 
 

@@ -7,13 +7,10 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import get_settings
-
-
-class Base(DeclarativeBase):
-    pass
+from service.store.tables import Base
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -68,8 +65,6 @@ def session_scope() -> Iterator[Session]:
 
 def init_db() -> None:
     """Create the tables that do not exist yet (idempotent; every process may call it)."""
-    from service import tables  # noqa: F401  (registers the mappings)
-
     engine = get_engine()
     if engine.dialect.name == "postgresql":
         # API and workers start together: one creates the tables while the others wait

@@ -8,10 +8,10 @@ import logging
 from sqlalchemy import update
 
 from service.config import Settings, get_settings
-from service.db import session_scope
-from service.queue import enqueue_training
-from service.tables import Training, utcnow
-from service.trainings import stale
+from service.domain.trainings import stale
+from service.store.db import session_scope
+from service.store.queue import enqueue_training
+from service.store.tables import Training, utcnow
 
 log = logging.getLogger("felis.recovery")
 

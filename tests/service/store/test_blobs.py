@@ -1,4 +1,4 @@
-"""service.storage: atomic, content-addressed local blobs; disk full is a clean StorageFull."""
+"""service.store.blobs: atomic, content-addressed local blobs; disk full is a clean StorageFull."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from service.errors import NotFound, StorageFull
-from service.storage import LocalBlobStore
+from service.store.blobs import LocalBlobStore
 
 
 def test_put_get_delete(tmp_path):

@@ -1,4 +1,4 @@
-"""service.uploads: validation, deduplication and zip safety, on real images."""
+"""service.domain.uploads: validation, deduplication and zip safety, on real images."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
-from service import datasets, uploads
+from service.domain import datasets, uploads
 from service.errors import InvalidRequest, TooLarge
-from service.storage import image_key
-from service.tables import Image
+from service.store.blobs import image_key
+from service.store.tables import Image
 from tests.conftest import ASSETS, asset_images, zip_folder
 
 

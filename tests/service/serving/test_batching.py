@@ -1,4 +1,4 @@
-"""service.batching.MicroBatcher: concurrent requests share batches; a lone one never waits."""
+"""service.serving.batching.MicroBatcher: concurrent requests share batches; a lone one never waits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 
 
 class _Net:

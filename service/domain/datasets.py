@@ -11,8 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import AlreadyExists, InvalidRequest, NotFound
-from service.storage import BlobStore, image_key
-from service.tables import Dataset, Image, ModelVersion, Training
+from service.store.blobs import BlobStore, image_key
+from service.store.tables import Dataset, Image, ModelVersion, Training
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

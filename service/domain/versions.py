@@ -10,9 +10,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
-from service import datasets
+from service.domain import datasets
 from service.errors import InvalidRequest, NotFound
-from service.tables import Dataset, ModelVersion, Training, utcnow
+from service.store.tables import Dataset, ModelVersion, Training, utcnow
 
 
 def create(session: Session, training: Training, *, architecture: str, labels: list[str], metrics: dict,

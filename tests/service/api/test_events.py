@@ -23,9 +23,9 @@ def client(felis_env, monkeypatch):
 
 
 def _training(status: str = "queued") -> str:
-    from service import datasets
-    from service.db import session_scope
-    from service.tables import Training
+    from service.domain import datasets
+    from service.store.db import session_scope
+    from service.store.tables import Training
 
     with session_scope() as s:
         d = datasets.create(s, f"ev{uuid.uuid4().hex[:8]}")
@@ -37,8 +37,8 @@ def _training(status: str = "queued") -> str:
 
 
 def _update(training_id: str, **values) -> None:
-    from service.db import session_scope
-    from service.tables import Training
+    from service.store.db import session_scope
+    from service.store.tables import Training
 
     with session_scope() as s:
         t = s.get(Training, training_id)

@@ -1,7 +1,10 @@
 """Blob storage behind one interface: local disk (default) or an S3-compatible bucket.
 
-Keys are relative paths such as ``images/ab/abcdef...`` (content-addressed by sha256) or
-``models/<dataset>/<version>/model.pt``. Writes are atomic: a reader sees the whole blob or none.
+Keys are relative paths, formatted only by the functions below: ``image_key`` gives
+``images/ab/abcdef...`` (content-addressed by sha256, shared by every dataset) and
+``model_keys`` gives ``models/<dataset id>/<training id>/model.pt`` and ``.../model.onnx`` (one
+folder per training, so a version's files are written before its row exists and a training that
+runs twice writes the same keys). Writes are atomic: a reader sees the whole blob or none.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ class BlobStore(Protocol):
 
 def image_key(sha256: str) -> str:
     return f"images/{sha256[:2]}/{sha256}"
+
+
+def model_keys(dataset_id: int, training_id: str) -> tuple[str, str]:
+    """The checkpoint's and the ONNX graph's keys for what one training produced."""
+    prefix = f"models/{dataset_id}/{training_id}"
+    return f"{prefix}/model.pt", f"{prefix}/model.onnx"
 
 
 def _safe_key(key: str) -> str:

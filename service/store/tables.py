@@ -1,6 +1,7 @@
-"""The metadata rows. Each table has one module that writes it: datasets.py (Dataset),
-uploads.py and images.py (Image), trainings.py (Training), versions.py (ModelVersion),
-features.py (ImageFeature), keys.py (ApiKey)."""
+"""The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
+service.domain.uploads and .images (Image), service.domain.trainings (Training),
+service.domain.versions (ModelVersion), service.store.features (ImageFeature),
+service.domain.keys (ApiKey)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
 )
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
-from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
+
+class Base(DeclarativeBase):
+    pass
 
 
 def utcnow() -> datetime:

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from models.images import InvalidImage, inspect_image, perceptual_hash
 from service.config import Settings
 from service.errors import InvalidRequest, TooLarge
-from service.storage import BlobStore, image_key
-from service.tables import Dataset, Image
+from service.store.blobs import BlobStore, image_key
+from service.store.tables import Dataset, Image
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CHUNK = 64  # files decoded and stored per step

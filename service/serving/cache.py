@@ -1,0 +1,86 @@
+"""The model cache: each version loaded once per API process, least recently used evicted first.
+
+A loaded version is its predictor (the exported ONNX graph, or the checkpoint under torch when
+asked for) and the micro-batcher in front of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from service.config import Settings
+from service.serving.batching import MicroBatcher
+from service.store.blobs import BlobStore
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    labels: list[str]
+    predictor: Any  # models.predictor.Predictor
+    batcher: MicroBatcher
+
+
+class ModelCache:
+    """The loaded versions of this process, least recently used evicted first."""
+
+    def __init__(self, store: BlobStore, settings: Settings):
+        self.store, self.settings = store, settings
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def loaded(self, key: str) -> LoadedModel | None:
+        """The model if it is in memory already (no thread hop needed), else None."""
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+            return model
+
+    def get(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:  # one load per version, however many requests ask at once
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = self._load(key, version, onnx_key)
+            with self._lock:
+                self._models[key] = model
+                while len(self._models) > max(1, self.settings.model_cache_size):
+                    _, old = self._models.popitem(last=False)
+                    old.batcher.close()
+                self._loading.pop(key, None)
+            return model
+
+    def _load(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        """The exported ONNX graph alone when there is one (no torch in this process: it stays
+        small); the checkpoint and torch otherwise, or when the torch backend is asked for."""
+        from models.predictor import Predictor
+
+        predictor = None
+        if onnx_key and self.settings.predict_backend != "torch":
+            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads, shared_cores=True)
+        if predictor is None:
+            from models.checkpoint import load_checkpoint
+
+            predictor = Predictor.from_checkpoint(load_checkpoint(self.store.get(key)),
+                                                  backend=self.settings.predict_backend,
+                                                  threads=self.settings.torch_threads)
+        batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
+                               infer_alone=functools.partial(predictor.infer, alone=True))
+        return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._models.values():
+                m.batcher.close()
+            self._models.clear()

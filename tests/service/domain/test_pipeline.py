@@ -1,0 +1,43 @@
+"""service.domain.pipeline: one real training in-process, from rows to blobs to a version; and
+importing a checkpoint trained elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.checkpoint import load_checkpoint
+from service.domain import datasets, pipeline, trainings, versions
+from service.store.blobs import model_keys
+from service.store.tables import Training
+
+
+@pytest.fixture
+def trained(session, store, settings, pets):
+    dataset = pets
+    t = trainings.request(session, "pets", {"image_size": 64, "cv_folds": 2}, settings)
+    session.commit()
+    assert pipeline.run_training(t.id, settings=settings, store=store) == "succeeded"
+    session.expire_all()
+    return dataset, session.get(Training, t.id)
+
+
+def test_the_version_the_checkpoint_and_the_training_agree_on_the_config(session, store, trained):
+    dataset, training = trained
+    row = versions.get(session, dataset, training.model_version)
+    assert (row.checkpoint_key, row.onnx_key) == model_keys(dataset.id, training.id)
+    ckpt = load_checkpoint(store.get(row.checkpoint_key))
+    assert row.config == ckpt["training_config"] == training.options
+    assert row.config["image_size"] == 64 and row.config["precision"] == "int8"
+    assert ckpt["dataset"]["name"] == "pets" and ckpt["dataset"]["image_count"] == row.snapshot["image_count"] == 32
+    assert store.exists(row.onnx_key)
+
+
+def test_import_checkpoint_records_the_next_version(session, store, trained):
+    dataset, training = trained
+    data = store.get(versions.get(session, dataset, training.model_version).checkpoint_key)
+    other = datasets.create(session, "imported")
+    session.commit()
+    number = pipeline.import_checkpoint(session, store, other, data)
+    row = versions.get(session, other, number)
+    assert number == 1 and row.labels == ["cat", "noncat"] and store.exists(row.onnx_key)
+    assert session.get(Training, row.training_id).status == "succeeded"
