@@ -9,8 +9,9 @@ PORT ?= 8000
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+# One pip call for both distributions, so that pip takes the server's felis-client==0.1.0 from ./felis_client.
+$(VENV)/.installed: pyproject.toml felis_client/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ./felis_client -e '.[test,s3]'
 	touch $@
 
 install: $(VENV)/.installed

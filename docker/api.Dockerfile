@@ -33,7 +33,10 @@ COPY service ./service
 COPY worker ./worker
 COPY models ./models
 COPY felis_client ./felis_client
-RUN pip install . && python -m compileall -q /opt/venv
+# Both distributions in one call: the server's felis-client==0.1.0 comes from ./felis_client
+# (the client commands of `felis`), and the s3 extra brings boto3 (FELIS_STORAGE_BACKEND=s3).
+# "./[s3]", not ".[s3]": hadolint (DL3013) takes only ./ and / as local paths, not package names.
+RUN pip install ./felis_client "./[s3]" && python -m compileall -q /opt/venv
 
 # --- runtime: the virtualenv, a non-root user, nothing else ----------------------
 FROM ${PYTHON_IMAGE} AS runtime

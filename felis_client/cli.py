@@ -1,8 +1,10 @@
 """``felis datasets | create | upload | train | models | promote | predict``: the API from a terminal.
 
 These commands only talk HTTP (felis_client): they import neither torch nor the service, so they
-run anywhere the small client is installed. Server and key: ``--url`` / ``--api-key``, else
-FELIS_URL / FELIS_API_KEY, else ``~/.config/felis/config.toml``.
+run anywhere the small client is installed. The server's ``felis`` command adds them to its own
+(``add_client_commands``); ``pip install ./felis_client`` alone gives them as ``felis-client``
+(``main``). Server and key: ``--url`` / ``--api-key``, else FELIS_URL / FELIS_API_KEY, else
+``~/.config/felis/config.toml``.
 
 Progress bars are tqdm's (one small pure-Python dependency, no others) and are drawn only on a
 terminal; when stderr is not a TTY (CI logs, pipes) progress is written as plain lines instead.
@@ -29,7 +31,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(func=_guarded(func))
+        # the command's own name ("felis" or "felis-client") for the hints and error lines
+        p.set_defaults(func=_guarded(func), cli_prog=p.prog.rpartition(" ")[0] or "felis")
         return p
 
     add("datasets", _datasets, "list datasets with their label counts")
@@ -78,7 +81,7 @@ def _datasets(args: argparse.Namespace) -> int:
             if not page["data"] or offset >= page["count"]:
                 break
     if not rows:
-        print("no datasets yet: felis create NAME")
+        print(f"no datasets yet: {_prog(args)} create NAME")
         return 0
     _table(["dataset", "images", "labels", "default model", "created"],
            [[d["name"], d.get("image_count", 0),
@@ -130,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
         training = felis.train(args.dataset, **options)
         print(f"training {training['id']} {training['status']} ({_options_text(options)})")
         if not args.wait:
-            print(f"follow it: felis train ... --wait, or GET /v1/trainings/{training['id']}")
+            print(f"follow it: {_prog(args)} train ... --wait, or GET /v1/trainings/{training['id']}")
             return 0
         watcher = _TrainingWatcher()
         try:
@@ -154,7 +157,7 @@ def _models(args: argparse.Namespace) -> int:
     with _client(args) as felis:
         rows = felis.models(args.dataset)["data"]
     if not rows:
-        print(f"no model versions yet: felis train {args.dataset} --wait")
+        print(f"no model versions yet: {_prog(args)} train {args.dataset} --wait")
         return 0
     keys = _metric_columns(rows)
     _table(["version", "default", "architecture", *keys, "labels", "created"],
@@ -192,6 +195,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _prog(args: argparse.Namespace) -> str:
+    return getattr(args, "cli_prog", None) or "felis"
 
 
 def _client(args: argparse.Namespace):
@@ -420,10 +427,31 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return command(args)
         except FelisError as e:
-            print(f"felis {args.command}: {e}", file=sys.stderr)
+            print(f"{_prog(args)} {args.command}: {e}", file=sys.stderr)
             return 1
         except (FileNotFoundError, ValueError) as e:
-            print(f"felis {args.command}: {e}", file=sys.stderr)
+            print(f"{_prog(args)} {args.command}: {e}", file=sys.stderr)
             return 2
 
     return run
+
+
+# --- felis-client --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="felis-client",
+                                     description="felis-client: talk to a felis server over HTTP (no torch needed)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_client_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``felis-client`` console script: the client commands without the server installed."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

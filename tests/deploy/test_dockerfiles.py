@@ -136,6 +136,20 @@ def test_torch_matches_the_project_pins(name):
     assert args["TORCHVISION_VERSION"] == pins.get("torchvision", args["TORCHVISION_VERSION"])
 
 
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_installs_the_client_distribution_and_the_s3_extra(name):
+    """felis depends on felis-client==0.1.0, which only ./felis_client provides: both go into one
+    pip call. The s3 extra (boto3) is in both images, so FELIS_STORAGE_BACKEND=s3 works in either."""
+    build = stages(DOCKERFILES[name])[1]
+    installs = [a for k, a in build if k == "RUN" and "pip install" in a and "felis_client" in a]
+    assert installs, "the build stage pip-installs ./felis_client"
+    words = installs[0].split("&&")[0].split()
+    assert "./felis_client" in words, installs[0]
+    assert any(re.fullmatch(r"""["']?\.?/?\[([\w,]*)\]["']?""", w) and "s3" in w for w in words), \
+        f"the project with its s3 extra: {installs[0]}"
+    assert any(k == "COPY" and a.split()[0] == "felis_client" for k, a in build)
+
+
 # --- .dockerignore -------------------------------------------------------------------
 
 
