@@ -145,8 +145,8 @@ def main(argv=None) -> int:
         out["test"]["ece_before_calibration"] = report([s.image_id for s in test], y, uncalibrated, labels, "  (T=1)")["ece"]
 
     if args.cv:
-        from models.split import kfold, near_duplicate_groups
         from models.images import perceptual_hash
+        from models.split import kfold, near_duplicate_groups
 
         y = np.array([labels.index(s.label) for s in samples])
         for s in samples:  # as the service does at upload: folds then skip hashing

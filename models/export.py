@@ -3,7 +3,7 @@
 Input "images": float32 (N, 3, S, S), already preprocessed (checkpoint["preprocessing"]);
 output "probabilities": float32 (N, K) = softmax(logits / temperature). N is dynamic.
 ONNX Runtime also extracts the frozen features during training on CPU (features.py), from the
-same features graph, so the features are exactly those the exported model computes.
+same features graph (features_graph.py), so the features are exactly those the exported model computes.
 
 A checkpoint with precision "int8" (linear mode, see quantize.py) exports as its INT8 features
 graph followed by the float32 head: the graph training scored, not the float32 network.
@@ -11,28 +11,15 @@ graph followed by the float32 head: the graph training scored, not the float32 n
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import build_network
-
-OPSET = 17
-
-
-class FeaturesOnly(nn.Module):
-    """The pooled features of a Classifier (N, D): what the frozen backbone contributes."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.features(images)
+from .features_graph import fp32_features_onnx, module_to_onnx
+from .quantize import quantize_features
 
 
 class _Probabilities(nn.Module):
@@ -42,25 +29,6 @@ class _Probabilities(nn.Module):
 
     def forward(self, images):
         return torch.softmax(self.net(images), dim=1)
-
-
-def module_to_onnx(module: nn.Module, image_size: int, output_name: str) -> bytes:
-    """Any eval-mode module taking (N, 3, S, S) images -> ONNX bytes with a dynamic batch."""
-    buf = io.BytesIO()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(
-            module,
-            (torch.zeros(2, 3, image_size, image_size),),
-            buf,
-            dynamo=False,  # TorchScript-based exporter: no onnxscript dependency
-            opset_version=OPSET,
-            input_names=["images"],
-            output_names=[output_name],
-            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}},
-            do_constant_folding=True,
-        )
-    return buf.getvalue()
 
 
 def export_onnx(ckpt: dict, features_onnx: bytes | None = None) -> bytes:
@@ -74,9 +42,7 @@ def export_onnx(ckpt: dict, features_onnx: bytes | None = None) -> bytes:
     size = ckpt["architecture"]["image_size"]
     if ckpt.get("precision", "fp32") == "int8":
         if features_onnx is None:
-            from .quantize import quantize_features
-
-            features_onnx = quantize_features(module_to_onnx(FeaturesOnly(net), size, "features"), ckpt["quantization"])
+            features_onnx = quantize_features(fp32_features_onnx(net, size), ckpt["quantization"])
         graph = append_head(features_onnx, net.head.weight.detach().numpy(), net.head.bias.detach().numpy(),
                             float(ckpt["temperature"]))
     else:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import networks
-from .export import FeaturesOnly, module_to_onnx
+from .features_graph import fp32_features_onnx, frozen_classifier
 from .onnx_session import has_onnxruntime, onnx_session
 from .preprocess import Preprocessing, preprocess, preprocess_batch
 from .quantize import load_table, quantize_features, sha256_file, table_id
@@ -74,10 +74,8 @@ class FeatureExtractor:
                  batch_size: int = 32, backend: str = "auto", precision: str = "fp32", decode_workers: int | None = None):
         self.arch, self.prep, self.device, self.batch_size = arch, prep, device, batch_size
         self.decode_workers = decode_workers  # None: a pool on CUDA, inline on CPU (see extract)
-        self.model = networks.build_classifier(arch)
         weights_path = weights_path or networks.default_weights_path(arch["name"])
-        networks.load_pretrained(self.model.backbone, arch["name"], weights_path)
-        self.model.eval()
+        self.model = frozen_classifier(arch, weights_path)
         self.table = None
         if precision == "int8":
             self.table = load_table(arch["name"], weights_path)  # NoRangeTable: no int8 for these weights
@@ -105,7 +103,7 @@ class FeatureExtractor:
     def features_onnx(self) -> bytes:
         """The ONNX features graph this extractor runs (float32, or INT8 with precision int8)."""
         if self._features_onnx is None:
-            graph = module_to_onnx(FeaturesOnly(self.model), self.prep.image_size, "features")
+            graph = fp32_features_onnx(self.model, self.prep.image_size)
             if self.table is not None:
                 graph = quantize_features(graph, self.table)
             self._features_onnx = graph

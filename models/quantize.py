@@ -73,7 +73,7 @@ def table_id(table: dict) -> str:
 
 
 def quantize_features(fp32_onnx: bytes, table: dict) -> bytes:
-    """A float32 features graph (export.module_to_onnx) -> the same graph in INT8 (QDQ)."""
+    """A float32 features graph (features_graph.fp32_features_onnx) -> the same graph in INT8 (QDQ)."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -129,10 +129,8 @@ def calibrate(fp32_onnx: bytes, batches, weights_path: str, about: dict) -> dict
 
 def _calibrate_cli(argv: list[str] | None = None) -> None:
     """python -m models.quantize calibrate FOLDER [--images 128] [--arch efficientnet_lite0]"""
-    import torch
-
     from . import networks
-    from .features import FeatureExtractor
+    from .features_graph import fp32_features_onnx, frozen_classifier
     from .images import InvalidImage
     from .preprocess import preprocess_batch
 
@@ -150,7 +148,7 @@ def _calibrate_cli(argv: list[str] | None = None) -> None:
     arch = {"name": args.arch, "image_size": args.image_size, "pooling": "avgmax", "num_classes": 2}
     prep = networks.default_preprocessing(args.arch, args.image_size)
     weights = networks.default_weights_path(args.arch)
-    graph = FeatureExtractor(arch, prep, torch.device("cpu"), weights, backend="onnx").features_onnx  # the float32 graph
+    graph = fp32_features_onnx(frozen_classifier(arch, weights), prep.image_size)  # the float32 graph the extractor runs
 
     def batches():
         for i in range(0, len(chosen), 16):

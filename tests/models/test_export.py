@@ -4,7 +4,8 @@ import onnxruntime as ort
 import torch
 
 from models.checkpoint import build_network
-from models.export import OPSET, export_onnx
+from models.export import export_onnx
+from models.features_graph import OPSET
 from models.preprocess import Preprocessing, preprocess_batch
 
 

@@ -8,8 +8,9 @@ import torch
 from models import networks
 from models.checkpoint import build_network
 from models.config import InvalidTrainConfig
-from models.export import FeaturesOnly, export_onnx, module_to_onnx
+from models.export import export_onnx
 from models.features import FeatureExtractor
+from models.features_graph import FeaturesOnly, module_to_onnx
 from models.preprocess import Preprocessing, preprocess_batch
 from models.quantize import NoRangeTable, calibrate, load_table, quantize_features, table_id
 from models.train import TrainConfig, train
