@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
 from service.config import Settings, get_settings
-from service.errors import NotFound, StorageFull, Unavailable
+from service.errors import NotFound, StorageFull, TooLarge, Unavailable
 
 
 class BlobStore(Protocol):
@@ -113,45 +115,161 @@ class LocalBlobStore:
             raise Unavailable(f"blob storage {self.root} is not writable", code="storage_unavailable")
 
 
+# S3 error codes that mean "no room left", from the S3-compatible servers people run; like a full
+# local disk they are StorageFull (HTTP 507). Any answer with HTTP status 507 is too.
+S3_STORAGE_FULL_CODES = frozenset({
+    "QuotaExceeded",  # Ceph RGW (403): user or bucket quota; also services built on RGW
+    "XMinioAdminBucketQuotaExceeded",  # MinIO (400): bucket quota (`mc quota set`)
+    "XMinioStorageFull",  # MinIO (507; 500 in older releases) and SeaweedFS: drives past their free-space threshold
+    "InsufficientStorage",  # HTTP 507 by name
+    "StorageFull",
+})
+_S3_TOO_LARGE_CODES = frozenset({"EntityTooLarge"})  # one object over the server's size limit
+_S3_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_S3_NO_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound"})
+
+
+def _s3_prefix(prefix: str) -> str:
+    """"felis", "felis/" and "/felis/" all mean the folder ``felis/``; "" the bucket's root."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
 class S3BlobStore:
-    """An S3-compatible bucket (AWS S3, MinIO, Ceph...). PUTs are atomic by the protocol."""
+    """An S3-compatible bucket (AWS S3, MinIO, Ceph RGW...), every key under ``prefix``.
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str = "", region: str = ""):
-        import boto3  # optional dependency: only production with FELIS_STORAGE_BACKEND=s3 needs it
+    Writes are atomic by the protocol: a PUT is all-or-nothing, so a reader sees the old object, the
+    whole new one, or none, never part of one (and S3, MinIO and RGW read their own writes at once).
+    Credentials come from boto3's standard chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+    (and ``AWS_SESSION_TOKEN``), ``AWS_PROFILE``, web identity (EKS IRSA) or the instance role.
+    Every call is bounded: connect and read timeouts, and a few retries in botocore's ``standard``
+    mode (throttling, 5xx, dropped connections) with backoff. Failures leave as domain errors: a
+    missing key is NotFound (``blob_missing``), a full or over-quota store StorageFull
+    (``storage_full``), anything else that keeps the store from answering Unavailable
+    (``storage_unavailable``)."""
 
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str = "", region: str = "", *,
+                 connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 3,
+                 max_pool_connections: int = 16):
+        try:  # an optional dependency: only FELIS_STORAGE_BACKEND=s3 needs it
+            import boto3
+            from botocore.config import Config
+        except ImportError as e:
+            raise ImportError("FELIS_STORAGE_BACKEND=s3 needs boto3, which is not installed: "
+                              "pip install 'felis[s3]' (the felis images include it)") from e
         self.bucket = bucket
-        self.prefix = prefix
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url or None, region_name=region or None
-        )
+        self.prefix = _s3_prefix(prefix)
+        self.endpoint_url = endpoint_url or None
+        self._boto3 = boto3
+        self._client_args = {
+            "endpoint_url": self.endpoint_url,
+            "region_name": region or None,
+            "config": Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                             retries={"mode": "standard", "total_max_attempts": max_attempts},
+                             max_pool_connections=max_pool_connections),  # decode threads read in parallel
+        }
+        self._client, self._pid = self._new_client(), os.getpid()
+
+    def _new_client(self):
+        # a session of its own: credentials are looked up now, not once per process by boto3's default session
+        return self._boto3.session.Session().client("s3", **self._client_args)
+
+    @property
+    def client(self):
+        """The boto3 client; a new one in a forked child, which must not share the parent's sockets."""
+        if self._pid != os.getpid():
+            self._client, self._pid = self._new_client(), os.getpid()
+        return self._client
 
     def _key(self, key: str) -> str:
         return self.prefix + _safe_key(key)
 
+    def _where(self, key: str | None) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}" if key is not None else f"bucket {self.bucket!r}"
+
+    @contextmanager
+    def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
+        """botocore's exceptions, as the domain errors the API maps to HTTP."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            CredentialRetrievalError,
+            NoCredentialsError,
+            ParamValidationError,
+            PartialCredentialsError,
+        )
+
+        try:
+            yield
+        except ClientError as e:
+            raise self._client_error(e, action, key) from e
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as e:
+            raise Unavailable(f"no usable S3 credentials ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                              "AWS_PROFILE, or a role", code="storage_unavailable") from e
+        except ParamValidationError:
+            raise  # a bug here, not an outage
+        except BotoCoreError as e:  # connection refused or reset, timeouts, a cut-off body
+            raise Unavailable(f"S3 storage at {self.endpoint_url or 'AWS'} is unreachable: {action} {self._where(key)}: {e}",
+                              code="storage_unavailable") from e
+
+    def _client_error(self, e, action: str, key: str | None) -> Exception:
+        error = e.response.get("Error", {})
+        code = str(error.get("Code") or "")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        said = f"{code or status}: {error.get('Message') or 'no message'}"
+        if code in S3_STORAGE_FULL_CODES or status == 507:
+            return StorageFull(f"S3 storage is full or over quota ({said})", code="storage_full")
+        if code in _S3_TOO_LARGE_CODES:
+            return TooLarge(f"S3 refused {self._where(key)} as too large ({said})", code="blob_too_large")
+        if key is None and (code in _S3_NO_BUCKET_CODES or status == 404):
+            return Unavailable(f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}",
+                               code="storage_unavailable")
+        return Unavailable(f"S3 refused to {action} {self._where(key)} ({said})", code="storage_unavailable")
+
     def put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with self._errors("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey as e:
-            raise NotFound(f"blob {key} is missing", code="blob_missing") from e
+        from botocore.exceptions import ClientError
+
+        with self._errors("read", key):  # the body is read inside: a cut-off body is Unavailable too
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in _S3_MISSING_CODES:
+                    raise NotFound(f"blob {key} is missing", code="blob_missing") from e
+                raise
 
     def exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except Exception:
-            return False
+        """head_object: 404 is False; any other failure raises (403 included: without
+        s3:ListBucket S3 answers 403 for a missing key, and the store needs that permission)."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("look up", key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in _S3_MISSING_CODES:
+                    return False
+                raise
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        """Idempotent, as on local disk: S3 answers 204 for a key that is not there."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("delete", key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in _S3_MISSING_CODES:
+                    raise
 
     def check(self) -> None:
-        try:
+        """For /readyz: head_bucket, which needs the bucket, the credentials and s3:ListBucket."""
+        with self._errors("reach"):
             self.client.head_bucket(Bucket=self.bucket)
-        except Exception as e:
-            raise Unavailable(f"bucket {self.bucket} unreachable: {e}", code="storage_unavailable") from e
 
 
 def make_store(settings: Settings) -> BlobStore:
