@@ -34,6 +34,15 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.device.startswith("cuda:"):
         # one worker per GPU: pin this process (and its children) to its device
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.device.split(":", 1)[1])
+    if settings.mode == "production":  # Celery only logs what worker_process_init raises: refuse here
+        from service.errors import SchemaOutdated
+        from service.store.db import init_db
+
+        try:
+            init_db()
+        except SchemaOutdated as e:
+            print(f"felis worker: {e.message}", file=sys.stderr)
+            return 1
     from worker.app import celery_app
 
     argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency),
@@ -107,6 +116,33 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Bring the database to this code's schema (production: a deployment step before the API and
+    workers start); ``--check`` only says whether it is there (exit 1 if not)."""
+    from service.config import get_settings
+    from service.errors import SchemaOutdated
+    from service.logs import configure_logging
+    from service.store import migrate
+    from service.store.db import get_engine
+
+    configure_logging(get_settings())
+    engine = get_engine()
+    head = migrate.head_revision()
+    print(f"database: {engine.url.render_as_string(hide_password=True)}", flush=True)
+    try:
+        if args.check:
+            migrate.check_schema(engine)
+            print(f"revision: {head} (head)")
+            return 0
+        print(f"before: {migrate.describe(engine)}", flush=True)
+        _, after = migrate.upgrade(engine)
+    except SchemaOutdated as e:
+        print(f"felis migrate: {e.message}", file=sys.stderr)
+        return 1
+    print(f"after: {after}" + (" (head)" if after == head else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="felis", description="felis: train and serve image classifiers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     keys_sub.add_parser("list")
     keys.set_defaults(func=_keys)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to this version's (operator)")
+    migrate.add_argument("--check", action="store_true",
+                         help="change nothing: exit 1 unless the schema is this version's")
+    migrate.set_defaults(func=_migrate)
     from felis_client.cli import add_client_commands  # HTTP only: no torch, no FastAPI
     add_client_commands(sub)
     return parser

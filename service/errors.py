@@ -65,3 +65,10 @@ class RateLimited(FelisError):
     def __init__(self, message: str, *, retry_after: float, **kw: Any):
         super().__init__(message, **kw)
         self.retry_after = retry_after
+
+
+class SchemaOutdated(Unavailable):
+    """The database's schema is not the one this code was written for (older, unknown, or never
+    migrated): the process refuses to run on it. ``details`` holds ``current`` and ``head``."""
+
+    code = "schema_outdated"

@@ -6,11 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import get_settings
-from service.store.tables import Base
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -64,15 +63,22 @@ def session_scope() -> Iterator[Session]:
 
 
 def init_db() -> None:
-    """Create the tables that do not exist yet (idempotent; every process may call it)."""
+    """Make sure the database has this code's schema before the process uses it (every process
+    calls it at start; the name predates migrations).
+
+    Embedded mode (the default) migrates: ``service.store.migrate.upgrade``, one query when the
+    schema is current, else under a lock so the API and the worker starting together migrate
+    once. Production (``FELIS_MODE=production``) never migrates implicitly: ``felis migrate`` is
+    its own deployment step, and here a schema that is not the code's raises
+    ``service.errors.SchemaOutdated`` (naming ``felis migrate``), so the process refuses to start.
+    """
+    from service.store import migrate
+
     engine = get_engine()
-    if engine.dialect.name == "postgresql":
-        # API and workers start together: one creates the tables while the others wait
-        with engine.begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(72657)"))
-            Base.metadata.create_all(conn)
+    if get_settings().mode == "production":
+        migrate.check_schema(engine)
     else:
-        Base.metadata.create_all(engine)
+        migrate.upgrade(engine)
 
 
 def reset_caches() -> None:

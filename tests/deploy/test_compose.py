@@ -11,6 +11,7 @@ import pytest
 
 WORKER_COMMAND = ["felis", "worker", "--queues", "gpu", "--concurrency", "1"]
 VARIANTS = ("gpu", "cpu")
+ONE_SHOT = {"migrate"}  # run to completion before the services that need them
 
 
 def _services(compose, variant):
@@ -19,7 +20,7 @@ def _services(compose, variant):
 
 def test_the_stack_has_every_service(compose):
     for variant in VARIANTS:
-        assert set(_services(compose, variant)) == {"api", "worker", "redis", "postgres", "flower"}
+        assert set(_services(compose, variant)) == {"migrate", "api", "worker", "redis", "postgres", "flower"}
 
 
 def test_a_schema_violation_is_caught(compose_config, tmp_path):
@@ -53,12 +54,34 @@ def test_references_resolve(compose, variant, root):
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(compose, variant):
     services = _services(compose, variant)
     for name, svc in services.items():
-        assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-        assert svc.get("restart") == "unless-stopped", name
+        if name in ONE_SHOT:
+            assert svc.get("restart") == "no", f"{name} runs once; a restart loop would hide its failure"
+        else:
+            assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+            assert svc.get("restart") == "unless-stopped", name
         for dep, spec in svc.get("depends_on", {}).items():
-            assert spec["condition"] == "service_healthy", f"{name} -> {dep}"
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert spec["condition"] == expected, f"{name} -> {dep}"
     assert {"postgres", "redis"} <= set(services["api"]["depends_on"])
     assert {"postgres", "redis"} <= set(services["worker"]["depends_on"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_migrate_runs_once_before_the_api_and_the_workers(compose, variant):
+    """Production never migrates implicitly: the one-shot `felis migrate` does, on the API image and
+    the same database, and the API and workers start only once it has exited 0."""
+    services = _services(compose, variant)
+    migrate = services["migrate"]
+    assert migrate["command"] == ["felis", "migrate"]
+    assert migrate["image"] == services["api"]["image"]
+    assert migrate["build"]["dockerfile"] == services["api"]["build"]["dockerfile"]
+    assert {dep: spec["condition"] for dep, spec in migrate["depends_on"].items()} == {"postgres": "service_healthy"}
+    api = services["api"]["environment"]
+    for key in ("FELIS_MODE", "FELIS_DATABASE_URL", "FELIS_LOG_JSON"):
+        assert migrate["environment"][key] == api[key], key
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+    assert "ports" not in migrate and "healthcheck" not in migrate
 
 
 def test_api_listens_on_all_interfaces_and_checks_healthz(compose):

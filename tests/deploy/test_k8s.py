@@ -12,7 +12,7 @@ import pytest
 OVERLAYS = ("gpu", "cpu")
 # Oldest Kubernetes we promise (docs/deploying.md) and the newest schemas we have.
 KUBE_VERSIONS = ("1.31.0", kubernetes_validate.latest_version())
-WORKLOADS = ("Deployment", "StatefulSet")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
 def find(objects: list[dict], kind: str, name: str) -> dict:
@@ -27,6 +27,11 @@ def of_kind(objects: list[dict], kind: str) -> list[dict]:
 
 def container(workload: dict, name: str) -> dict:
     return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def all_containers(pod_spec: dict) -> list[dict]:
+    """The init containers and the containers of a pod."""
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
 
 
 def env_of(objects: list[dict], workload: dict, name: str) -> dict[str, str]:
@@ -79,6 +84,7 @@ def test_the_overlay_has_every_piece(rendered, overlay):
         ("Deployment", "felis-api"), ("Service", "felis-api"), ("HorizontalPodAutoscaler", "felis-api"),
         ("PodDisruptionBudget", "felis-api"), ("Ingress", "felis-api"), ("Deployment", "felis-worker"),
         ("StatefulSet", "redis"), ("Service", "redis"), ("StatefulSet", "postgres"), ("Service", "postgres"),
+        ("Job", "felis-migrate"),
     ]:
         assert expected in kinds, f"{overlay} renders no {expected}"
     assert len([o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith("felis-config-")]) == 1
@@ -98,7 +104,7 @@ def test_references_resolve(rendered, overlay):
     pods = {o["metadata"]["name"]: o["spec"]["template"] for o in objects if o["kind"] in WORKLOADS}
     for workload, pod in pods.items():
         spec = pod["spec"]
-        for c in spec["containers"]:
+        for c in all_containers(spec):
             for source in c.get("envFrom", []):
                 ref = source.get("configMapRef") or source.get("secretRef")
                 kind = "ConfigMap" if "configMapRef" in source else "Secret"
@@ -237,6 +243,40 @@ def test_workers_drain_and_share_blobs_with_the_api(rendered, overlay):
     assert "livenessProbe" not in container(worker, "worker")
 
 
+# --- schema migrations: a Job runs `felis migrate`, the API and workers wait for it ---------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_job_migrates_the_schema_before_the_api_and_workers_start(rendered, overlay):
+    objects = rendered[overlay]
+    job = find(objects, "Job", "felis-migrate")
+    api = find(objects, "Deployment", "felis-api")
+    c = container(job, "migrate")
+    assert c["args"] == ["felis", "migrate"]
+    assert c["image"] == container(api, "api")["image"], "migrate runs the API image of the same release"
+    env, api_env = env_of(objects, job, "migrate"), env_of(objects, api, "api")
+    assert env["FELIS_MODE"] == "production"
+    assert env["FELIS_DATABASE_URL"] == api_env["FELIS_DATABASE_URL"]
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    assert spec["backoffLimit"] >= 1, "retry while PostgreSQL is still starting"
+    # a finished Job goes away, so the next release's Job (a new pod template) can be applied
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
+    # in production the API and workers never migrate: they wait until the schema is this release's
+    for workload, name in ((api, "api"), (find(objects, "Deployment", "felis-worker"), "worker")):
+        pod = workload["spec"]["template"]["spec"]
+        (wait,) = pod["initContainers"]
+        assert "felis migrate --check" in " ".join(wait.get("command", []) + wait.get("args", []))
+        assert wait["image"] == container(workload, name)["image"], "no second image to pull"
+        assert wait["envFrom"] == container(workload, name)["envFrom"]
+    # and PostgreSQL lets the Job in
+    policy = find(objects, "NetworkPolicy", "postgres")
+    (rule,) = policy["spec"]["ingress"]
+    allowed = {v for source in rule["from"] for expr in source["podSelector"]["matchExpressions"]
+               for v in expr["values"]}
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] in allowed
+
+
 # --- Redis and PostgreSQL ---------------------------------------------------------------
 
 
@@ -281,7 +321,7 @@ def test_pods_are_sized_and_restricted(rendered, overlay):
         assert not any(k in spec for k in ("hostNetwork", "hostPID", "hostIPC")), name
         for volume in spec.get("volumes", []):
             assert set(volume) - {"name"} <= {"persistentVolumeClaim", "emptyDir", "configMap", "secret"}, name
-        for c in spec["containers"]:
+        for c in all_containers(spec):
             sc = c.get("securityContext", {})
             assert sc.get("allowPrivilegeEscalation") is False, f"{name}/{c['name']}"
             assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{c['name']}"
