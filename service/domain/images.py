@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -99,3 +100,21 @@ def delete(session: Session, store: BlobStore, dataset: Dataset, image_id: str) 
     session.commit()
     if not session.scalar(select(func.count(Image.id)).where(Image.sha256 == sha)):
         store.delete(image_key(sha))
+
+
+def delete_all(session: Session, dataset_id: int) -> set[str]:
+    """Every image row of a (deleted) dataset; returns their sha256s. The caller commits."""
+    shas = set(session.scalars(select(Image.sha256).where(Image.dataset_id == dataset_id)))
+    session.execute(sa_delete(Image).where(Image.dataset_id == dataset_id))
+    return shas
+
+
+def unreferenced(session: Session, shas: set[str]) -> set[str]:
+    """Those of the sha256s no image row refers to any more."""
+    if not shas:
+        return set()
+    used: set[str] = set()
+    listed = list(shas)
+    for i in range(0, len(listed), 500):
+        used.update(session.scalars(select(Image.sha256).where(Image.sha256.in_(listed[i:i + 500]))))
+    return shas - used

@@ -1,8 +1,10 @@
 """Running one training: what the worker's task does, as a plain function tests can call.
 
 claim -> snapshot the dataset -> models.train -> store checkpoint + ONNX -> version row.
-Idempotent by training id: a finished training is left alone, and a redelivered message for a
-training another worker is still running (fresh heartbeat) is dropped.
+Every write to the Training row goes through service.domain.trainings (claim, progress,
+heartbeat, succeed, fail, cancelled) with this run's claim token, so a run that lost its claim
+(another worker took over after its lease ran out) stops and writes nothing more. Its blobs go
+under keys of its own run, so the version always points at the weights it evaluated.
 """
 
 from __future__ import annotations
@@ -13,70 +15,56 @@ import logging
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.checkpoint import checkpoint_bytes, load_checkpoint
 from models.train import Sample, TrainConfig, TrainingCancelled, train
 from service.config import Settings, get_settings
 from service.domain import trainings, versions
-from service.domain.trainings import mark_failed
+from service.domain.trainings import LostOwnership, Status
 from service.store.blobs import BlobStore, get_store, image_key, model_keys
-from service.store.db import new_session, session_scope
+from service.store.db import session_scope
 from service.store.features import DbFeatureCache
-from service.store.tables import Dataset, Image, Training, utcnow
+from service.store.tables import Dataset, Image, Training
 
 log = logging.getLogger("felis.trainer")
 
 
 def run_training(training_id: str, *, settings: Settings | None = None, store: BlobStore | None = None,
                  device: str | None = None, worker_name: str | None = None) -> str:
-    """Run the training to a final state and return that state."""
+    """Run the training to a final state and return that state (or, when this worker does not
+    get it, the state it is in)."""
     settings = settings or get_settings()
     store = store or get_store()
-    if not _claim(training_id, settings, worker_name or socket.gethostname()):
-        with session_scope() as s:
-            t = s.get(Training, training_id)
-            return t.status if t else "missing"
-    heartbeat = _Heartbeat(training_id, interval=max(1.0, settings.training_lease_seconds / 6))
-    heartbeat.start()
+    token = trainings.retrying(lambda: trainings.claim(training_id, worker_name or socket.gethostname(),
+                                                       settings.training_lease_seconds),
+                               seconds=settings.db_retry_seconds, what=f"claiming training {training_id}")
+    if token is None:
+        return trainings.status_of(training_id)
+    run = _Run(training_id, token, settings)
+    run.heartbeat.start()
     try:
-        return _run(training_id, settings, store, device or settings.device)
+        return _run(run, settings, store, device or settings.device)
     except TrainingCancelled:
-        with session_scope() as s:
-            s.execute(update(Training).where(Training.id == training_id)
-                      .values(status="cancelled", finished_at=utcnow()))
-        return "cancelled"
+        return Status.CANCELLED if run.write(lambda: trainings.cancelled(training_id, token), "recording the cancel") else trainings.status_of(training_id)
+    except LostOwnership:
+        log.warning("training %s: another worker took it over; this run stops", training_id)
+        return trainings.status_of(training_id)
     except Exception as e:
         code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"
+        message = f"{type(e).__name__}: {e}"
         log.exception("training %s failed", training_id)
-        with session_scope() as s:
-            mark_failed(s, training_id, code, f"{type(e).__name__}: {e}")
-        return "failed"
+        run.write(lambda: trainings.fail(training_id, code, message, token=token), "recording the failure")
+        return trainings.status_of(training_id)
     finally:
-        heartbeat.stop()
+        run.heartbeat.stop()
 
 
-def _claim(training_id: str, settings: Settings, worker_name: str) -> bool:
-    """queued -> running, atomically; also takes over a 'running' one whose worker went silent."""
-    stale_before = datetime.now(timezone.utc) - timedelta(seconds=settings.training_lease_seconds)
-    with session_scope() as s:
-        result = s.execute(
-            update(Training)
-            .where(Training.id == training_id)
-            .where(or_(Training.status == "queued",
-                       (Training.status == "running") & (Training.heartbeat_at < stale_before)))
-            .where(Training.cancel_requested.is_(False))
-            .values(status="running", started_at=utcnow(), heartbeat_at=utcnow(),
-                    attempts=Training.attempts + 1, worker=worker_name[:255])
-        )
-        return result.rowcount == 1
-
-
-def _run(training_id: str, settings: Settings, store: BlobStore, device: str) -> str:
+def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
+    training_id = run.training_id
     with session_scope() as s:
         training = s.get(Training, training_id)
         dataset = s.get(Dataset, training.dataset_id)
@@ -90,35 +78,29 @@ def _run(training_id: str, settings: Settings, store: BlobStore, device: str) ->
         for i, sha, label, phash in rows
     ]
     config = TrainConfig.from_stored(options)  # validated and resolved when it was requested
-    reporter = _Progress(training_id)
     result = train(
         samples, config, device=device, feature_cache=DbFeatureCache(),
-        progress=reporter.report, should_stop=reporter.should_stop,
+        progress=run.report, should_stop=run.should_stop,
         pretrained_weights=str(settings.pretrained_weights) if settings.pretrained_weights else None,
         dataset={"name": dataset_name, **snapshot},
     )
-    reporter.report({"phase": "saving"}, force=True)
+    run.report({"phase": "saving"}, force=True)
     ckpt = result.checkpoint
-    checkpoint_key, onnx_key = model_keys(dataset_id, training_id)
+    checkpoint_key, onnx_key = model_keys(dataset_id, training_id, run.token)
     store.put(checkpoint_key, checkpoint_bytes(ckpt))
     if result.onnx:
         store.put(onnx_key, result.onnx)
     else:
         onnx_key = None
-    session = new_session()
-    try:
-        training = session.get(Training, training_id)
-        if training.cancel_requested:
-            raise TrainingCancelled()
-        versions.create(
-            session, training, architecture=config.architecture, labels=list(ckpt["labels"]),
-            metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
-            snapshot={k: v for k, v in snapshot.items() if k != "images"},
-            checkpoint_key=checkpoint_key, onnx_key=onnx_key,
-        )
-    finally:
-        session.close()
-    return "succeeded"
+    if run.should_stop(force=True):
+        raise TrainingCancelled()
+    run.write(lambda: versions.create(
+        training_id, run.token, architecture=config.architecture, labels=list(ckpt["labels"]),
+        metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
+        snapshot={k: v for k, v in snapshot.items() if k != "images"},
+        checkpoint_key=checkpoint_key, onnx_key=onnx_key, keep_versions=settings.keep_versions,
+    ), "recording the version")
+    return Status.SUCCEEDED
 
 
 def import_checkpoint(session: Session, store: BlobStore, dataset: Dataset, checkpoint: bytes,
@@ -134,10 +116,10 @@ def import_checkpoint(session: Session, store: BlobStore, dataset: Dataset, chec
     config = dict(ckpt.get("training_config") or {})
     training = trainings.record_import(session, dataset, config)
     session.commit()
-    checkpoint_key, onnx_key = model_keys(dataset.id, training.id)
+    checkpoint_key, onnx_key = model_keys(dataset.id, training.id, training.claim_token)
     store.put(checkpoint_key, checkpoint)
     store.put(onnx_key, onnx)
-    row = versions.create(session, training, architecture=ckpt["architecture"]["name"], labels=list(ckpt["labels"]),
+    row = versions.create(training.id, training.claim_token, architecture=ckpt["architecture"]["name"], labels=list(ckpt["labels"]),
                           metrics=dict(ckpt.get("metrics") or {}), evaluation={}, config=config,
                           snapshot={k: v for k, v in (ckpt.get("dataset") or {}).items() if k != "images"},
                           checkpoint_key=checkpoint_key, onnx_key=onnx_key)
@@ -158,15 +140,21 @@ def _snapshot(rows: list[tuple[str, str, str, str]]) -> dict[str, Any]:
     return {"image_count": len(rows), "label_counts": counts, "hash": digest, "images": listing}
 
 
-class _Progress:
-    """Writes progress to the training row (at most every half second) and reads cancellation."""
+class _Run:
+    """One claimed run: progress at most every half second, cancellation read at most every
+    second, a heartbeat thread for long steps; each write retried through database blips."""
 
-    def __init__(self, training_id: str):
-        self.training_id = training_id
+    def __init__(self, training_id: str, token: str, settings: Settings):
+        self.training_id, self.token, self.settings = training_id, token, settings
         self._last_write = 0.0
         self._last_check = 0.0
         self._cancelled = False
         self._state: dict[str, Any] = {}
+        self.heartbeat = _Heartbeat(self, interval=max(1.0, settings.training_lease_seconds / 6))
+
+    def write(self, fn, what: str):
+        return trainings.retrying(fn, seconds=self.settings.db_retry_seconds,
+                                  what=f"training {self.training_id}: {what}")
 
     def report(self, progress: dict[str, Any], force: bool = False) -> None:
         self._state.update(progress)
@@ -174,26 +162,24 @@ class _Progress:
         now = time.monotonic()
         if force or now - self._last_write >= 0.5 or "epoch" in progress and progress.get("val_accuracy") is not None:
             self._last_write = now
-            with session_scope() as s:
-                s.execute(update(Training).where(Training.id == self.training_id)
-                          .values(progress=dict(self._state), heartbeat_at=utcnow()))
+            state = dict(self._state)
+            self.write(lambda: trainings.report_progress(self.training_id, self.token, state), "progress")
 
-    def should_stop(self) -> bool:
+    def should_stop(self, force: bool = False) -> bool:
         now = time.monotonic()
-        if not self._cancelled and now - self._last_check >= 1.0:
+        if not self._cancelled and (force or now - self._last_check >= 1.0):
             self._last_check = now
-            with session_scope() as s:
-                self._cancelled = bool(s.scalar(select(Training.cancel_requested).where(Training.id == self.training_id)))
+            self._cancelled = self.write(lambda: trainings.cancel_requested(self.training_id, self.token), "cancel check")
         return self._cancelled
 
 
 class _Heartbeat:
     """Proves the worker alive while a long step (one batch of features) holds the main thread."""
 
-    def __init__(self, training_id: str, interval: float):
-        self.training_id, self.interval = training_id, interval
+    def __init__(self, run: _Run, interval: float):
+        self.run, self.interval = run, interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{training_id[:8]}")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{run.training_id[:8]}")
 
     def start(self) -> None:
         self._thread.start()
@@ -205,8 +191,8 @@ class _Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                with session_scope() as s:
-                    s.execute(update(Training).where(Training.id == self.training_id, Training.status == "running")
-                              .values(heartbeat_at=utcnow()))
+                if not trainings.heartbeat(self.run.training_id, self.run.token):
+                    log.warning("training %s: no longer ours; heartbeat stops", self.run.training_id)
+                    return
             except Exception:  # a missed beat is not fatal; the lease allows several
-                log.warning("heartbeat for training %s failed", self.training_id, exc_info=True)
+                log.warning("heartbeat for training %s failed", self.run.training_id, exc_info=True)

@@ -1,22 +1,83 @@
-"""Training runs: requested by the API, run by a worker (pipeline.py), watched by users.
-The only writer of Training rows."""
+"""The life of a training, in one module: the only writer of Training rows.
+
+    request ─► QUEUED ──(send: the message is confirmed sent; the outbox)──► claim ─► RUNNING
+    RUNNING ──heartbeat / progress──► RUNNING ──► succeed ─► SUCCEEDED
+                                              ──► fail ─► FAILED (always with a reason)
+                                              ──► cancelled ─► CANCELLED
+    QUEUED ──cancel──► CANCELLED;  RUNNING ──cancel──► cancel_requested, the worker stops
+    sweep: RUNNING with no heartbeat for a lease ─► QUEUED again (attempts < MAX_ATTEMPTS),
+           FAILED worker_lost, or CANCELLED when cancel was requested; QUEUED whose message was
+           never confirmed sent (broker down, or the API died between commit and send) is sent;
+           QUEUED sent long ago and never claimed is sent again.
+
+Every transition is one conditional UPDATE on the status it expects and, for a running
+training, on the claim token of the worker that owns it: a worker that lost its training (its
+lease ran out and another took it over) can no longer write progress, a version or a final
+state. Times come from the database's clock on PostgreSQL (workers' clocks may differ); on SQLite
+(one machine) the local clock is the database's. Duplicated messages are harmless: only a QUEUED
+(or stale RUNNING) training can be claimed.
+
+The pipeline that runs a training (pipeline.py) writes no Training row itself; it calls these.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import delete as sa_delete
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.config import InvalidTrainConfig, TrainConfig
 from service.config import Settings
 from service.domain import datasets
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.store.db import session_scope
 from service.store.tables import Dataset, Training, utcnow
 
-ACTIVE = ("queued", "running")
-FINAL = ("succeeded", "failed", "cancelled")
+log = logging.getLogger("felis.trainings")
+
+MAX_ATTEMPTS = 3  # claims of one training before a dying worker fails it for good
+T = TypeVar("T")
+
+
+class Status(enum.StrEnum):
+    """The words the HTTP API and the console show."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (Status.QUEUED, Status.RUNNING)
+FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class LostOwnership(Exception):
+    """This worker's claim on the training is gone (its lease ran out and another worker took it,
+    or it reached a final state): stop, and write nothing more."""
+
+
+def _now(session: Session) -> ColumnElement[datetime] | datetime:
+    """The clock of leases and timestamps: PostgreSQL's in production, the local one on SQLite."""
+    return func.now() if session.get_bind().dialect.name == "postgresql" else utcnow()
+
+
+def _ago(session: Session, seconds: float) -> ColumnElement[datetime] | datetime:
+    now = _now(session)
+    return now - timedelta(seconds=seconds)
+
+
+# --- requests (the API) -----------------------------------------------------------------------
 
 
 def resolve_options(options: dict[str, Any], settings: Settings) -> TrainConfig:
@@ -34,7 +95,8 @@ def resolve_options(options: dict[str, Any], settings: Settings) -> TrainConfig:
 def request(
     session: Session, dataset_name: str, options: dict[str, Any], settings: Settings, request_id: str | None = None
 ) -> Training:
-    """Validate and record a training request. The caller commits, then enqueues."""
+    """Validate and record a training request: queued, its message not sent yet. The caller
+    commits, then calls ``send`` (the outbox: if the broker is down, the sweep sends it later)."""
     dataset = datasets.get(session, dataset_name)
     config = resolve_options(options, settings)
     counts = datasets.label_counts(session, dataset)
@@ -51,17 +113,32 @@ def request(
             code="too_few_images",
             details={"label_counts": counts},
         )
-    training = Training(dataset_id=dataset.id, options=config.to_dict(), request_id=request_id)
+    training = Training(dataset_id=dataset.id, status=Status.QUEUED, options=config.to_dict(), request_id=request_id)
     session.add(training)
     session.flush()
     return training
 
 
+def send(training_id: str, enqueue: Callable[[str], None]) -> bool:
+    """Send the training's message and record that the broker took it (the outbox's confirmation).
+    False when the broker is unreachable: the training stays queued and the sweep sends it later."""
+    try:
+        enqueue(training_id)
+    except Exception as e:
+        log.warning("training %s: message not sent (%s); the sweep sends it when the broker is back", training_id, e)
+        return False
+    with session_scope() as s:
+        s.execute(update(Training).where(Training.id == training_id, Training.status == Status.QUEUED)
+                  .values(enqueued_at=_now(s)))
+    return True
+
+
 def record_import(session: Session, dataset: Dataset, config: dict[str, Any]) -> Training:
     """A training that ran elsewhere and whose checkpoint is being imported (pipeline.import_checkpoint):
-    recorded as running, so that recording its version marks it succeeded. The caller commits."""
-    training = Training(dataset_id=dataset.id, status="running", options=dict(config), started_at=utcnow(),
-                        heartbeat_at=utcnow(), worker="import")
+    recorded as running with a claim token, so that recording its version marks it succeeded.
+    The caller commits."""
+    training = Training(dataset_id=dataset.id, status=Status.RUNNING, options=dict(config), started_at=utcnow(),
+                        heartbeat_at=utcnow(), worker="import", claim_token=uuid.uuid4().hex, attempts=1)
     session.add(training)
     session.flush()
     return training
@@ -79,7 +156,7 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
     return {
         "id": training.id,
         "dataset": dataset.name if dataset else None,
-        "status": training.status,
+        "status": str(training.status),
         "options": training.options,
         "progress": training.progress or {},
         "model_version": training.model_version,
@@ -100,34 +177,201 @@ def list_for(session: Session, dataset: Dataset, limit: int = 50) -> list[Traini
     )
 
 
+def is_final(status: str) -> bool:
+    return status in FINAL
+
+
 def cancel(session: Session, training_id: str) -> Training:
+    """A user's cancel: a queued training is cancelled at once; a running one is asked to stop."""
     training = get(session, training_id)
     if training.status in FINAL:
         raise Conflict(f"training {training_id} has already {training.status}", code="training_finished")
-    if training.status == "queued":
-        # Not started: cancel at once. A worker that picks the message up later sees this.
-        session.execute(
-            update(Training).where(Training.id == training_id, Training.status == "queued")
-            .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
-        )
-    else:
-        training.cancel_requested = True  # the worker checks between steps
+    done = session.execute(
+        update(Training).where(Training.id == training_id, Training.status == Status.QUEUED)
+        .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
+                error={"code": "cancelled", "message": "cancelled before it started"})
+    ).rowcount
+    if not done:
+        session.execute(update(Training).where(Training.id == training_id, Training.status == Status.RUNNING)
+                        .values(cancel_requested=True))  # the worker checks between steps
     session.commit()
     session.refresh(training)
     return training
 
 
-def mark_failed(session: Session, training_id: str, code: str, message: str) -> None:
-    session.execute(
-        update(Training)
-        .where(Training.id == training_id, Training.status.in_(ACTIVE))
-        .values(status="failed", error={"code": code, "message": message}, finished_at=utcnow())
-    )
-    session.commit()
+def cancel_all(session: Session, dataset_id: int, reason: str) -> None:
+    """Cancel every active training of a dataset, in the caller's transaction: queued ones at
+    once, running ones at their next step."""
+    session.execute(update(Training).where(Training.dataset_id == dataset_id, Training.status == Status.QUEUED)
+                    .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
+                            error={"code": "cancelled", "message": reason}))
+    session.execute(update(Training).where(Training.dataset_id == dataset_id, Training.status == Status.RUNNING)
+                    .values(cancel_requested=True))
 
 
-def stale(session: Session, lease_seconds: int) -> list[Training]:
-    """Running trainings whose worker stopped beating: it died, or lost its connection."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=lease_seconds)
-    rows = session.scalars(select(Training).where(Training.status == "running")).all()
-    return [t for t in rows if t.heartbeat_at is None or t.heartbeat_at < cutoff]
+def delete_all(session: Session, dataset_id: int) -> None:
+    """The rows of a deleted dataset's trainings, once none is active. The caller commits."""
+    if any_active(session, dataset_id):
+        raise Conflict("the dataset still has an active training", code="training_active")
+    session.execute(sa_delete(Training).where(Training.dataset_id == dataset_id))
+
+
+def any_active(session: Session, dataset_id: int) -> bool:
+    return session.scalar(select(Training.id).where(Training.dataset_id == dataset_id,
+                                                    Training.status.in_(ACTIVE)).limit(1)) is not None
+
+
+# --- running (the worker) -----------------------------------------------------------------------
+
+
+def claim(training_id: str, worker_name: str, lease_seconds: float) -> str | None:
+    """QUEUED -> RUNNING for this worker, or take over a RUNNING one whose worker went silent for a
+    lease; returns the claim token every later write of this run must show, or None (another
+    worker has it, it is final or cancelled, or it does not exist)."""
+    token = uuid.uuid4().hex
+    with session_scope() as s:
+        now = _now(s)
+        done = s.execute(
+            update(Training)
+            .where(Training.id == training_id, Training.cancel_requested.is_(False))
+            .where(or_(Training.status == Status.QUEUED,
+                       and_(Training.status == Status.RUNNING, Training.heartbeat_at < _ago(s, lease_seconds))))
+            .values(status=Status.RUNNING, claim_token=token, started_at=now, heartbeat_at=now,
+                    attempts=Training.attempts + 1, worker=worker_name[:255])
+        ).rowcount
+    return token if done == 1 else None
+
+
+def status_of(training_id: str) -> str:
+    with session_scope() as s:
+        t = s.get(Training, training_id)
+        return str(t.status) if t else "missing"
+
+
+def _owned(training_id: str, token: str):
+    return and_(Training.id == training_id, Training.status == Status.RUNNING, Training.claim_token == token)
+
+
+def heartbeat(training_id: str, token: str) -> bool:
+    """Prove the worker alive; False when it no longer owns the training."""
+    with session_scope() as s:
+        return s.execute(update(Training).where(_owned(training_id, token)).values(heartbeat_at=_now(s))).rowcount == 1
+
+
+def report_progress(training_id: str, token: str, progress: dict[str, Any]) -> None:
+    """Progress (and a heartbeat); raises LostOwnership when another worker has the training."""
+    with session_scope() as s:
+        done = s.execute(update(Training).where(_owned(training_id, token))
+                         .values(progress=dict(progress), heartbeat_at=_now(s))).rowcount
+    if done != 1:
+        raise LostOwnership(training_id)
+
+
+def cancel_requested(training_id: str, token: str) -> bool:
+    """Whether the user asked this run to stop; raises LostOwnership when it is no longer ours."""
+    with session_scope() as s:
+        row = s.execute(select(Training.cancel_requested, Training.status, Training.claim_token)
+                        .where(Training.id == training_id)).first()
+    if row is None or row.status != Status.RUNNING or row.claim_token != token:
+        raise LostOwnership(training_id)
+    return bool(row.cancel_requested)
+
+
+def succeed(session: Session, training_id: str, token: str | None, version: int) -> None:
+    """RUNNING -> SUCCEEDED with its version, in the caller's transaction (versions.create commits
+    the version row and this together). Raises LostOwnership when the run is no longer the owner."""
+    owned = _owned(training_id, token) if token else and_(Training.id == training_id, Training.status == Status.RUNNING)
+    t = session.get(Training, training_id)
+    progress = {**((t.progress if t else None) or {}), "phase": "done"}
+    done = session.execute(update(Training).where(owned).values(
+        status=Status.SUCCEEDED, model_version=version, finished_at=_now(session), error=None, progress=progress,
+    )).rowcount
+    if done != 1:
+        raise LostOwnership(training_id)
+
+
+def cancelled(training_id: str, token: str) -> bool:
+    """RUNNING -> CANCELLED, when the worker stopped at the user's request."""
+    with session_scope() as s:
+        return s.execute(update(Training).where(_owned(training_id, token)).values(
+            status=Status.CANCELLED, finished_at=_now(s),
+            error={"code": "cancelled", "message": "cancelled while running"})).rowcount == 1
+
+
+def fail(training_id: str, code: str, message: str, token: str | None = None) -> bool:
+    """An active training -> FAILED with a reason. With a token, only if this run still owns it."""
+    with session_scope() as s:
+        where = _owned(training_id, token) if token else and_(Training.id == training_id, Training.status.in_(ACTIVE))
+        return s.execute(update(Training).where(where).values(
+            status=Status.FAILED, error={"code": code, "message": message}, finished_at=_now(s))).rowcount == 1
+
+
+def retrying(fn: Callable[[], T], *, seconds: float, what: str) -> T:
+    """Run a database write, retrying with backoff through a connection loss (a PostgreSQL
+    failover, a restart) for up to ``seconds``; then the error stands."""
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except DBAPIError as e:
+            if not _transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: the database is unreachable (%s); retrying in %.1f s", what, type(e.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _transient(e: DBAPIError) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return e.connection_invalidated or isinstance(e, OperationalError)
+
+
+# --- the sweep (every worker runs it periodically) -----------------------------------------------
+
+
+def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s: float = 5.0) -> dict[str, int]:
+    """Settle what a dead worker, a dead API or a down broker left behind; returns counts."""
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "sent": 0}
+    lease = settings.training_lease_seconds
+    requeued: list[str] = []
+    with session_scope() as s:
+        stale = s.execute(select(Training.id, Training.attempts, Training.cancel_requested, Training.claim_token)
+                          .where(Training.status == Status.RUNNING,
+                                 or_(Training.heartbeat_at.is_(None), Training.heartbeat_at < _ago(s, lease)))).all()
+        for t in stale:
+            if t.cancel_requested:
+                values = {"status": Status.CANCELLED, "finished_at": _now(s),
+                          "error": {"code": "cancelled", "message": "cancelled; its worker stopped responding"}}
+                key = "cancelled"
+            elif t.attempts >= MAX_ATTEMPTS:
+                values = {"status": Status.FAILED, "finished_at": _now(s),
+                          "error": {"code": "worker_lost", "message": f"the worker stopped responding {t.attempts} times"}}
+                key = "failed"
+            else:
+                values = {"status": Status.QUEUED, "claim_token": None, "enqueued_at": None}
+                key = "requeued"
+            # guarded by the token the dead run held, so two sweepers never both act on one training
+            done = s.execute(update(Training).where(Training.id == t.id, Training.status == Status.RUNNING,
+                                                    Training.claim_token.is_(t.claim_token) if t.claim_token is None
+                                                    else Training.claim_token == t.claim_token,
+                                                    Training.heartbeat_at < _ago(s, lease)).values(**values)).rowcount
+            counts[key] += done
+            if done and key == "requeued":
+                requeued.append(t.id)
+        # the outbox: queued, never confirmed sent (after a short grace for the API's own send), or
+        # sent long ago and never claimed (a message the broker lost)
+        unsent = s.scalars(select(Training.id).where(
+            Training.status == Status.QUEUED, Training.cancel_requested.is_(False),
+            or_(and_(Training.enqueued_at.is_(None), Training.created_at < _ago(s, unsent_grace_s)),
+                Training.enqueued_at < _ago(s, settings.training_redeliver_after_seconds)),
+        )).all()
+    for training_id in dict.fromkeys([*requeued, *unsent]):
+        if send(training_id, enqueue):
+            counts["sent"] += 1
+        else:
+            break  # the broker is down: the next sweep tries again
+    if any(counts.values()):
+        log.info("training sweep: %s", counts)
+    return counts

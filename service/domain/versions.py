@@ -6,45 +6,101 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy import delete as sa_delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
-from service.domain import datasets
-from service.errors import InvalidRequest, NotFound
-from service.store.tables import Dataset, ModelVersion, Training, utcnow
+from service.domain import datasets, trainings
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.store.blobs import BlobStore
+from service.store.db import session_scope
+from service.store.tables import Dataset, ModelVersion, Training
 
 
-def create(session: Session, training: Training, *, architecture: str, labels: list[str], metrics: dict,
-           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None) -> ModelVersion:
+def create(training_id: str, token: str | None, *, architecture: str, labels: list[str], metrics: dict,
+           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None,
+           keep_versions: int = 0) -> ModelVersion:
     """Record the version a training produced and mark the training succeeded, in one commit.
 
-    Idempotent by training id: a redelivered task finds the version it made before. The number
-    is max + 1 under the dataset's row lock; a concurrent insert that takes the same number
-    fails on the unique constraint and is retried."""
-    for _ in range(10):
-        existing = session.scalar(select(ModelVersion).where(ModelVersion.training_id == training.id))
-        if existing:
-            return existing
-        dataset = session.scalar(select(Dataset).where(Dataset.id == training.dataset_id).with_for_update())
-        number = (session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.dataset_id == dataset.id)) or 0) + 1
-        version = ModelVersion(
-            dataset_id=dataset.id, version=number, training_id=training.id, architecture=architecture,
-            labels=labels, metrics=metrics, evaluation=evaluation, config=config, snapshot=snapshot,
-            checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={},
-        )
-        session.add(version)
-        if dataset.default_version is None:
-            dataset.default_version = number  # the first successful version serves at once
-        t = session.get(Training, training.id)
-        t.status, t.model_version, t.finished_at, t.error = "succeeded", number, utcnow(), None
-        t.progress = {**(t.progress or {}), "phase": "done"}
-        try:
-            session.commit()
+    Idempotent by training id: a redelivered task finds the version it made before. Only the run
+    that owns the training (its claim token) can record it: trainings.succeed raises LostOwnership
+    otherwise, and nothing is written; so does a deleted dataset. The number is the dataset's
+    last_version + 1 under its row lock (never a deleted version's number); a concurrent insert
+    that takes the same number fails on the unique constraint and is retried."""
+    with session_scope() as session:
+        for _ in range(10):
+            existing = session.scalar(select(ModelVersion).where(ModelVersion.training_id == training_id))
+            if existing:
+                return existing
+            training = session.get(Training, training_id)
+            if training is None:
+                raise trainings.LostOwnership(training_id)  # its dataset was deleted meanwhile
+            dataset = session.scalar(select(Dataset).where(Dataset.id == training.dataset_id).with_for_update())
+            if dataset.deleted_at is not None:
+                raise trainings.LostOwnership(training_id)
+            highest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.dataset_id == dataset.id)) or 0
+            number = max(dataset.last_version or 0, highest) + 1
+            dataset.last_version = number
+            version = ModelVersion(
+                dataset_id=dataset.id, version=number, training_id=training_id, architecture=architecture,
+                labels=labels, metrics=metrics, evaluation=evaluation, config=config, snapshot=snapshot,
+                checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={},
+            )
+            session.add(version)
+            if dataset.default_version is None:
+                dataset.default_version = number  # the first successful version serves at once
+            try:
+                session.flush()
+                trainings.succeed(session, training_id, token, number)
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                continue
+            if keep_versions:
+                apply_retention(session, dataset.id, keep_versions)
             return version
-        except IntegrityError:
-            session.rollback()
     raise RuntimeError("could not allocate a version number")
+
+
+def delete(session: Session, store: BlobStore, dataset_name: str, version: int, *, force: bool = False) -> None:
+    """Delete one version and its blobs. The default version only with force, which leaves the
+    dataset without a default (predict then answers no_model until a promotion). Its number is
+    never given again. Rows first (committed), blobs after: a crash leaves unreferenced blobs."""
+    dataset = datasets.get(session, dataset_name, for_update=True)
+    row = get(session, dataset, version)
+    if dataset.default_version == row.version:
+        if not force:
+            raise Conflict(f"version {version} is the default of {dataset_name!r}; promote another first, "
+                           "or delete with ?force=true", code="version_is_default")
+        dataset.default_version = None
+    keys = [k for k in (row.checkpoint_key, row.onnx_key) if k]
+    session.delete(row)
+    session.commit()
+    for key in keys:
+        store.delete(key)
+
+
+def delete_all(session: Session, dataset_id: int) -> list[str]:
+    """Every version row of a (deleted) dataset; returns their blob keys. The caller commits."""
+    keys = [k for row in session.execute(select(ModelVersion.checkpoint_key, ModelVersion.onnx_key)
+                                         .where(ModelVersion.dataset_id == dataset_id)) for k in row if k]
+    session.execute(sa_delete(ModelVersion).where(ModelVersion.dataset_id == dataset_id))
+    return keys
+
+
+def apply_retention(session: Session, dataset_id: int, keep: int) -> list[int]:
+    """Keep the newest ``keep`` versions (FELIS_KEEP_VERSIONS) and the default; delete the rest.
+    Returns the numbers deleted. Their blobs go with them."""
+    from service.store.blobs import get_store
+
+    dataset = session.get(Dataset, dataset_id)
+    numbers = list(session.scalars(select(ModelVersion.version).where(ModelVersion.dataset_id == dataset_id)
+                                   .order_by(ModelVersion.version.desc())))
+    doomed = [n for n in numbers[keep:] if n != dataset.default_version]
+    for number in doomed:
+        delete(session, get_store(), dataset.name, number, force=False)
+    return doomed
 
 
 def list_for(session: Session, dataset: Dataset) -> list[ModelVersion]:
@@ -85,7 +141,7 @@ def for_serving(conn: Connection, dataset_name: str, version: int | None) -> Ser
     row = conn.execute(
         select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds)
         .join(Dataset, Dataset.id == ModelVersion.dataset_id)
-        .where(Dataset.name == dataset_name, ModelVersion.version == wanted)
+        .where(Dataset.name == dataset_name, Dataset.deleted_at.is_(None), ModelVersion.version == wanted)
     ).first()
     if row is None:  # say precisely what is missing: the dataset, any model, or that version
         with Session(bind=conn) as session:

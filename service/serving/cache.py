@@ -33,6 +33,20 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._lookups: dict[tuple[str, int | None], Any] = {}  # (dataset, version asked) -> versions.Serving
+
+    def remember_lookup(self, dataset: str, version: int | None, serving: Any) -> None:
+        """The database's last answer for this (dataset, version asked), kept while its model is
+        loaded, to serve through a database outage."""
+        with self._lock:
+            self._lookups[(dataset, version)] = serving
+            if len(self._lookups) > 4096:  # bounded: keep only the answers whose model is in memory
+                self._lookups = {k: v for k, v in self._lookups.items() if v.checkpoint_key in self._models}
+
+    def last_lookup(self, dataset: str, version: int | None) -> Any | None:
+        with self._lock:
+            serving = self._lookups.get((dataset, version))
+            return serving if serving is not None and serving.checkpoint_key in self._models else None
 
     def loaded(self, key: str) -> LoadedModel | None:
         """The model if it is in memory already (no thread hop needed), else None."""
@@ -56,8 +70,9 @@ class ModelCache:
             with self._lock:
                 self._models[key] = model
                 while len(self._models) > max(1, self.settings.model_cache_size):
-                    _, old = self._models.popitem(last=False)
+                    old_key, old = self._models.popitem(last=False)
                     old.batcher.close()
+                    self._lookups = {k: v for k, v in self._lookups.items() if v.checkpoint_key != old_key}
                 self._loading.pop(key, None)
             return model
 

@@ -1,25 +1,32 @@
 """Predictions: find the version, take it from the model cache, then preprocess -> batch -> answer.
 
 A promotion takes effect on the next request: the default version is read from the database
-each time, and the cache (service.serving.cache) is keyed by version, not by dataset.
+each time (off the event loop, so an unreachable database never stalls other requests or
+/healthz), and the cache (service.serving.cache) is keyed by version, not by dataset. When the
+database is unreachable, the version it last answered for that dataset is served (the model is
+in memory already); a version this process never looked up answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from models.images import InvalidImage
 from service.config import Settings
 from service.domain import versions
-from service.errors import InvalidRequest, TooLarge
+from service.errors import InvalidRequest, TooLarge, Unavailable
 from service.serving.cache import LoadedModel, ModelCache
 from service.store.db import get_engine
+
+log = logging.getLogger("felis.predict")
 
 _DECODE_POOL = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
 
@@ -57,6 +64,23 @@ async def _predict_batched(model: LoadedModel, files: list[tuple[str, bytes]]) -
     return [x if isinstance(x, InvalidImage) else next(probs) for x in prepared]
 
 
+def _lookup(cache: ModelCache, dataset_name: str, version: int | None) -> versions.Serving:
+    """The version to serve, from the database; its last answer when the database is unreachable."""
+    try:
+        with get_engine().connect() as conn:
+            serving = versions.for_serving(conn, dataset_name, version)
+    except DBAPIError as e:
+        known = cache.last_lookup(dataset_name, version)
+        if known is None:
+            raise Unavailable("the metadata store is unavailable and this version is not loaded here",
+                              code="database_unavailable") from e
+        log.warning("predict: the database is unreachable (%s); serving %s version %s as last seen",
+                    type(e.orig).__name__, dataset_name, known.version)
+        return known
+    cache.remember_lookup(dataset_name, version, serving)
+    return serving
+
+
 def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
     """The thresholded decision: a thresholded label that clears its threshold (the likeliest, if
     several), else the likeliest label without a threshold; None when every label has one and none clears it."""
@@ -74,8 +98,7 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
     if len(files) > settings.max_predict_files:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
                        code="too_many_files")
-    with get_engine().connect() as conn:
-        serving = versions.for_serving(conn, dataset_name, version)
+    serving = await run_in_threadpool(_lookup, cache, dataset_name, version)
     key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
     model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, serving.onnx_key)
 

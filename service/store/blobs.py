@@ -2,9 +2,9 @@
 
 Keys are relative paths, formatted only by the functions below: ``image_key`` gives
 ``images/ab/abcdef...`` (content-addressed by sha256, shared by every dataset) and
-``model_keys`` gives ``models/<dataset id>/<training id>/model.pt`` and ``.../model.onnx`` (one
-folder per training, so a version's files are written before its row exists and a training that
-runs twice writes the same keys). Writes are atomic: a reader sees the whole blob or none.
+``model_keys`` gives ``models/<dataset id>/<training id>/<run>/model.pt`` and ``.../model.onnx``
+(one folder per claim of a training: a version's files are written before its row exists, and a
+run that lost its claim to another worker never overwrites the files the version points at). Writes are atomic: a reader sees the whole blob or none.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def image_key(sha256: str) -> str:
     return f"images/{sha256[:2]}/{sha256}"
 
 
-def model_keys(dataset_id: int, training_id: str) -> tuple[str, str]:
-    """The checkpoint's and the ONNX graph's keys for what one training produced."""
-    prefix = f"models/{dataset_id}/{training_id}"
+def model_keys(dataset_id: int, training_id: str, run: str) -> tuple[str, str]:
+    """The checkpoint's and the ONNX graph's keys for what one run (claim) of a training produced."""
+    prefix = f"models/{dataset_id}/{training_id}/{run}"
     return f"{prefix}/model.pt", f"{prefix}/model.onnx"
 
 

@@ -14,10 +14,12 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -50,11 +52,16 @@ def new_id() -> str:
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # a deleted dataset frees its name at once (a new one gets a new id) while its rows are removed
+    __table_args__ = (Index("uq_datasets_live_name", "name", unique=True,
+                            sqlite_where=text("deleted_at IS NULL"), postgresql_where=text("deleted_at IS NULL")),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     default_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # numbers are never reused
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # set: being removed
 
 
 class Image(Base):
@@ -79,7 +86,7 @@ class Training(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # service.domain.trainings.Status
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -87,6 +94,8 @@ class Training(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the running claim's owner
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # message confirmed sent
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

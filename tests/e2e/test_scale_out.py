@@ -29,7 +29,7 @@ def cluster(tmp_path):
     redis_db = 1 + uuid.uuid4().int % 14
     redis.Redis.from_url(f"{REDIS}/{redis_db}").flushdb()
     env = felis_env(FELIS_MODE="embedded", FELIS_DATA_DIR=str(tmp_path / "shared"), FELIS_DATABASE_URL=db_url,
-                    FELIS_BROKER_URL=f"{REDIS}/{redis_db}", FELIS_TRAINING_LEASE_SECONDS="6",
+                    FELIS_BROKER_URL=f"{REDIS}/{redis_db}", FELIS_TRAINING_LEASE_SECONDS="6", FELIS_DB_RETRY_SECONDS="3",
                     FELIS_TORCH_THREADS="1")
     ports = [free_port(), free_port()]
     apis = [Proc(["api", "--port", str(p)], env, tmp_path / f"api{i}.log") for i, p in enumerate(ports)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from service.api.deps import SessionDep, StoreDep
-from service.domain import datasets
+from service.api.deps import SessionDep
+from service.domain import cleanup, datasets
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -34,6 +34,8 @@ def get_dataset(name: str, session: SessionDep) -> dict:
 
 
 @router.delete("/{name}", status_code=204)
-def delete_dataset(name: str, session: SessionDep, store: StoreDep) -> Response:
-    datasets.delete(session, store, name)
+def delete_dataset(name: str, session: SessionDep) -> Response:
+    """Answers at once: the dataset is gone from every listing and its name is free; its trainings
+    are cancelled, and its images, versions and blobs are removed in the background."""
+    cleanup.delete_dataset(session, name)
     return Response(status_code=204)

@@ -37,6 +37,15 @@ def get_evaluation(name: str, session: SessionDep, version: int = VersionPath) -
     return {"version": version, **versions.get(session, dataset, version).evaluation}
 
 
+@router.delete("/{version}", status_code=204)
+def delete_version(name: str, session: SessionDep, store: StoreDep, version: int = VersionPath,
+                   force: bool = Query(False, description="also the default version (the dataset is then left without one)")) -> Response:
+    """Delete one version, its checkpoint and its ONNX graph. The default version answers 409
+    version_is_default unless ?force=true. Version numbers are never given again."""
+    versions.delete(session, store, name, version, force=force)
+    return Response(status_code=204)
+
+
 @router.post("/{version}/promote")
 def promote_version(name: str, session: SessionDep, version: int = VersionPath) -> dict:
     row = versions.promote(session, name, version)

@@ -18,14 +18,12 @@ _OPTIONS_EXAMPLE = {"architecture": "efficientnet_lite0", "epochs": 30, "seed": 
 @router.post("/datasets/{name}/trainings", status_code=202)
 def request_training(name: str, session: SessionDep, settings: SettingsDep, request_id: RequestIdDep,
                      options: dict[str, Any] = Body(default_factory=dict, examples=[_OPTIONS_EXAMPLE])) -> dict:
-    """Queue a training of the dataset's current images. Options are validated before anything is queued."""
+    """Queue a training of the dataset's current images. Options are validated before anything is
+    queued. With the job queue down it is still accepted (202, queued): the workers' sweep sends its
+    message once the queue is back."""
     training = trainings.request(session, name, options, settings, request_id=request_id)
     session.commit()  # enqueue only after the row is durable, so the worker always finds it
-    try:
-        enqueue_training(training.id)
-    except Exception as e:
-        trainings.mark_failed(session, training.id, "broker_unavailable", str(e))
-        raise
+    trainings.send(training.id, enqueue_training)
     return trainings.describe(session, training)
 
 

@@ -1,10 +1,11 @@
-"""service.domain.datasets and service.domain.images: names, counts, relabel, delete (rows and blobs)."""
+"""service.domain.datasets, images and cleanup: names, counts, relabel, delete (rows and blobs)."""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import func, select
 
-from service.domain import datasets, images, uploads
+from service.domain import cleanup, datasets, images, uploads
 from service.errors import AlreadyExists, InvalidRequest, NotFound
 from service.store.blobs import image_key
 from tests.conftest import asset_images
@@ -61,7 +62,37 @@ def test_shared_blob_survives_deleting_one_dataset(session, store, settings):
     _upload(session, store, settings, a, "cat", path)
     _upload(session, store, settings, b, "cat", path)
     sha = images.list_images(session, a)[0][0].sha256
-    datasets.delete(session, store, "a")
+    cleanup.delete_dataset(session, "a")
+    assert cleanup.purge(session, store) == 1
     assert store.exists(image_key(sha))
-    datasets.delete(session, store, "b")
+    cleanup.delete_dataset(session, "b")
+    assert cleanup.purge(session, store) == 1
     assert not store.exists(image_key(sha))
+
+
+def test_deleting_a_dataset_frees_its_name_at_once_and_cancels_its_trainings(session, store, settings, pets):
+    from service.domain import trainings
+    from service.domain.trainings import Status
+    from service.store.tables import Dataset, Image, Training
+
+    queued = trainings.request(session, "pets", {}, settings)
+    running = trainings.request(session, "pets", {}, settings)
+    session.commit()
+    token = trainings.claim(running.id, "w1", settings.training_lease_seconds)
+    old_id = pets.id
+    cleanup.delete_dataset(session, "pets")
+    with pytest.raises(NotFound):
+        datasets.get(session, "pets")
+    assert datasets.list_all(session)[1] == 0
+    again = datasets.create(session, "pets")  # the name is free; a new id
+    session.commit()
+    assert again.id != old_id and datasets.describe(session, again)["image_count"] == 0
+    session.expire_all()
+    assert session.get(Training, queued.id).status == Status.CANCELLED
+    assert session.get(Training, running.id).cancel_requested
+    assert cleanup.purge(session, store) == 0  # its running training has not stopped yet
+    assert trainings.cancel_requested(running.id, token) and trainings.cancelled(running.id, token)
+    sha = session.scalars(select(Image.sha256).where(Image.dataset_id == old_id)).first()
+    assert cleanup.purge(session, store) == 1
+    assert session.get(Dataset, old_id) is None and not store.exists(image_key(sha))
+    assert session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == old_id)) == 0

@@ -24,7 +24,7 @@ def trained(session, store, settings, pets):
 def test_the_version_the_checkpoint_and_the_training_agree_on_the_config(session, store, trained):
     dataset, training = trained
     row = versions.get(session, dataset, training.model_version)
-    assert (row.checkpoint_key, row.onnx_key) == model_keys(dataset.id, training.id)
+    assert (row.checkpoint_key, row.onnx_key) == model_keys(dataset.id, training.id, training.claim_token)
     ckpt = load_checkpoint(store.get(row.checkpoint_key))
     assert row.config == ckpt["training_config"] == training.options
     assert row.config["image_size"] == 64 and row.config["precision"] == "int8"

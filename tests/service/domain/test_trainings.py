@@ -36,3 +36,159 @@ def test_invalid_options_are_refused_with_the_field(session, settings, pets):
     with pytest.raises(InvalidRequest) as e:
         trainings.request(session, "pets", {"image_size": 4}, settings)
     assert e.value.code == "invalid_training_option" and e.value.details == {"field": "image_size"}
+
+
+# --- the lifecycle -------------------------------------------------------------------------------
+
+from datetime import timedelta  # noqa: E402
+
+from sqlalchemy import update  # noqa: E402
+from sqlalchemy.exc import OperationalError  # noqa: E402
+
+from service.domain import versions  # noqa: E402
+from service.domain.trainings import LostOwnership, Status  # noqa: E402
+from service.store.tables import Training, utcnow  # noqa: E402
+
+
+def _queued(session, settings, **options) -> str:
+    t = trainings.request(session, "pets", options, settings)
+    session.commit()
+    return t.id
+
+
+def _row(session, training_id: str) -> Training:
+    session.expire_all()
+    return session.get(Training, training_id)
+
+
+def _age(session, training_id: str, seconds: float, column=Training.heartbeat_at) -> None:
+    """Move a training's clock back, as if its worker had gone silent that long ago."""
+    session.execute(update(Training).where(Training.id == training_id).values({column: utcnow() - timedelta(seconds=seconds)}))
+    session.commit()
+
+
+def _down(_id: str) -> None:
+    raise ConnectionError("broker down")
+
+
+def test_a_training_whose_message_was_never_sent_is_sent_by_the_sweep(session, settings, pets):
+    """The broker down at the request, or the API dead between its commit and its send: the row is
+    queued with no confirmed message, and the sweep delivers it (the old sweep looked only at running)."""
+    lost = _queued(session, settings)  # the API died before sending
+    down = _queued(session, settings)
+    assert trainings.send(down, _down) is False
+    assert _row(session, down).status == Status.QUEUED and _row(session, down).enqueued_at is None
+    sent: list[str] = []
+    assert trainings.sweep(settings, sent.append, unsent_grace_s=60)["sent"] == 0  # the API's own send may be on its way
+    for t in (lost, down):
+        _age(session, t, 120, Training.created_at)
+    assert trainings.sweep(settings, _down)["sent"] == 0  # broker still down: tried again next sweep
+    assert trainings.sweep(settings, sent.append)["sent"] == 2 and sorted(sent) == sorted([lost, down])
+    assert _row(session, lost).enqueued_at is not None
+    assert trainings.sweep(settings, sent.append)["sent"] == 0  # confirmed: not sent again...
+    _age(session, lost, settings.training_redeliver_after_seconds + 1, Training.enqueued_at)
+    assert trainings.sweep(settings, sent.append)["sent"] == 1 and sent[-1] == lost  # ...unless never claimed for long
+
+
+def test_claims_are_exclusive_and_a_duplicate_message_is_harmless(session, settings, pets):
+    t = _queued(session, settings)
+    token = trainings.claim(t, "w1", settings.training_lease_seconds)
+    assert token and trainings.claim(t, "w2", settings.training_lease_seconds) is None
+    row = _row(session, t)
+    assert (row.status, row.worker, row.attempts, row.claim_token) == (Status.RUNNING, "w1", 1, token)
+
+
+def test_a_run_that_lost_its_claim_writes_nothing(session, settings, pets):
+    """Two runs of one training: the first worker went silent past its lease, a second took over.
+    The first can no longer beat, report progress, record a version or a final state."""
+    t = _queued(session, settings)
+    first = trainings.claim(t, "w1", settings.training_lease_seconds)
+    _age(session, t, settings.training_lease_seconds + 5)
+    second = trainings.claim(t, "w2", settings.training_lease_seconds)
+    assert second and second != first and _row(session, t).attempts == 2
+    assert trainings.heartbeat(t, first) is False and trainings.heartbeat(t, second) is True
+    with pytest.raises(LostOwnership):
+        trainings.report_progress(t, first, {"phase": "features"})
+    with pytest.raises(LostOwnership):
+        trainings.cancel_requested(t, first)
+    assert trainings.fail(t, "training_error", "boom", token=first) is False
+    kwargs = dict(architecture="simple_cnn", labels=["cat", "noncat"], metrics={}, evaluation={}, config={},
+                  snapshot={}, checkpoint_key="k", onnx_key=None)
+    with pytest.raises(LostOwnership):
+        versions.create(t, first, **kwargs)
+    assert versions.list_for(session, pets) == [] and _row(session, t).status == Status.RUNNING
+    assert versions.create(t, second, **kwargs).version == 1
+    row = _row(session, t)
+    assert (row.status, row.model_version) == (Status.SUCCEEDED, 1)
+    assert versions.create(t, second, **kwargs).version == 1  # a redelivered task finds its version
+
+
+def test_cancel_of_a_running_training_whose_worker_died_ends_cancelled(session, settings, pets):
+    """Before: the sweep queued it again and the claim refused it (cancel requested): queued for good."""
+    t = _queued(session, settings)
+    trainings.claim(t, "w1", settings.training_lease_seconds)
+    trainings.cancel(session, t)
+    _age(session, t, settings.training_lease_seconds + 5)
+    assert trainings.sweep(settings, _down)["cancelled"] == 1
+    row = _row(session, t)
+    assert row.status == Status.CANCELLED and row.error["code"] == "cancelled" and row.finished_at
+
+
+def test_the_sweep_requeues_a_dead_workers_training_then_fails_it_with_a_reason(session, settings, pets):
+    t = _queued(session, settings)
+    for attempt in range(1, trainings.MAX_ATTEMPTS + 1):
+        assert trainings.claim(t, f"w{attempt}", settings.training_lease_seconds)
+        _age(session, t, settings.training_lease_seconds + 5)
+        counts = trainings.sweep(settings, lambda _id: None)
+        if attempt < trainings.MAX_ATTEMPTS:
+            assert counts["requeued"] == 1 and _row(session, t).status == Status.QUEUED
+            assert _row(session, t).claim_token is None and counts["sent"] == 1  # its message goes out again
+    row = _row(session, t)
+    assert row.status == Status.FAILED and row.error["code"] == "worker_lost"
+
+
+def test_a_queued_training_is_cancelled_at_once(session, settings, pets):
+    t = _queued(session, settings)
+    trainings.cancel(session, t)
+    assert _row(session, t).status == Status.CANCELLED
+    assert trainings.claim(t, "w1", settings.training_lease_seconds) is None
+
+
+def test_retrying_rides_out_a_connection_loss_then_gives_up():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("UPDATE trainings", {}, ConnectionError("server closed the connection"))
+        return "ok"
+
+    assert trainings.retrying(flaky, seconds=10, what="test") == "ok" and len(calls) == 3
+
+    def down():
+        raise OperationalError("UPDATE trainings", {}, ConnectionError("connection refused"))
+
+    with pytest.raises(OperationalError):
+        trainings.retrying(down, seconds=0.5, what="test")
+
+
+def test_a_lease_shorter_than_the_retry_window_is_refused_at_start():
+    from service.config import Settings
+
+    with pytest.raises(ValueError, match="FELIS_TRAINING_LEASE_SECONDS"):
+        Settings(training_lease_seconds=60, db_retry_seconds=60)
+    assert Settings(training_lease_seconds=90, db_retry_seconds=60).training_lease_seconds == 90
+
+
+def test_no_status_word_is_spelled_outside_the_owner_module():
+    """The Python code names training states only through trainings.Status (the HTTP clients in
+    felis_client and bench speak the API's words and are not part of this rule)."""
+    import re
+
+    from tests.conftest import ROOT
+
+    words = re.compile(r"""["'](queued|running|succeeded|failed|cancelled)["']""")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("service", "worker") for path in (ROOT / folder).rglob("*.py")
+                 if path.name != "trainings.py" for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if words.search(line)]
+    assert offenders == []

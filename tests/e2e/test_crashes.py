@@ -1,0 +1,244 @@
+"""Crash tests with real processes: the broker down or SIGKILLed, PostgreSQL crashed, during the
+moments that matter. Each asserts no training is lost, run twice, stuck, or ends without a reason.
+
+Every server here is the test's own (tests/utils/servers.py), never the machine's shared one."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ASSETS, zip_folder
+from tests.utils import servers
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.production,
+              pytest.mark.skipif(not servers.available()["redis"], reason="redis-server not installed")]
+
+FAST = {"architecture": "simple_cnn", "epochs": 2, "seed": 0}
+
+
+def _felis(tmp_path, db_url: str, broker_url: str, **env: str) -> tuple[httpx.Client, list[Proc]]:
+    env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=broker_url,
+                    FELIS_TRAINING_SWEEP_SECONDS="1", FELIS_TORCH_THREADS="1", **env)
+    port = free_port()
+    procs = [Proc(["api", "--port", str(port)], env, tmp_path / "api.log"),
+             Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker.log")]
+    wait_ready(f"http://127.0.0.1:{port}", procs)
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+    r = c.post("/v1/datasets/pets/images", files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+    assert r.json()["created"] == 32
+    return c, procs
+
+
+def _versions(c: httpx.Client) -> list[int]:
+    return [m["version"] for m in c.get("/v1/datasets/pets/models").json()["data"]]
+
+
+def _wait_status(c: httpx.Client, training_id: str, status: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = c.get(f"/v1/trainings/{training_id}").json()
+        if body["status"] == status:
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(f"training {training_id} never {status}: {body}")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = servers.RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_train_request_with_the_broker_down_runs_once_when_it_is_back(tmp_path, redis_server):
+    """Before: 503 and a failed training, the user had to retry by hand (or, if the API died between
+    commit and enqueue, a training queued for good)."""
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url)
+    try:
+        redis_server.kill()
+        r = c.post("/v1/datasets/pets/trainings", json=FAST)
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+        time.sleep(3)  # a few sweeps find the broker down too
+        assert c.get(f"/v1/trainings/{r.json()['id']}").json()["status"] == "queued"
+        redis_server.start()
+        done = wait_training(c, r.json()["id"], timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        time.sleep(3)  # a duplicate message, had one been sent, would have had time to run
+        assert _versions(c) == [1]
+        assert c.get(f"/v1/trainings/{r.json()['id']}").json()["attempts"] == 1
+    finally:
+        for p in procs:
+            p.stop()
+        drop()
+
+
+def test_redis_sigkilled_during_a_training_loses_nothing(tmp_path, redis_server):
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url)
+    try:
+        first = c.post("/v1/datasets/pets/trainings", json={**FAST, "epochs": 20}).json()["id"]
+        queued = c.post("/v1/datasets/pets/trainings", json={**FAST, "seed": 1}).json()["id"]
+        _wait_status(c, first, "running")
+        redis_server.kill()  # the running training's message is unacknowledged; the second one waits
+        time.sleep(2)
+        redis_server.start()
+        done = [wait_training(c, t, timeout=400) for t in (first, queued)]
+        assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
+        time.sleep(3)
+        assert sorted(_versions(c)) == [1, 2]  # one version each: no training ran into a second version
+    finally:
+        for p in procs:
+            p.stop()
+        drop()
+
+
+@pytest.mark.skipif(not servers.available()["postgres"], reason="needs initdb and root (runs it as postgres)")
+def test_postgres_crashed_during_a_training_the_training_still_succeeds(tmp_path, redis_server):
+    """Before: the first progress write after the crash raised and the training was failed (or, with
+    the database still down, left running until its lease sent it to another attempt)."""
+    pg = servers.PostgresCluster()
+    pg.start()
+    try:
+        c, procs = _felis(tmp_path, pg.url, redis_server.url, FELIS_DB_RETRY_SECONDS="40")
+        try:
+            t = c.post("/v1/datasets/pets/trainings", json={**FAST, "epochs": 30}).json()["id"]
+            body = _wait_status(c, t, "running")
+            deadline = time.monotonic() + 60
+            while not (body.get("progress") or {}).get("epoch") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                body = c.get(f"/v1/trainings/{t}").json()
+            pg.crash()
+            time.sleep(5)  # the worker's progress writes and heartbeats now fail
+            pg.start()
+            done = wait_training(c, t, timeout=300)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, done
+            assert _versions(c) == [1]
+        finally:
+            for p in procs:
+                p.stop()
+    finally:
+        pg.stop()
+
+
+@pytest.mark.skipif(not servers.available()["postgres"], reason="needs initdb and root (runs it as postgres)")
+def test_predict_keeps_answering_from_loaded_versions_while_postgres_is_down(tmp_path, redis_server):
+    """Before: predict ran its version query on the event loop and failed with the database; now
+    a version this process has loaded keeps answering, others get 503, and /healthz stays quick."""
+    pg = servers.PostgresCluster()
+    pg.start()
+    try:
+        c, procs = _felis(tmp_path, pg.url, redis_server.url)
+        try:
+            assert wait_training(c, c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"])["status"] == "succeeded"
+            assert wait_training(c, c.post("/v1/datasets/pets/trainings", json={**FAST, "seed": 1}).json()["id"])["status"] == "succeeded"
+            image = (ASSETS / "cifar-cat" / "test" / "cat" / "0000.jpg").read_bytes()
+
+            def predict(version: int | None = None) -> httpx.Response:
+                return c.post("/v1/datasets/pets/predict" + (f"?version={version}" if version else ""),
+                              files={"files": ("0000.jpg", image, "image/jpeg")})
+
+            assert predict().json()["model_version"] == 1
+            pg.crash()
+            for _ in range(3):
+                r = predict()
+                assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+            r = predict(version=2)  # never looked up by this process
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+            t0 = time.monotonic()
+            assert c.get("/healthz").status_code == 200 and time.monotonic() - t0 < 2
+            pg.start()
+            deadline = time.monotonic() + 30
+            while predict(version=2).status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert predict(version=2).json()["model_version"] == 2
+        finally:
+            for p in procs:
+                p.stop()
+    finally:
+        pg.stop()
+
+
+_LIBFAKETIME = next(iter(__import__("pathlib").Path("/usr/lib").glob("*/faketime/libfaketime.so.1")), None)
+
+
+@pytest.mark.skipif(_LIBFAKETIME is None, reason="libfaketime not installed (apt-get install faketime)")
+def test_a_worker_whose_clock_is_hours_ahead_never_takes_a_live_training(tmp_path, redis_server):
+    """Leases are judged by PostgreSQL's clock. Before: a worker whose clock ran 2 h ahead saw every
+    other worker's heartbeat as hours old, queued their trainings again and ran them a second time.
+    (libfaketime also breaks time.sleep in that worker's threads, Celery's pool timers among them;
+    its sweep, which waits on an Event, runs.)"""
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url, FELIS_TRAINING_LEASE_SECONDS="20",
+                      FELIS_DB_RETRY_SECONDS="10")
+    skewed = None
+    try:
+        t = c.post("/v1/datasets/pets/trainings", json={**FAST, "epochs": 25}).json()["id"]
+        body = _wait_status(c, t, "running")
+        env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=db_url,
+                        FELIS_BROKER_URL=redis_server.url, FELIS_TRAINING_SWEEP_SECONDS="1", FELIS_TORCH_THREADS="1",
+                        FELIS_TRAINING_LEASE_SECONDS="20", FELIS_DB_RETRY_SECONDS="10",
+                        LD_PRELOAD=str(_LIBFAKETIME), FAKETIME="+2h", FAKETIME_DONT_FAKE_MONOTONIC="1")
+        skewed = Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", "skewed@%h"], env,
+                      tmp_path / "skewed.log")
+        done = wait_training(c, t, timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 1 and done["worker"] == body["worker"], done
+        assert _versions(c) == [1]
+        assert "skewed" in skewed.tail(200) or skewed.popen.poll() is None  # it ran, and swept, meanwhile
+    finally:
+        if skewed:
+            skewed.stop()
+        for p in procs:
+            p.stop()
+        drop()
+
+
+def test_a_worker_killed_while_writing_the_checkpoint_leaves_one_whole_version(tmp_path, redis_server):
+    """SIGKILL the worker (its whole process group) the moment it starts saving: after its blobs may
+    be half written, before its version row. The training is run again by the next worker and ends
+    with exactly one version, whose checkpoint and graph are whole."""
+    import psycopg
+
+    from models.checkpoint import load_checkpoint
+
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url, FELIS_TRAINING_LEASE_SECONDS="8", FELIS_DB_RETRY_SECONDS="4")
+    replacement = None
+    try:
+        t = c.post("/v1/datasets/pets/trainings", json={"image_size": 64, "cv_folds": 2}).json()["id"]
+        with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                phase = conn.execute("SELECT progress->>'phase' FROM trainings WHERE id = %s", (t,)).fetchone()[0]
+                if phase == "saving":
+                    procs[1].kill_group()
+                    break
+                time.sleep(0.005)
+            else:
+                raise TimeoutError("the training never reached its saving phase")
+            versions_at_kill = conn.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+        assert versions_at_kill == 0, "the kill came after the version was recorded: not the moment that matters"
+        env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=redis_server.url,
+                        FELIS_TRAINING_SWEEP_SECONDS="1", FELIS_TRAINING_LEASE_SECONDS="8", FELIS_DB_RETRY_SECONDS="4")
+        replacement = Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker2.log")
+        done = wait_training(c, t, timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert _versions(c) == [1]
+        ckpt = load_checkpoint(c.get("/v1/datasets/pets/models/1/download").content)
+        assert ckpt["labels"] == ["cat", "noncat"] and ckpt["training_config"]["image_size"] == 64
+        graph = c.get("/v1/datasets/pets/models/1/download?format=onnx")
+        assert graph.status_code == 200 and len(graph.content) > 1000
+        r = c.post("/v1/datasets/pets/predict", files={"files": ("a.jpg", (ASSETS / "cifar-cat" / "test" / "cat" / "0000.jpg").read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["model_version"] == 1
+    finally:
+        if replacement:
+            replacement.stop()
+        for p in procs:
+            p.stop()
+        drop()

@@ -1,0 +1,62 @@
+"""service.domain.versions: numbering, deleting one version, retention."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.domain import trainings, versions
+from service.errors import Conflict, NotFound
+from service.store.blobs import model_keys
+
+
+def _version(session, store, settings, keep: int = 0) -> int:
+    """A finished training's version, recorded as the pipeline records one (blobs, then the row)."""
+    t = trainings.request(session, "pets", {}, settings)
+    session.commit()
+    token = trainings.claim(t.id, "w1", settings.training_lease_seconds)
+    ckpt, onnx = model_keys(t.dataset_id, t.id, token)
+    store.put(ckpt, b"checkpoint")
+    store.put(onnx, b"graph")
+    return versions.create(t.id, token, architecture="efficientnet_lite0", labels=["cat", "noncat"], metrics={},
+                           evaluation={}, config={}, snapshot={}, checkpoint_key=ckpt, onnx_key=onnx,
+                           keep_versions=keep).version
+
+
+def test_delete_a_version_and_its_blobs_and_never_reuse_its_number(session, store, settings, pets):
+    assert [_version(session, store, settings) for _ in range(2)] == [1, 2]
+    row = versions.get(session, pets, 2)
+    versions.delete(session, store, "pets", 2)
+    with pytest.raises(NotFound):
+        versions.get(session, pets, 2)
+    assert not store.exists(row.checkpoint_key) and not store.exists(row.onnx_key)
+    assert _version(session, store, settings) == 3  # before: max + 1 gave 2 again
+
+
+def test_the_default_version_is_deleted_only_with_force(session, store, settings, pets):
+    _version(session, store, settings)
+    with pytest.raises(Conflict) as e:
+        versions.delete(session, store, "pets", 1)
+    assert e.value.code == "version_is_default"
+    versions.delete(session, store, "pets", 1, force=True)
+    session.refresh(pets)
+    assert pets.default_version is None and versions.list_for(session, pets) == []
+
+
+def test_retention_keeps_the_newest_and_the_default(session, store, settings, pets):
+    for _ in range(3):
+        _version(session, store, settings, keep=2)
+    assert [v.version for v in versions.list_for(session, pets)] == [1, 2, 3]  # 1 is the default
+    versions.promote(session, "pets", 3)
+    _version(session, store, settings, keep=2)
+    assert [v.version for v in versions.list_for(session, pets)] == [3, 4]
+
+
+def test_delete_over_http(felis_env):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    with TestClient(create_app()) as c:
+        c.post("/v1/datasets", json={"name": "pets"})
+        r = c.delete("/v1/datasets/pets/models/1")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
