@@ -4,8 +4,10 @@
 
 Without --url it starts its own felis (`felis up`, embedded mode) in a temporary folder.
 Every request's outcome is counted; the only acceptable failures are 429s. Afterwards every
-image the service accepted is fetched back and checked against the bytes and label sent.
-Exits non-zero if any request failed otherwise or any accepted image is missing or wrong.
+image the service accepted is fetched back and checked against the bytes and label sent, and
+every training started (the seed's and the one started under load) is waited for: each must
+succeed, with its own version. Exits non-zero if any request failed otherwise, any accepted
+image is missing or wrong, or a training did not succeed.
 """
 
 from __future__ import annotations
@@ -52,9 +54,8 @@ async def run(base: str, seconds: float, concurrency: int) -> dict:
         r = await c.post("/v1/datasets/load/images", files={"archive": ("seed.zip", buf.getvalue())})
         for res, (p, label) in zip(r.json()["results"], seed):
             accepted[res["image_id"]] = (hashlib.sha256(p.read_bytes()).hexdigest(), label)
-        tid = (await c.post("/v1/datasets/load/trainings", json={})).json()["id"]
-        while (await c.get(f"/v1/trainings/{tid}")).json()["status"] not in ("succeeded", "failed"):
-            await asyncio.sleep(0.5)
+        trainings = [(await c.post("/v1/datasets/load/trainings", json={})).json()["id"]]
+        await _final(c, trainings[0])
 
         uploads = collections.deque(_photos("train")[40:-40])
         random.Random(0).shuffle(uploads)
@@ -90,7 +91,9 @@ async def run(base: str, seconds: float, concurrency: int) -> dict:
                                 accepted[res["image_id"]] = (hashlib.sha256(p.read_bytes()).hexdigest(), lab)
                 elif roll < 0.27 and not training_started and time.monotonic() > deadline - seconds * 0.7:
                     training_started = True
-                    await one("train", c.post("/v1/datasets/load/trainings", json={}))
+                    r = await one("train", c.post("/v1/datasets/load/trainings", json={}))
+                    if r is not None and r.status_code == 202:
+                        trainings.append(r.json()["id"])
                 else:
                     img = rnd.choice(tests)
                     await one("predict", c.post("/v1/datasets/load/predict", files={"files": ("x.jpg", img)}))
@@ -109,6 +112,9 @@ async def run(base: str, seconds: float, concurrency: int) -> dict:
             elif hashlib.sha256(content.content).hexdigest() != sha or meta.json()["label"] != label:
                 wrong += 1
         count = (await c.get("/v1/datasets/load")).json()["image_count"]
+        # every training started: final, succeeded, one version each
+        outcomes = [await _final(c, t) for t in trainings]
+        versions = [m["version"] for m in (await c.get("/v1/datasets/load/models")).json()["data"]]
     bad = {k: v for k, v in stats.items() if not (k.endswith((":200", ":201", ":202", ":207", ":429")))}
     pct = lambda xs, q: sorted(xs)[int(q * (len(xs) - 1))] * 1000 if xs else None
     return {
@@ -117,7 +123,20 @@ async def run(base: str, seconds: float, concurrency: int) -> dict:
         "latency_ms": {k: {"p50": round(pct(v, 0.5), 1), "p99": round(pct(v, 0.99), 1), "n": len(v)}
                        for k, v in latencies.items()},
         "images_accepted": len(accepted), "images_in_dataset": count, "missing": missing, "wrong": wrong,
+        "trainings": [{"id": o["id"], "status": o["status"], "model_version": o["model_version"],
+                       "attempts": o["attempts"], "error": o["error"]} for o in outcomes],
+        "versions": versions,
     }
+
+
+async def _final(c: httpx.AsyncClient, training_id: str, timeout: float = 1800) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = (await c.get(f"/v1/trainings/{training_id}")).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"training {training_id} still {body['status']} after {timeout} s")
 
 
 def main() -> int:
@@ -140,7 +159,9 @@ def main() -> int:
             proc.stop()
     print(json.dumps(result, indent=2))
     ok = not result["unexpected"] and not result["missing"] and not result["wrong"] \
-        and result["images_in_dataset"] == result["images_accepted"]
+        and result["images_in_dataset"] == result["images_accepted"] \
+        and all(t["status"] == "succeeded" for t in result["trainings"]) \
+        and sorted(t["model_version"] for t in result["trainings"]) == result["versions"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

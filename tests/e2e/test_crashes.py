@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ASSETS, zip_folder
+from tests.conftest import ASSETS, DATASETS, needs_datasets, zip_folder
 from tests.utils import servers
 from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
 
@@ -239,6 +239,49 @@ def test_a_worker_killed_while_writing_the_checkpoint_leaves_one_whole_version(t
     finally:
         if replacement:
             replacement.stop()
+        for p in procs:
+            p.stop()
+        drop()
+
+
+@needs_datasets()
+def test_redis_sigkilled_during_uploads_loses_no_accepted_image(tmp_path, redis_server):
+    """Uploads never need the broker: with Redis SIGKILLed in the middle of a stream of uploads,
+    every upload is still answered, and every image accepted is there afterwards, byte for byte."""
+    import hashlib
+    import threading
+
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url)
+    photos = sorted((DATASETS / "catvnoncat" / "train" / "cat").iterdir())[:60]
+    accepted: dict[str, str] = {}
+    statuses: list[int] = []
+
+    def upload_all() -> None:
+        with httpx.Client(base_url=str(c.base_url), timeout=60) as u:
+            for i in range(0, len(photos), 4):
+                batch = photos[i:i + 4]
+                r = u.post("/v1/datasets/pets/images", data={"label": "cat"},
+                           files=[("files", (p.name, p.read_bytes(), "image/png")) for p in batch])
+                statuses.append(r.status_code)
+                for res, p in zip(r.json()["results"], batch):
+                    if res["status"] == "created":
+                        accepted[res["image_id"]] = hashlib.sha256(p.read_bytes()).hexdigest()
+
+    try:
+        uploader = threading.Thread(target=upload_all)
+        uploader.start()
+        while len(statuses) < 3:
+            time.sleep(0.05)
+        redis_server.kill()
+        uploader.join(120)
+        assert set(statuses) <= {201, 207} and len(statuses) == 15, statuses
+        assert len(accepted) == 60
+        for image_id, sha in accepted.items():
+            content = c.get(f"/v1/datasets/pets/images/{image_id}/content")
+            assert content.status_code == 200 and hashlib.sha256(content.content).hexdigest() == sha
+        assert c.get("/v1/datasets/pets").json()["image_count"] == 32 + 60
+    finally:
         for p in procs:
             p.stop()
         drop()
