@@ -36,6 +36,7 @@ class MicroBatcher:
         self.max_wait_s = max(0.0, max_wait_s)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
         self._runner: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self._expected = 0  # images announced by requests that are still decoding them
         self._running = 0  # jobs handed to the inference thread and not finished
@@ -80,7 +81,8 @@ class MicroBatcher:
     def _ensure_runner(self) -> None:
         if self._runner is None or self._runner.done():
             self._queue = asyncio.Queue()
-            self._runner = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._runner = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -119,6 +121,16 @@ class MicroBatcher:
                     f.set_result(p)
 
     def close(self) -> None:
+        """Stop the runner (from any thread) and fail whatever is still queued, so no caller waits
+        for ever; the model cache closes a batcher only when no request holds it."""
+        if self._runner is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _stop(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        while self._queue is not None and not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("the model was unloaded"))

@@ -1,7 +1,9 @@
 """The model cache: each version loaded once per API process, least recently used evicted first.
 
 A loaded version is its predictor (the exported ONNX graph, or the checkpoint under torch when
-asked for) and the micro-batcher in front of it.
+asked for) and the micro-batcher in front of it. Requests hold a model between ``acquire`` and
+``release``; an evicted model leaves the cache at once but is closed only when the last request
+holding it lets go, so eviction never strands a queued image.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class LoadedModel:
     labels: list[str]
     predictor: Any  # models.predictor.Predictor
     batcher: MicroBatcher
+    users: int = 0  # requests holding it (acquire .. release)
+    evicted: bool = False  # out of the cache: closed when the last user releases it
 
 
 class ModelCache:
@@ -48,33 +52,49 @@ class ModelCache:
             serving = self._lookups.get((dataset, version))
             return serving if serving is not None and serving.checkpoint_key in self._models else None
 
-    def loaded(self, key: str) -> LoadedModel | None:
-        """The model if it is in memory already (no thread hop needed), else None."""
+    def acquire_loaded(self, key: str) -> LoadedModel | None:
+        """The model, held for this request, if it is in memory already (no thread hop), else None."""
         with self._lock:
             model = self._models.get(key)
             if model is not None:
                 self._models.move_to_end(key)
+                model.users += 1
             return model
 
-    def get(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+    def acquire(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+        """The model, loaded if need be (blocking: call it off the event loop), held for this request."""
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
-                return self._models[key]
+                model = self._models[key]
+                model.users += 1
+                return model
             load_lock = self._loading.setdefault(key, threading.Lock())
         with load_lock:  # one load per version, however many requests ask at once
             with self._lock:
                 if key in self._models:
-                    return self._models[key]
+                    model = self._models[key]
+                    model.users += 1
+                    return model
             model = self._load(key, version, onnx_key)
             with self._lock:
+                model.users += 1
                 self._models[key] = model
                 while len(self._models) > max(1, self.settings.model_cache_size):
                     old_key, old = self._models.popitem(last=False)
-                    old.batcher.close()
+                    old.evicted = True
                     self._lookups = {k: v for k, v in self._lookups.items() if v.checkpoint_key != old_key}
+                    if old.users == 0:
+                        old.batcher.close()
                 self._loading.pop(key, None)
             return model
+
+    def release(self, model: LoadedModel) -> None:
+        with self._lock:
+            model.users -= 1
+            close = model.evicted and model.users == 0
+        if close:
+            model.batcher.close()
 
     def _load(self, key: str, version: int, onnx_key: str | None) -> LoadedModel:
         """The exported ONNX graph alone when there is one (no torch in this process: it stays

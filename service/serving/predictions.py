@@ -81,6 +81,17 @@ def _lookup(cache: ModelCache, dataset_name: str, version: int | None) -> versio
     return serving
 
 
+async def _acquire(cache: ModelCache, key: str, version: int, onnx_key: str | None) -> LoadedModel:
+    """Load (off the event loop) and hold the model; if the request is cancelled meanwhile, the
+    hold taken in the thread is released when the load finishes, so none leaks."""
+    future = asyncio.get_running_loop().run_in_executor(None, cache.acquire, key, version, onnx_key)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: cache.release(f.result()) if not f.cancelled() and f.exception() is None else None)
+        raise
+
+
 def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
     """The thresholded decision: a thresholded label that clears its threshold (the likeliest, if
     several), else the likeliest label without a threshold; None when every label has one and none clears it."""
@@ -100,13 +111,15 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
                        code="too_many_files")
     serving = await run_in_threadpool(_lookup, cache, dataset_name, version)
     key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
-    model = cache.loaded(key) or await run_in_threadpool(cache.get, key, number, serving.onnx_key)
-
-    # per file, in order: its probabilities, or why it could not be read
-    if len(files) == 1 and model.batcher.idle():
-        results = await _predict_alone(model, files[0][1])
-    else:
-        results = await _predict_batched(model, files)
+    model = cache.acquire_loaded(key) or await _acquire(cache, key, number, serving.onnx_key)
+    try:  # held until answered: an eviction meanwhile closes it only after the last holder
+        # per file, in order: its probabilities, or why it could not be read
+        if len(files) == 1 and model.batcher.idle():
+            results = await _predict_alone(model, files[0][1])
+        else:
+            results = await _predict_batched(model, files)
+    finally:
+        cache.release(model)
     if all(isinstance(r, InvalidImage) for r in results):
         first = results[0]
         raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code, details={"filename": files[0][0]})
