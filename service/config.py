@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_compression_ratio: float = 200.0  # per zip member: uncompressed / compressed
     max_predict_files: int = 64  # images in one predict request
 
+    # --- staged uploads and blob collection (the workers' sweep, service.domain.cleanup.collect) ---
+    upload_stage_ttl_seconds: float = 3600  # staged rows of an upload untouched this long are a dead upload's and dropped (longer than any upload)
+    blob_grace_seconds: float = 600  # a blob is deleted once unreferenced this long (longer than a staging transaction, plus clock skew)
+
     # --- training ----------------------------------------------------------------
     min_images_per_label: int = 5  # fewer and a training request is refused
     training_soft_time_limit: int = 3600  # seconds; the task stops and fails cleanly

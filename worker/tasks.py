@@ -59,8 +59,9 @@ def _init_process(**_: object) -> None:
 @signals.worker_ready.connect
 def _start_sweep_loop(**_: object) -> None:
     """Every worker sweeps: trainings whose worker died (no heartbeat within the lease), queued
-    trainings whose message was never confirmed sent (service.domain.trainings.sweep), and the
-    rows and blobs of deleted datasets (service.domain.cleanup.purge)."""
+    trainings whose message was never confirmed sent (service.domain.trainings.sweep), the rows
+    of deleted datasets (service.domain.cleanup.purge), and the stages of dead uploads, orphan
+    blobs and orphan features (service.domain.cleanup.collect)."""
     settings = get_settings()
     interval = settings.training_sweep_seconds or max(5.0, settings.training_lease_seconds / 4)
     stop = threading.Event()
@@ -77,6 +78,7 @@ def _start_sweep_loop(**_: object) -> None:
                 sweep(settings, enqueue_training)
                 with new_session() as session:
                     cleanup.purge(session, get_store())
+                    cleanup.collect(session, get_store(), settings)
             except Exception:
                 log.warning("sweep failed", exc_info=True)
 

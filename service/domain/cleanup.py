@@ -2,21 +2,64 @@
 
 Deleting a dataset answers at once: it is marked deleted (gone from every listing, its name free
 for a new dataset under a new id) and its trainings are cancelled, in one commit. ``purge`` then
-removes its rows, each through the module that owns them, and the blobs no row refers to any
-more; the workers' sweep runs it. Rows go first (committed), blobs after, so a crash in between
-leaves unreferenced blobs at worst, never a row pointing at a missing blob.
+removes its rows, each through the module that owns them; the workers' sweep runs it.
+
+Image blobs are never deleted with their rows. Whatever drops a reference to a blob (deleting an
+image, purging a dataset's rows, dropping a failed or dead upload's stage) lists the blob in
+blob_orphans in the same commit, and ``collect``, in the workers' sweep, deletes each listed blob
+that nothing refers to once it has been listed for FELIS_BLOB_GRACE_SECONDS: no image row and no
+staged row of an upload in progress (for an image blob), no version (for a model blob). So a
+crash between a row's delete and its blob's leaves an entry the next sweep acts on. Model blobs,
+which no upload races for, ``purge`` lists too but deletes at once after its commit.
+(versions.delete still deletes a version's blobs inline after its commit without listing them:
+a crash in between leaves them for good, until it lists them with uploads.orphan_blobs.)
+
+Why deleting an image blob inline raced uploads: an upload that finds the blob of its bytes
+already stored (another dataset's) writes nothing and counts on it until it publishes its rows.
+Here an upload stages its row (committed) before it looks for the blob, and staging deletes the
+blob's orphan entry in the same transaction. ``collect`` claims an entry (deletes it, which takes
+its row lock on PostgreSQL, the write lock on SQLite), checks the references and deletes the blob
+before it commits: an upload staging those bytes meanwhile waits for that commit, then finds the
+blob gone and writes it again; one that staged before is a reference, and the blob stays.
+
+What the grace period protects: the one interleaving that lock cannot see, on PostgreSQL (SQLite
+runs one writer at a time), a staging transaction that looked for the orphan entry before the
+transaction listing it committed, and commits only after the collection checked the references.
+That takes the two transactions together (milliseconds, seconds for a purge of a large dataset)
+to outlast the grace period. It also absorbs clock skew between the processes that list and
+collect, since "listed since" is the lister's clock.
+
+``collect`` also drops the stages of dead uploads (staged rows untouched for
+FELIS_UPLOAD_STAGE_TTL_SECONDS; a live upload stages a chunk every few seconds, and one that
+outlives the TTL fails whole at publishing, see uploads.py), listing their blobs as orphans, and
+deletes cached features (image_features) of bytes no image and no upload uses any more (features
+are shared by every dataset with those bytes).
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import delete, exists, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from service.domain import datasets, images, trainings, versions
+from service.config import Settings
+from service.domain import datasets, images, trainings, uploads, versions
 from service.store.blobs import BlobStore, image_key
+from service.store.tables import (
+    BlobOrphan,
+    Image,
+    ImageFeature,
+    ImageStage,
+    ModelVersion,
+    utcnow,
+)
 
 log = logging.getLogger("felis.cleanup")
+
+_IMAGES, _MODELS = "images/", "models/"
 
 
 def delete_dataset(session: Session, name: str) -> None:
@@ -27,7 +70,8 @@ def delete_dataset(session: Session, name: str) -> None:
 
 def purge(session: Session, store: BlobStore) -> int:
     """Remove the deleted datasets whose trainings have all stopped; returns how many went. Safe to
-    run anywhere, any number of times, concurrently."""
+    run anywhere, any number of times, concurrently. Their blobs are listed as orphans in the same
+    commit; the model blobs (which no upload can race for) are deleted at once too."""
     done = 0
     for dataset_id in datasets.deleted_ids(session):
         if trainings.any_active(session, dataset_id):
@@ -36,11 +80,109 @@ def purge(session: Session, store: BlobStore) -> int:
         trainings.delete_all(session, dataset_id)
         shas = images.delete_all(session, dataset_id)
         datasets.remove(session, dataset_id)
+        uploads.orphan_blobs(session, [image_key(sha) for sha in shas] + model_keys)
         session.commit()
-        for sha in images.unreferenced(session, shas):
-            store.delete(image_key(sha))
-        for key in model_keys:
+        for key in model_keys:  # a crash here leaves them listed: collect deletes them
             store.delete(key)
+        if model_keys:
+            session.execute(delete(BlobOrphan).where(BlobOrphan.key.in_(model_keys))
+                            .execution_options(synchronize_session=False))
+            session.commit()
         log.info("removed deleted dataset %s: %d images, %d model blobs", dataset_id, len(shas), len(model_keys))
         done += 1
     return done
+
+
+def collect(session: Session, store: BlobStore, settings: Settings, *, limit: int = 1000) -> dict[str, int]:
+    """One round of the collection (see the module's docstring): the stages of dead uploads, up
+    to ``limit`` orphan blobs past the grace period, and up to ``limit`` orphan feature rows.
+    Returns how many of each went. Safe to run anywhere, any number of times, concurrently."""
+    counts = {"stages": 0, "blobs": 0, "features": 0}
+    staged_before = utcnow() - timedelta(seconds=settings.upload_stage_ttl_seconds)
+    dead = session.scalars(select(ImageStage.upload_id).group_by(ImageStage.upload_id)
+                           .having(func.max(ImageStage.created_at) < staged_before).limit(limit)).all()
+    session.commit()
+    for upload_id in dead:
+        if uploads.drop_stage(session, upload_id, staged_before=staged_before):
+            log.info("dropped the stage of dead upload %s", upload_id)
+            counts["stages"] += 1
+    listed_before = utcnow() - timedelta(seconds=settings.blob_grace_seconds)
+    keys = session.scalars(select(BlobOrphan.key).where(BlobOrphan.since <= listed_before)
+                           .order_by(BlobOrphan.since).limit(limit)).all()
+    session.commit()
+    for key in keys:
+        counts["blobs"] += _collect_blob(session, store, key, listed_before)
+    counts["features"] = _collect_features(session, limit)
+    if any(counts.values()):
+        log.info("collected %d dead upload stages, %d blobs, %d feature rows",
+                 counts["stages"], counts["blobs"], counts["features"])
+    return counts
+
+
+def _collect_blob(session: Session, store: BlobStore, key: str, listed_before: datetime) -> bool:
+    """Claim the entry, and delete the blob if nothing refers to it, all before the commit."""
+    # First a look outside any transaction: a store that does not answer fails the round here,
+    # not while holding the lock (on SQLite the database's write lock) through its timeouts.
+    store.exists(key)
+    try:
+        claimed = session.execute(delete(BlobOrphan).where(BlobOrphan.key == key, BlobOrphan.since <= listed_before)
+                                  .returning(BlobOrphan.key).execution_options(synchronize_session=False)).first()
+        if claimed is None or _referenced(session, key):  # taken off the list meanwhile, or in use again
+            session.commit()
+            return False
+        store.delete(key)
+        if key.startswith(_IMAGES):
+            sha = key.rsplit("/", 1)[-1]
+            session.execute(delete(ImageFeature).where(ImageFeature.sha256 == sha)
+                            .execution_options(synchronize_session=False))
+        session.commit()
+        return True
+    except BaseException:
+        session.rollback()  # the entry stays listed: the next round tries again
+        raise
+
+
+def _referenced(session: Session, key: str) -> bool:
+    if key.startswith(_IMAGES):
+        sha = key.rsplit("/", 1)[-1]
+        return bool(session.scalar(select(exists().where(Image.sha256 == sha)))
+                    or session.scalar(select(exists().where(ImageStage.sha256 == sha))))
+    if key.startswith(_MODELS):
+        return bool(session.scalar(select(exists().where(
+            or_(ModelVersion.checkpoint_key == key, ModelVersion.onnx_key == key)))))
+    return True  # no kind of blob this module knows: never delete it
+
+
+def _unused(sha: Any) -> Any:
+    return ~exists().where(Image.sha256 == sha) & ~exists().where(ImageStage.sha256 == sha)
+
+
+_features_scanned_to: tuple[str, str] | None = None  # (extractor, sha256): where the last round stopped
+
+
+def _collect_features(session: Session, limit: int) -> int:
+    """Feature rows of bytes no image and no upload uses any more. Those of the blobs collected
+    went with them; this finds the rest (a training that cached them after its images were
+    deleted, or rows older than this collection), ``limit`` rows a round, in key order and round
+    again, so a round costs the same whatever the table's size. Found by a read; deleted, if
+    still unused, in a short transaction."""
+    global _features_scanned_to
+    window = select(ImageFeature.extractor, ImageFeature.sha256).order_by(ImageFeature.extractor, ImageFeature.sha256)
+    start = _features_scanned_to
+    after = tuple_(ImageFeature.extractor, ImageFeature.sha256)
+    rows = session.execute((window.where(after > tuple_(*start)) if start else window).limit(limit)).all()
+    if start and len(rows) < limit:  # past the end: on from the beginning, up to where this round began
+        rows += session.execute(window.where(after <= tuple_(*start)).limit(limit - len(rows))).all()
+    _features_scanned_to = tuple(rows[-1]) if len(rows) == limit else None
+    shas = sorted({row.sha256 for row in rows})
+    unused = set()
+    for i in range(0, len(shas), 500):
+        unused.update(session.scalars(select(ImageFeature.sha256).distinct().where(
+            ImageFeature.sha256.in_(shas[i:i + 500]), _unused(ImageFeature.sha256))))
+    session.commit()
+    if not unused:
+        return 0
+    gone = session.execute(delete(ImageFeature).where(ImageFeature.sha256.in_(sorted(unused)), _unused(ImageFeature.sha256))
+                           .execution_options(synchronize_session=False)).rowcount
+    session.commit()
+    return gone or 0

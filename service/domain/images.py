@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_pairs
-from service.domain.uploads import validate_label
+from service.domain.uploads import orphan_blobs, validate_label
 from service.errors import NotFound
 from service.store.blobs import BlobStore, image_key
 from service.store.tables import Dataset, Image
@@ -92,14 +92,14 @@ def relabel(session: Session, dataset: Dataset, image_id: str, label: str) -> Im
 
 
 def delete(session: Session, store: BlobStore, dataset: Dataset, image_id: str) -> None:
-    """Delete the row; the blob goes too unless another dataset holds the same bytes.
-    Model versions keep working: their checkpoints hold weights, not images."""
+    """Delete the row. Its blob is listed as an orphan in the same commit and left to the
+    collection (cleanup.collect), which deletes it once no image and no upload has used the bytes
+    for the grace period: deleting it here would race an upload of the same bytes. Model
+    versions keep working: their checkpoints hold weights, not images."""
     image = get(session, dataset, image_id)
-    sha = image.sha256
     session.delete(image)
+    orphan_blobs(session, [image_key(image.sha256)])
     session.commit()
-    if not session.scalar(select(func.count(Image.id)).where(Image.sha256 == sha)):
-        store.delete(image_key(sha))
 
 
 def delete_all(session: Session, dataset_id: int) -> set[str]:
@@ -107,14 +107,3 @@ def delete_all(session: Session, dataset_id: int) -> set[str]:
     shas = set(session.scalars(select(Image.sha256).where(Image.dataset_id == dataset_id)))
     session.execute(sa_delete(Image).where(Image.dataset_id == dataset_id))
     return shas
-
-
-def unreferenced(session: Session, shas: set[str]) -> set[str]:
-    """Those of the sha256s no image row refers to any more."""
-    if not shas:
-        return set()
-    used: set[str] = set()
-    listed = list(shas)
-    for i in range(0, len(listed), 500):
-        used.update(session.scalars(select(Image.sha256).where(Image.sha256.in_(listed[i:i + 500]))))
-    return shas - used

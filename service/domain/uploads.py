@@ -1,12 +1,26 @@
 """Uploads: validate, deduplicate and store images, from loose files or a zip with a folder per label.
 
-Order of writes: blob first (atomic, content-addressed), row after, all rows committed at the
-end. A crash at any point leaves at most an unreferenced blob, never a row without its blob.
+All or nothing: a request's accepted files become visible together, or none of them. Chunk by
+chunk, the new files' rows are staged (image_stage, under the request's upload id, each chunk in
+a short transaction of its own) and then their blobs written (atomic, content-addressed); at the
+end one short transaction publishes the staged rows into images, unless the dataset was deleted
+meanwhile (404 dataset_not_found), and deletes the stage. No write lock is held across the
+ingest, however many files it has. A failure midway (507, 503, any exception) drops the stage;
+a crash leaves it to the workers' sweep (cleanup.collect, after FELIS_UPLOAD_STAGE_TTL_SECONDS).
+Either way its blobs are left unreferenced, for the collection: never a row without its blob.
+
+A row is staged before its blob is looked for, and staging takes the blob off the orphan list
+(blob_orphans) in the same transaction: the collection never deletes a blob an upload counts on
+(cleanup.py says how). Deduplication: against the dataset's images and the request's earlier
+files while staging, and again at publishing, for bytes a concurrent upload published meanwhile
+(the unique constraint uq_image_dataset_sha settles two publishing at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -14,18 +28,22 @@ import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import IO, Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, exists, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from models.images import InvalidImage, inspect_image, perceptual_hash
 from service.config import Settings
-from service.errors import InvalidRequest, TooLarge
+from service.errors import InvalidRequest, NotFound, TooLarge, Unavailable
 from service.store.blobs import BlobStore, image_key
-from service.store.tables import Dataset, Image
+from service.store.tables import BlobOrphan, Dataset, Image, ImageStage, new_id, utcnow
+
+log = logging.getLogger("felis.uploads")
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CHUNK = 64  # files decoded and stored per step
@@ -192,7 +210,8 @@ def ingest(
     candidates: Iterable[Candidate],
     settings: Settings,
 ) -> UploadReport:
-    """Validate every candidate, store the new ones, and report one result per file, in order."""
+    """Validate every candidate, store the new ones, and report one result per file, in order.
+    The new ones become visible together when it returns; when it raises, none of them."""
     candidates = list(candidates)
     if not candidates:
         raise InvalidRequest("the upload holds no files", code="empty_upload")
@@ -202,41 +221,55 @@ def ingest(
             code="too_many_files",
         )
     report = UploadReport()
-    seen: dict[str, str] = {}
-    # Decoding dominates; Pillow releases the GIL, so threads use every core. Chunks bound the
-    # memory held at once to a few dozen files whatever the upload's size.
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        for start in range(0, len(candidates), _CHUNK):
-            chunk = candidates[start : start + _CHUNK]
-            checked = list(pool.map(lambda c: _check(c, settings), chunk))
-            existing = _existing(session, dataset.id, {c.sha256 for c in checked if c.sha256})
-            for c in checked:
-                report.results.append(_record(session, store, dataset, c, existing, seen))
-    session.commit()
+    upload_id = new_id()
+    staged: dict[str, str] = {}  # sha256 -> the id of its staged row, the image's id once published
+    pending: list[tuple[int, str, bool]] = []  # (result, sha256, first file of those bytes): known at publish
+    session.commit()  # end what the caller's reads began: each step below is a short transaction of its own
+    try:
+        # Decoding dominates; Pillow releases the GIL, so threads use every core. Chunks bound the
+        # memory held at once to a few dozen files whatever the upload's size.
+        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+            for start in range(0, len(candidates), _CHUNK):
+                chunk = candidates[start : start + _CHUNK]
+                checked = list(pool.map(lambda c: _check(c, settings), chunk))
+                existing = _existing(session, dataset.id, {c.sha256 for c in checked if c.sha256})
+                new: list[_Checked] = []
+                for c in checked:
+                    result: dict[str, Any] = {"filename": c.candidate.filename, "label": c.candidate.label}
+                    if c.reason:
+                        result |= {"status": "rejected", "image_id": None, "reason": c.reason}
+                    elif c.sha256 in existing:
+                        result |= _duplicate(existing[c.sha256])
+                    else:
+                        assert c.sha256
+                        first = c.sha256 not in staged
+                        if first:
+                            staged[c.sha256] = new_id()
+                            new.append(c)
+                        pending.append((len(report.results), c.sha256, first))
+                    report.results.append(result)
+                if new:
+                    _stage(session, upload_id, dataset.id, new, staged)
+                    for c in new:  # after the stage is committed: from now on the blob is the upload's
+                        key = image_key(c.sha256)
+                        if not store.exists(key):
+                            store.put(key, c.data)
+                session.commit()
+        published = _publish(session, upload_id, dataset, staged)
+    except BaseException:
+        _drop_after_failure(session, upload_id)
+        raise
+    for index, sha, first in pending:
+        image_id, created = published[sha]
+        if created and first:
+            report.results[index] |= {"status": "created", "image_id": image_id, "reason": None}
+        else:
+            report.results[index] |= _duplicate(image_id)
     return report
 
 
-def _record(
-    session: Session,
-    store: BlobStore,
-    dataset: Dataset,
-    c: _Checked,
-    existing: dict[str, str],
-    seen: dict[str, str],
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"filename": c.candidate.filename, "label": c.candidate.label}
-    if c.reason:
-        return result | {"status": "rejected", "image_id": None, "reason": c.reason}
-    assert c.sha256
-    image_id = existing.get(c.sha256) or seen.get(c.sha256)
-    if image_id is None:
-        image_id = _store_one(session, store, dataset, c)
-        if image_id is not None:
-            seen[c.sha256] = image_id
-            return result | {"status": "created", "image_id": image_id, "reason": None}
-        # a concurrent upload of the same bytes committed first
-        image_id = _existing(session, dataset.id, {c.sha256})[c.sha256]
-    return result | {"status": "duplicate", "image_id": image_id, "reason": "duplicate_in_dataset"}
+def _duplicate(image_id: str) -> dict[str, Any]:
+    return {"status": "duplicate", "image_id": image_id, "reason": "duplicate_in_dataset"}
 
 
 def _existing(session: Session, dataset_id: int, shas: set[str]) -> dict[str, str]:
@@ -251,25 +284,98 @@ def _existing(session: Session, dataset_id: int, shas: set[str]) -> dict[str, st
     return found
 
 
-def _store_one(session: Session, store: BlobStore, dataset: Dataset, c: _Checked) -> str | None:
-    assert c.sha256 and c.data is not None
-    key = image_key(c.sha256)
-    if not store.exists(key):
-        store.put(key, c.data)
-    image = Image(
-        dataset_id=dataset.id,
-        sha256=c.sha256,
-        label=c.candidate.label,
-        filename=PurePosixPath(c.candidate.filename).name[:255] or "upload",
-        format=c.info.format,
-        width=c.info.width,
-        height=c.info.height,
-        size_bytes=len(c.data),
-        phash=c.phash,
-    )
+def _stage(session: Session, upload_id: str, dataset_id: int, new: list[_Checked], staged: dict[str, str]) -> None:
+    """One chunk's new rows, in a transaction of their own; their blobs leave the orphan list."""
+    rows = []
+    for c in new:
+        assert c.sha256 and c.data is not None and c.candidate.label
+        rows.append({
+            "id": staged[c.sha256], "upload_id": upload_id, "dataset_id": dataset_id, "sha256": c.sha256,
+            "label": c.candidate.label, "filename": PurePosixPath(c.candidate.filename).name[:255] or "upload",
+            "format": c.info.format, "width": c.info.width, "height": c.info.height, "size_bytes": len(c.data),
+            "phash": c.phash, "created_at": utcnow(),
+        })
+    session.execute(insert(ImageStage), rows)
+    session.execute(delete(BlobOrphan).where(BlobOrphan.key.in_(sorted(image_key(c.sha256) for c in new)))
+                    .execution_options(synchronize_session=False))
+    session.commit()
+
+
+_PUBLISHED = ("id", "dataset_id", "sha256", "label", "filename", "format", "width", "height", "size_bytes",
+              "phash", "created_at")
+
+
+def _publish(session: Session, upload_id: str, dataset: Dataset, staged: dict[str, str]) -> dict[str, tuple[str, bool]]:
+    """The staged rows into images and the stage deleted, in one short transaction, under the
+    dataset's lock (a row lock on PostgreSQL, the write lock on SQLite), so that a delete of the
+    dataset comes wholly before (404, nothing published) or after. Returns, per sha256, the
+    image's id and whether this upload created it (else a concurrent one published it first)."""
+    if not staged:
+        return {}
+    live = session.scalar(select(Dataset.id).where(
+        Dataset.id == dataset.id, Dataset.deleted_at.is_(None),
+        Dataset.created_at == dataset.created_at,  # SQLite may give a purged dataset's id to a new one
+    ).with_for_update())
+    if live is None:
+        raise NotFound(f"dataset {dataset.name!r} does not exist", code="dataset_not_found")
+    still_staged = select(func.count()).select_from(ImageStage).where(ImageStage.upload_id == upload_id)
+    if session.scalar(still_staged) != len(staged):
+        raise Unavailable("the upload took longer than FELIS_UPLOAD_STAGE_TTL_SECONDS, and the sweep dropped part of "
+                          "it as a dead upload's; nothing of it was stored: send it again", code="upload_expired")
+    rows = select(*(getattr(ImageStage, c) for c in _PUBLISHED)).where(
+        ImageStage.upload_id == upload_id,
+        ~exists().where(Image.dataset_id == ImageStage.dataset_id, Image.sha256 == ImageStage.sha256))
+    publish = (dialect_insert(session)(Image.__table__).from_select(list(_PUBLISHED), rows)
+               .on_conflict_do_nothing(index_elements=["dataset_id", "sha256"]).returning(Image.__table__.c.id))
+    created = set(session.scalars(publish))
+    winners = _existing(session, dataset.id, {sha for sha, image_id in staged.items() if image_id not in created})
+    session.execute(delete(ImageStage).where(ImageStage.upload_id == upload_id)
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    return {sha: (image_id, True) if image_id in created else (winners[sha], False) for sha, image_id in staged.items()}
+
+
+def _drop_after_failure(session: Session, upload_id: str) -> None:
+    """Best effort: what is left (a database down, say) the sweep drops after the stage's TTL."""
     try:
-        with session.begin_nested():
-            session.add(image)
-    except IntegrityError:
-        return None
-    return image.id
+        session.rollback()
+        drop_stage(session, upload_id)
+    except Exception:
+        log.warning("could not drop the stage of failed upload %s; the sweep will", upload_id, exc_info=True)
+        with contextlib.suppress(SQLAlchemyError):
+            session.rollback()
+
+
+def drop_stage(session: Session, upload_id: str, *, staged_before: datetime | None = None) -> int:
+    """Delete an upload's staged rows (only those staged before ``staged_before`` if given) and
+    list their blobs as orphans; returns how many rows. Commits, a thousand rows at a time."""
+    where = [ImageStage.upload_id == upload_id]
+    if staged_before is not None:
+        where.append(ImageStage.created_at < staged_before)
+    total = 0
+    while True:
+        batch = select(ImageStage.id).where(*where).limit(1000)
+        shas = session.scalars(delete(ImageStage).where(ImageStage.id.in_(batch)).returning(ImageStage.sha256)
+                               .execution_options(synchronize_session=False)).all()
+        if not shas:
+            session.rollback()
+            return total
+        orphan_blobs(session, (image_key(sha) for sha in shas))
+        session.commit()
+        total += len(shas)
+
+
+def orphan_blobs(session: Session, keys: Iterable[str]) -> None:
+    """List blobs that may have lost their last reference, as of now; the caller commits, in the
+    transaction that dropped the reference (so a crash cannot lose the entry). cleanup.collect
+    deletes each one still unreferenced FELIS_BLOB_GRACE_SECONDS later."""
+    rows = [{"key": key, "since": utcnow()} for key in sorted(set(keys))]
+    upsert = dialect_insert(session)(BlobOrphan.__table__)
+    upsert = upsert.on_conflict_do_update(index_elements=["key"], set_={"since": upsert.excluded.since})
+    for i in range(0, len(rows), 500):
+        session.execute(upsert, rows[i : i + 500])
+
+
+def dialect_insert(session: Session):
+    """INSERT with ON CONFLICT, as the database's dialect writes it (PostgreSQL or SQLite)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
-from service.domain import datasets, trainings
+from service.domain import datasets, trainings, uploads
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
@@ -66,7 +66,8 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
 def delete(session: Session, store: BlobStore, dataset_name: str, version: int, *, force: bool = False) -> None:
     """Delete one version and its blobs. The default version only with force, which leaves the
     dataset without a default (predict then answers no_model until a promotion). Its number is
-    never given again. Rows first (committed), blobs after: a crash leaves unreferenced blobs."""
+    never given again. The row goes first, its blobs listed as orphans in the same commit, then the
+    blobs; after a crash in between, cleanup.collect deletes them."""
     dataset = datasets.get(session, dataset_name, for_update=True)
     row = get(session, dataset, version)
     if dataset.default_version == row.version:
@@ -76,6 +77,7 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
         dataset.default_version = None
     keys = [k for k in (row.checkpoint_key, row.onnx_key) if k]
     session.delete(row)
+    uploads.orphan_blobs(session, keys)  # listed in the same commit: a crash before the deletes below is repaired by the sweep
     session.commit()
     for key in keys:
         store.delete(key)

@@ -13,12 +13,41 @@ from service.config import get_settings
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # SQLAlchemy's pysqlite recipe, part one: pysqlite begins no transaction of its own (_sqlite_begin
+    # does). Left to itself it began only before INSERT/UPDATE/DELETE, never before SAVEPOINT, so
+    # a RELEASE SAVEPOINT committed everything before it and a rollback undid nothing.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (API + worker processes)
     cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
     cur.execute("PRAGMA busy_timeout=30000")  # wait for the other process's write instead of failing
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+_WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE", "SAVEPOINT", "CREATE", "DROP", "ALTER"})
+
+
+def _sqlite_begin(conn, cursor, statement: str, _parameters, context, _executemany) -> None:
+    """Part two: our own BEGIN, so that a SQLAlchemy transaction is one SQLite transaction.
+
+    Not at the transaction's first statement, as the recipe's ``begin`` event does: a transaction
+    that reads, then writes after another process has committed, cannot take the write lock
+    (SQLITE_BUSY_SNAPSHOT, "database is locked" at once: busy_timeout does not apply). So reads
+    run alone until the transaction's first write (or SAVEPOINT, or SELECT ... FOR UPDATE, which
+    then means what it says), which sends ``BEGIN IMMEDIATE`` first: it waits for the write lock
+    (busy_timeout) and holds it to the COMMIT, and everything from there is one transaction.
+    """
+    if cursor.connection.in_transaction or not conn.in_transaction():
+        return
+    keyword = statement.lstrip()[:9].split(None, 1)[0].upper() if statement.strip() else ""
+    if keyword in _WRITES or (keyword == "SELECT" and _locks_rows(context)):
+        cursor.execute("BEGIN IMMEDIATE")
+
+
+def _locks_rows(context) -> bool:
+    statement = getattr(getattr(context, "compiled", None), "statement", None)
+    return getattr(statement, "_for_update_arg", None) is not None
 
 
 def make_engine(url: str) -> Engine:
@@ -30,6 +59,7 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "before_cursor_execute", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

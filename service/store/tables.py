@@ -1,7 +1,8 @@
 """The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
 service.domain.uploads and .images (Image), service.domain.trainings (Training),
-service.domain.versions (ModelVersion), service.store.features (ImageFeature),
-service.domain.keys (ApiKey)."""
+service.domain.versions (ModelVersion), service.store.features (ImageFeature; service.domain.cleanup
+removes those no image uses any more), service.domain.keys (ApiKey), service.domain.uploads
+(ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,37 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ImageStage(Base):
+    """The accepted files of an upload in progress, staged chunk by chunk under its upload id:
+    no reader sees them. One short transaction at the end publishes them into images (the id
+    becomes the image's), or the request's failure drops them; the workers' sweep drops those of
+    a dead upload (service.domain.cleanup.collect). A staged row keeps its blob from collection."""
+
+    __tablename__ = "image_stage"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)  # the image id to be
+    upload_id: Mapped[str] = mapped_column(String(32), index=True)
+    dataset_id: Mapped[int] = mapped_column(Integer)  # no foreign key: a purged dataset leaves it to the sweep
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    phash: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # staged at; the image's created_at
+
+
+class BlobOrphan(Base):
+    """Blobs that may have lost their last reference (an image or a version deleted, an upload
+    dropped), recorded in the transaction that dropped it, and since when. The collection
+    (service.domain.cleanup.collect) deletes each one still unreferenced after the grace period;
+    staging a file of the same bytes takes its blob off this list."""
+
+    __tablename__ = "blob_orphans"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)  # service.store.blobs key
+    since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

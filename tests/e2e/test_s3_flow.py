@@ -5,6 +5,8 @@ and nothing to the local blob folder."""
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def s3_felis(tmp_path_factory) -> Iterator[tuple[httpx.Client, MotoServer, str, 
         port = free_port()
         env = aws_env(felis_env(FELIS_DATA_DIR=str(tmp / "var"), FELIS_PORT=str(port), FELIS_STORAGE_BACKEND="s3",
                                 FELIS_S3_BUCKET=bucket, FELIS_S3_PREFIX=PREFIX, FELIS_S3_ENDPOINT_URL=moto.endpoint,
-                                FELIS_S3_REGION=REGION, FELIS_WORKER_METRICS_PORT="0"))
+                                FELIS_S3_REGION=REGION, FELIS_WORKER_METRICS_PORT="0",
+                                # deleted datasets are removed by the workers' sweep: make it quick here
+                                FELIS_TRAINING_SWEEP_SECONDS="1", FELIS_BLOB_GRACE_SECONDS="0"))
         procs = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"s3-{port}@%h"], env,
                       tmp / "worker.log"),
                  Proc(["api", "--port", str(port)], env, tmp / "api.log")]
@@ -100,5 +104,9 @@ def test_deleting_the_dataset_removes_its_blobs_from_the_bucket(s3_felis):
     before = set(moto.keys(bucket, PREFIX + "images/"))
     assert len(before) >= len(paths)
     assert felis.delete("/v1/datasets/scratch").status_code == 204
+    assert felis.get("/v1/datasets/scratch").status_code == 404  # gone at once; its blobs go in the background
+    deadline = time.monotonic() + 60
+    while len(before - set(moto.keys(bucket, PREFIX + "images/"))) < len(paths) and time.monotonic() < deadline:
+        time.sleep(0.5)
     after = set(moto.keys(bucket, PREFIX + "images/"))
     assert len(before - after) == len(paths)  # its own images went; the other dataset's stayed

@@ -51,6 +51,9 @@ def test_label_counts_relabel_and_delete_image(session, store, settings):
     assert datasets.label_counts(session, ds) == {"cat": 2, "noncat": 3}
     sha = images.get(session, ds, first).sha256
     images.delete(session, store, ds, first)
+    assert store.exists(image_key(sha))  # left to the collection, after its grace period
+    settings.blob_grace_seconds = 0
+    cleanup.collect(session, store, settings)
     assert not store.exists(image_key(sha))
     with pytest.raises(NotFound):
         images.get(session, ds, first)
@@ -62,11 +65,15 @@ def test_shared_blob_survives_deleting_one_dataset(session, store, settings):
     _upload(session, store, settings, a, "cat", path)
     _upload(session, store, settings, b, "cat", path)
     sha = images.list_images(session, a)[0][0].sha256
+    settings.blob_grace_seconds = 0
     cleanup.delete_dataset(session, "a")
     assert cleanup.purge(session, store) == 1
+    cleanup.collect(session, store, settings)
     assert store.exists(image_key(sha))
     cleanup.delete_dataset(session, "b")
     assert cleanup.purge(session, store) == 1
+    assert store.exists(image_key(sha))  # purge leaves image blobs to the collection
+    cleanup.collect(session, store, settings)
     assert not store.exists(image_key(sha))
 
 
@@ -94,5 +101,7 @@ def test_deleting_a_dataset_frees_its_name_at_once_and_cancels_its_trainings(ses
     assert trainings.cancel_requested(running.id, token) and trainings.cancelled(running.id, token)
     sha = session.scalars(select(Image.sha256).where(Image.dataset_id == old_id)).first()
     assert cleanup.purge(session, store) == 1
+    settings.blob_grace_seconds = 0
+    cleanup.collect(session, store, settings)
     assert session.get(Dataset, old_id) is None and not store.exists(image_key(sha))
     assert session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == old_id)) == 0

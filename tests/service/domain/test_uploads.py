@@ -1,18 +1,30 @@
-"""service.domain.uploads: validation, deduplication and zip safety, on real images."""
+"""service.domain.uploads: validation, deduplication and zip safety, on real images; uploads all or
+nothing (staged, then published together); the collection of orphan blobs and features."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import stat
+import threading
 import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from service.domain import datasets, uploads
-from service.errors import InvalidRequest, TooLarge
-from service.store.blobs import image_key
+from service.config import Settings
+from service.domain import cleanup, datasets, images, uploads
+from service.errors import InvalidRequest, NotFound, StorageFull, TooLarge, Unavailable
+from service.store.blobs import LocalBlobStore, image_key
 from service.store.tables import Image
 from tests.conftest import ASSETS, asset_images, zip_folder
+from tests.utils.processes import create_postgres_database
 
 
 def _files(paths):
@@ -140,3 +152,393 @@ def test_zip_over_member_and_size_limits_is_refused(settings):
     with pytest.raises(TooLarge) as e:
         uploads.archive_candidates(buf, settings)
     assert e.value.code == "archive_too_large"
+
+
+# --- all or nothing: staged rows, published together ---------------------------------------------
+# On SQLite and on the local PostgreSQL (`production` mark). The blob store is the real local one
+# with hooks at its calls (a put that fails, something another client does meanwhile), never a mock.
+
+
+class HookedStore(LocalBlobStore):
+    """The local blob store, plus: every put after the first ``full_after`` raises StorageFull, as a
+    full disk does, and ``on(call, key)`` runs after each put/exists (another client's move)."""
+
+    def __init__(self, root, *, full_after: int | None = None, on=None):
+        super().__init__(root)
+        self.full_after, self.on, self.puts = full_after, on, 0
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.full_after is not None and self.puts >= self.full_after:
+            raise StorageFull("no space left in blob storage", code="storage_full")
+        super().put(key, data)
+        self.puts += 1
+        if self.on:
+            self.on("put", key)
+
+    def exists(self, key: str) -> bool:
+        found = super().exists(key)
+        if self.on:
+            self.on("exists", key)
+        return found
+
+
+@dataclass
+class Felis:
+    session: Session
+    settings: Settings
+    root: Path  # the blob store's
+
+    def store(self, **kw) -> HookedStore:
+        return HookedStore(self.root, **kw)
+
+    def new_session(self) -> Session:
+        from service.store.db import new_session
+
+        return new_session()
+
+    def rows(self, dataset_id: int) -> list[Image]:
+        """The images of a dataset, as any other client sees them (committed)."""
+        with self.new_session() as s:
+            return list(s.scalars(select(Image).where(Image.dataset_id == dataset_id).order_by(Image.filename)))
+
+    def staged(self) -> int:
+        from service.store.tables import ImageStage
+
+        with self.new_session() as s:
+            return s.scalar(select(func.count()).select_from(ImageStage))
+
+    def blobs(self) -> set[str]:
+        return {p.name for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.production)])
+def felis(request, felis_env, monkeypatch) -> Iterator[Felis]:
+    """A felis on SQLite, or on a PostgreSQL database of its own (dropped afterwards)."""
+    from service.config import get_settings
+    from service.store.db import init_db, new_session
+    from tests.conftest import _reset_caches
+
+    drop = None
+    if request.param == "postgresql":
+        url, drop = create_postgres_database()
+        monkeypatch.setenv("FELIS_DATABASE_URL", url)
+        _reset_caches()
+        init_db()
+    settings = get_settings()
+    session = new_session()
+    try:
+        yield Felis(session, settings, settings.storage_path)
+    finally:
+        session.close()
+        _reset_caches()
+        if drop:
+            drop()
+
+
+def _upload(f: Felis, store, dataset, paths, label="cat") -> uploads.UploadReport:
+    return uploads.ingest(f.session, store, dataset, uploads.files_candidates(_files(paths), label), f.settings)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_failure_midway_leaves_no_row_and_no_staged_row(felis, monkeypatch):
+    """Before: on SQLite the rows of the files stored before the failing one were committed (each
+    RELEASE SAVEPOINT committed), while the client got a 507."""
+    monkeypatch.setattr(uploads, "_CHUNK", 4)  # the failure falls in the fourth chunk
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    first = asset_images("train", "cat")[:3]
+    assert _upload(felis, felis.store(), ds, first).count("created") == 3
+    before = {i.id for i in felis.rows(ds.id)}
+    rest = asset_images("train", "cat")[3:] + asset_images("train", "noncat")
+    with pytest.raises(StorageFull):
+        _upload(felis, felis.store(full_after=13), ds, rest, "mixed")
+    assert {i.id for i in felis.rows(ds.id)} == before  # nothing of the failed request
+    assert felis.staged() == 0
+    assert len(felis.blobs()) == 3 + 13  # its blobs stay until the collection (unreferenced)...
+    felis.settings.blob_grace_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert felis.blobs() == {_sha(p) for p in first}  # ...which removes them, and only them
+    for image in felis.rows(ds.id):
+        assert images.content(felis.store(), image) == (ASSETS / "cifar-cat/train/cat" / image.filename).read_bytes()
+    # and the same files go in whole once there is room
+    again = _upload(felis, felis.store(), ds, rest, "mixed")
+    assert again.count("created") == len(rest) and len(felis.rows(ds.id)) == 3 + len(rest)
+
+
+def test_the_per_file_report_is_as_before(felis, monkeypatch):
+    monkeypatch.setattr(uploads, "_CHUNK", 2)  # duplicates and rejections across chunk boundaries
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    cats = asset_images("train", "cat")
+    old = _upload(felis, felis.store(), ds, cats[:2]).results
+    files = [("new.jpg", cats[2].read_bytes), ("old.jpg", cats[0].read_bytes), ("bad.jpg", lambda: b"not an image" * 9),
+             ("again.jpg", cats[2].read_bytes), ("other.jpg", cats[3].read_bytes)]
+    report = uploads.ingest(felis.session, felis.store(), ds, uploads.files_candidates(files, "cat"), felis.settings)
+    got = [(r["filename"], r["status"], r["reason"]) for r in report.results]
+    assert got == [("new.jpg", "created", None), ("old.jpg", "duplicate", "duplicate_in_dataset"),
+                   ("bad.jpg", "rejected", "not_an_image"), ("again.jpg", "duplicate", "duplicate_in_dataset"),
+                   ("other.jpg", "created", None)]
+    ids = [r["image_id"] for r in report.results]
+    assert ids[1] == old[0]["image_id"] and ids[2] is None and ids[3] == ids[0]
+    assert report.as_dict() | {"results": None} == {"results": None, "created": 2, "duplicates": 2, "rejected": 1}
+    rows = {i.id: i for i in felis.rows(ds.id)}
+    assert len(rows) == 4 and rows[ids[0]].filename == "new.jpg" and rows[ids[4]].sha256 == _sha(cats[3])
+
+
+@pytest.mark.parametrize("purged", [False, True], ids=["marked-deleted", "purged"])
+def test_a_dataset_deleted_during_the_upload_is_404_and_stores_nothing(felis, monkeypatch, purged):
+    """Before: the rows went into the deleted dataset (or, once purged, the upload ended in a 500)."""
+    monkeypatch.setattr(uploads, "_CHUNK", 4)
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+
+    def delete_it(call, key):
+        if call == "put" and not deleted:
+            deleted.append(key)
+            with felis.new_session() as s:
+                cleanup.delete_dataset(s, "pets")
+                if purged:
+                    assert cleanup.purge(s, felis.store()) == 1
+
+    deleted: list[str] = []
+    dataset_id = ds.id
+    with pytest.raises(NotFound) as e:
+        _upload(felis, felis.store(on=delete_it), ds, asset_images("train", "cat"))
+    assert e.value.code == "dataset_not_found"
+    assert deleted and felis.rows(dataset_id) == [] and felis.staged() == 0
+
+
+def _crash_at_put(n: int, monkeypatch) -> None:
+    """The upload's process dies (SIGKILL) at its n-th blob write: nothing of it runs after."""
+    import os
+    import signal
+
+    count = [0]
+    real = LocalBlobStore.put
+
+    def put(self, key, data):
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, key, data)
+
+    monkeypatch.setattr(LocalBlobStore, "put", put)
+
+
+def test_the_stage_of_a_dead_upload_is_removed_by_the_sweep_after_its_ttl(felis, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(uploads, "_CHUNK", 4)
+    pets, other = datasets.create(felis.session, "pets"), datasets.create(felis.session, "other")
+    felis.session.commit()
+    cats = asset_images("train", "cat")
+    shared = cats[5]  # in the crashed upload, and already in another dataset: its blob must stay
+    _upload(felis, felis.store(), other, [shared])
+    blobs_before = felis.blobs()
+
+    def upload_and_die() -> None:  # in a child process, on a connection of its own
+        from service.store import db
+
+        db.get_engine.cache_clear()
+        db._sessionmaker.cache_clear()
+        _crash_at_put(10, monkeypatch)
+        with db.new_session() as s:
+            dataset = datasets.get(s, "pets")
+            uploads.ingest(s, LocalBlobStore(felis.root), dataset,
+                           uploads.files_candidates(_files(cats), "cat"), felis.settings)
+
+    child = multiprocessing.get_context("fork").Process(target=upload_and_die)
+    child.start()
+    child.join(120)
+    assert child.exitcode == -9
+    assert felis.rows(pets.id) == []  # nothing visible...
+    assert felis.staged() > 0 and len(felis.blobs()) > len(blobs_before)  # ...a stage and blobs left
+    felis.settings.blob_grace_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert felis.staged() > 0  # younger than FELIS_UPLOAD_STAGE_TTL_SECONDS: it may be a live upload
+    felis.settings.upload_stage_ttl_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert felis.staged() == 0 and felis.blobs() == blobs_before
+    assert images.content(felis.store(), felis.rows(other.id)[0]) == shared.read_bytes()
+
+
+def test_an_upload_that_outlives_its_stage_ttl_fails_whole(felis, monkeypatch):
+    """The sweep took it for a dead upload's and dropped its first chunks: the rest is not published."""
+    monkeypatch.setattr(uploads, "_CHUNK", 4)
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    settings = felis.settings.model_copy(update={"upload_stage_ttl_seconds": 0})
+
+    def sweep(call, key):
+        if call == "put" and len(swept) < 1:
+            swept.append(key)
+            with felis.new_session() as s:
+                cleanup.collect(s, felis.store(), settings)
+
+    swept: list[str] = []
+    with pytest.raises(Unavailable) as e:
+        _upload(felis, felis.store(on=sweep), ds, asset_images("train", "cat"))
+    assert e.value.code == "upload_expired" and swept
+    assert felis.rows(ds.id) == [] and felis.staged() == 0
+
+
+def test_two_concurrent_uploads_of_the_same_files_give_one_row_per_sha(felis, monkeypatch):
+    monkeypatch.setattr(uploads, "_CHUNK", 4)
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    cats = asset_images("train", "cat")
+    both_past_dedup = threading.Barrier(2, timeout=60)
+
+    def upload(paths) -> list[dict]:
+        waited = []
+
+        def wait(call, key):  # both requests have looked for existing rows before either stores one
+            if not waited:
+                waited.append(key)
+                both_past_dedup.wait()
+
+        with felis.new_session() as s:
+            dataset = datasets.get(s, "pets")
+            return uploads.ingest(s, felis.store(on=wait), dataset, uploads.files_candidates(_files(paths), "cat"),
+                                  felis.settings).results
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(upload, [cats[:12], cats[6:]])
+    rows = felis.rows(ds.id)
+    assert len(rows) == len({r.sha256 for r in rows}) == len(cats)
+    by_name = {r["filename"]: r for r in a}
+    for r in b:
+        if r["filename"] in by_name:  # the six files both sent: one created, one duplicate, one id
+            pair = {r["status"], by_name[r["filename"]]["status"]}
+            assert pair == {"created", "duplicate"} and r["image_id"] == by_name[r["filename"]]["image_id"]
+    assert {r["image_id"] for r in a + b} == {i.id for i in rows}
+
+
+@pytest.mark.parametrize("deleting", ["image", "dataset"])
+def test_an_upload_racing_the_delete_and_collection_of_the_same_bytes_keeps_its_blob(felis, deleting):
+    """Upload of bytes B into `two` (the blob is there: no write) while `one`'s only image of B is
+    deleted and the collection runs. Before: the blob went with the delete, the new row had none."""
+    one, two = datasets.create(felis.session, "one"), datasets.create(felis.session, "two")
+    felis.session.commit()
+    path = asset_images("train", "cat")[0]
+    [first] = _upload(felis, felis.store(), one, [path]).results
+    key = image_key(_sha(path))
+    settings = felis.settings.model_copy(update={"blob_grace_seconds": 0})
+
+    def delete_and_collect(call, k):
+        if call == "exists" and k == key and not done:
+            done.append(k)  # the upload has seen the blob, so it will not write it
+            with felis.new_session() as s:
+                if deleting == "image":
+                    images.delete(s, felis.store(), datasets.get(s, "one"), first["image_id"])
+                else:
+                    cleanup.delete_dataset(s, "one")
+                    assert cleanup.purge(s, felis.store()) == 1
+                cleanup.collect(s, felis.store(), settings)
+
+    done: list[str] = []
+    report = _upload(felis, felis.store(on=delete_and_collect), two, [path])
+    assert done and report.count("created") == 1
+    assert felis.rows(one.id) == []
+    [row] = felis.rows(two.id)
+    assert images.content(felis.store(), row) == path.read_bytes()
+    with felis.new_session() as s:  # and a later collection keeps it too
+        cleanup.collect(s, felis.store(), settings)
+    assert images.content(felis.store(), row) == path.read_bytes()
+
+
+# --- the collection: orphan blobs and features ----------------------------------------------------
+
+
+def test_the_collection_waits_for_the_grace_period_and_keeps_what_is_referenced(felis):
+    a, b = datasets.create(felis.session, "a"), datasets.create(felis.session, "b")
+    felis.session.commit()
+    cats = asset_images("train", "cat")
+    ra = _upload(felis, felis.store(), a, cats[:3]).results
+    _upload(felis, felis.store(), b, cats[:1])  # cats[0] is in both datasets
+    for r in ra:
+        images.delete(felis.session, felis.store(), a, r["image_id"])
+    assert felis.blobs() == {_sha(p) for p in cats[:3]}  # deletes leave the blobs to the collection
+    cleanup.collect(felis.session, felis.store(), felis.settings)  # within the grace period: kept
+    assert felis.blobs() == {_sha(p) for p in cats[:3]}
+    felis.settings.blob_grace_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert felis.blobs() == {_sha(cats[0])}  # b still uses it
+
+
+def test_the_collection_removes_the_features_no_dataset_uses(felis):
+    from service.store.features import DbFeatureCache
+    from service.store.tables import ImageFeature
+
+    a, b = datasets.create(felis.session, "a"), datasets.create(felis.session, "b")
+    felis.session.commit()
+    cats = asset_images("train", "cat")
+    _upload(felis, felis.store(), a, cats[:3])
+    _upload(felis, felis.store(), b, cats[:1])
+    shas = [_sha(p) for p in cats[:3]]
+    DbFeatureCache().put_many("lite0", {sha: np.ones(4, "<f4") for sha in shas})
+    DbFeatureCache().put_many("other", {shas[1]: np.ones(4, "<f4")})
+    DbFeatureCache().put_many("lite0", {"f" * 64: np.ones(4, "<f4")})  # an image deleted long ago
+    cleanup.delete_dataset(felis.session, "a")
+    assert cleanup.purge(felis.session, felis.store()) == 1
+    felis.settings.blob_grace_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    with felis.new_session() as s:
+        left = {tuple(row) for row in s.execute(select(ImageFeature.extractor, ImageFeature.sha256))}
+    assert left == {("lite0", shas[0])}  # features are shared by sha: b's image keeps its own
+
+
+def test_model_blobs_of_a_purged_dataset_are_collected_after_a_crash_between_commit_and_delete(felis, monkeypatch):
+    from service.store.tables import ModelVersion
+
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    keys = [f"models/{ds.id}/{'t' * 32}/{'r' * 32}/model.pt", f"models/{ds.id}/{'t' * 32}/{'r' * 32}/model.onnx"]
+    for key in keys:
+        felis.store().put(key, b"weights")
+    felis.session.add(ModelVersion(dataset_id=ds.id, version=1, training_id="t" * 32, architecture="simple_cnn",
+                                   labels=["cat"], metrics={}, evaluation={}, config={}, snapshot={},
+                                   checkpoint_key=keys[0], onnx_key=keys[1]))
+    felis.session.commit()
+    cleanup.delete_dataset(felis.session, "pets")
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, key):
+        raise Crash(key)  # the process dies after purge's commit, before its blob deletes
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBlobStore, "delete", crash)
+        with pytest.raises(Crash):
+            cleanup.purge(felis.session, felis.store())
+    felis.session.rollback()
+    assert datasets.deleted_ids(felis.session) == [] and all(felis.store().exists(k) for k in keys)
+    felis.settings.blob_grace_seconds = 0
+    cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert not any(felis.store().exists(k) for k in keys)
+
+
+def test_the_features_scan_covers_the_whole_table_a_window_a_round(felis):
+    from service.store.features import DbFeatureCache
+    from service.store.tables import ImageFeature
+
+    ds = datasets.create(felis.session, "pets")
+    felis.session.commit()
+    kept = [_sha(p) for p in asset_images("train", "cat")[:2]]
+    _upload(felis, felis.store(), ds, asset_images("train", "cat")[:2])
+    orphans = [f"{i:064x}" for i in range(10)]
+    for extractor in ("a", "b"):
+        DbFeatureCache().put_many(extractor, {sha: np.ones(2, "<f4") for sha in kept + orphans})
+    rounds = 0
+    while True:
+        with felis.new_session() as s:
+            left = {tuple(row) for row in s.execute(select(ImageFeature.extractor, ImageFeature.sha256))}
+        if left == {(e, sha) for e in ("a", "b") for sha in kept}:
+            break
+        rounds += 1
+        assert rounds <= 8, f"still there after {rounds} rounds of 3 rows: {sorted(left)}"
+        cleanup.collect(felis.session, felis.store(), felis.settings, limit=3)

@@ -352,9 +352,6 @@ def test_api_upload_over_quota_is_507_and_stores_no_row(s3_client, moto_server, 
     assert moto_server.keys(s3_bucket) == []
 
 
-@pytest.mark.xfail(strict=True, reason="on SQLite the rows of the files stored before the failing one are "
-                   "committed: pysqlite sends no BEGIN, so the RELEASE of uploads' per-image SAVEPOINT "
-                   "commits (service/store/db.py needs SQLAlchemy's SQLite BEGIN recipe)")
 def test_api_quota_hit_mid_upload_stores_no_row(s3_client, moto_server, s3_bucket):
     from service.store.blobs import get_store
 
