@@ -50,6 +50,10 @@ def _locks_rows(context) -> bool:
     return getattr(statement, "_for_update_arg", None) is not None
 
 
+DB_CONNECT_TIMEOUT_S = 5
+DB_STATEMENT_TIMEOUT_MS = 30_000
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -61,7 +65,12 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "before_cursor_execute", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Bounded waits: an unreachable server fails a connect in DB_CONNECT_TIMEOUT_S, a statement
+    # stuck behind a lock or a slow disk in DB_STATEMENT_TIMEOUT_MS (migrations lift it for
+    # their own connection), so no request or heartbeat hangs on the database.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
+                         connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S,
+                                       "options": f"-c statement_timeout={DB_STATEMENT_TIMEOUT_MS}"})
 
 
 @lru_cache

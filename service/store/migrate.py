@@ -207,6 +207,7 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         locked = engine.dialect.name == "postgresql"
         if locked:
+            conn.execute(text("SET statement_timeout = 0"))  # a revision may rewrite a big table
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY})
             conn.commit()
         try:
@@ -219,6 +220,7 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
             if locked:
                 try:
                     conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PG_LOCK_KEY})
+                    conn.execute(text("RESET statement_timeout"))  # back to the engine's, for the pool
                     conn.commit()
                 except SQLAlchemyError:  # the connection broke: discarding it ends the session and its lock
                     conn.invalidate()

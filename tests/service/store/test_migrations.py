@@ -604,3 +604,25 @@ def test_the_api_refuses_to_start_on_an_unmigrated_database(tmp_path):
     api = felis("api", "--port", "0", env=env)
     assert api.returncode != 0
     assert "`felis migrate`" in api.stdout + api.stderr
+
+
+@pytest.mark.production
+def test_postgresql_connections_have_bounded_waits():
+    """A statement stuck behind a lock fails in DB_STATEMENT_TIMEOUT_MS instead of hanging a request
+    or a heartbeat; the migration's connection lifts the limit and gives it back to the pool."""
+    from sqlalchemy import text
+
+    from service.store import db, migrate
+    from tests.utils.processes import create_postgres_database
+
+    url, drop = create_postgres_database()
+    try:
+        engine = db.make_engine(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == f"{db.DB_STATEMENT_TIMEOUT_MS // 1000}s"
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == f"{db.DB_STATEMENT_TIMEOUT_MS // 1000}s"
+        engine.dispose()
+    finally:
+        drop()
