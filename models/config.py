@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from . import catalog
 from .catalog import SIMPLE_CNN_DEFAULTS
 from .preprocess import RESIZE_MODES
+from .split import MAX_NEAR_DUPLICATE_BITS
 
 AUGMENTATIONS = {True: "crop+flip", False: "none", "crop+flip": "crop+flip", "flip": "flip", "crop": "crop", "none": "none"}
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
@@ -91,7 +92,8 @@ class TrainConfig:
         need(self.l2 is None or self.l2 > 0, "l2", "must be > 0")
         need(2 <= self.cv_folds <= 20, "cv_folds", "must be 2..20")
         need(0 <= self.val_fraction <= 0.5, "val_fraction", "must be 0..0.5")
-        need(0 <= self.near_duplicate_bits <= 32, "near_duplicate_bits", "must be 0..32")
+        need(0 <= self.near_duplicate_bits <= MAX_NEAR_DUPLICATE_BITS, "near_duplicate_bits",
+             f"must be 0..{MAX_NEAR_DUPLICATE_BITS} (beyond, unrelated photos match)")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative integer")
         need(self.precision in ("auto", "int8", "fp32"), "precision", "must be auto, int8 or fp32")
         if self.precision == "int8":

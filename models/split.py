@@ -13,46 +13,75 @@ import numpy as np
 NEAR_DUPLICATE_BITS = 6  # pHash Hamming distance at or below which two images are one group
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
+MAX_NEAR_DUPLICATE_BITS = 16  # beyond this, pHashes of unrelated photos start to match
+_BLOCK = 128  # rows of the distance scan at a time: bounds its memory (128 x n x 9 bytes)
 
 
-def near_duplicate_pairs(phashes: list[str | None], max_distance: int = NEAR_DUPLICATE_BITS) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for every pair i < j whose pHashes differ in at most max_distance bits."""
+def near_duplicate_components(phashes: list[str | None], max_distance: int = NEAR_DUPLICATE_BITS
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """For each image, its component's root (the smallest index linked to it by a chain of
+    pHashes within max_distance bits; itself when none) and its distance to its closest other
+    image (64 when none is within max_distance).
+
+    Exact: every pair is compared, as 64-bit XOR-popcounts in blocks of rows over the upper
+    triangle, and the matches of a block are merged into the components at once, vectorized, so
+    memory is bounded by the block (not by the number of matching pairs) and no Python work is
+    done per pair. 20,000 images take about 0.7 s and 50 MB (bench/near_duplicates.py)."""
+    if not 0 <= max_distance <= MAX_NEAR_DUPLICATE_BITS:
+        raise ValueError(f"max_distance must be 0..{MAX_NEAR_DUPLICATE_BITS}")
+    n = len(phashes)
+    parent = np.arange(n, dtype=np.int64)
+    closest = np.full(n, 64, dtype=np.int64)
     have = np.array([i for i, h in enumerate(phashes) if h], dtype=np.int64)
-    pairs: list[tuple[int, int, int]] = []
     if len(have) < 2:
-        return pairs
+        return parent, closest
     bits = np.array([int(phashes[i], 16) for i in have], dtype=np.uint64)
-    for start in range(0, len(bits), 512):  # 512 x n XOR-popcounts at a time
-        dist = np.bitwise_count(bits[start : start + 512, None] ^ bits[None, :])
-        rows, cols = np.nonzero(dist <= max_distance)
-        for r, c in zip(rows, cols):
-            if r + start < c:
-                pairs.append((int(have[r + start]), int(have[c]), int(dist[r, c])))
-    return pairs
+    m = len(bits)
+    xor = np.empty((_BLOCK, m), dtype=np.uint64)
+    count = np.empty((_BLOCK, m), dtype=np.uint8)
+    for start in range(0, m, _BLOCK):
+        stop = min(start + _BLOCK, m)
+        rows, width = stop - start, m - start
+        x = np.bitwise_xor(bits[start:stop, None], bits[None, start:], out=xor[:rows, :width])
+        c = np.bitwise_count(x, out=count[:rows, :width])
+        r, col = np.nonzero(c <= max_distance)
+        upper = col > r  # the upper triangle: each pair once, never an image with itself
+        a, b = have[r[upper] + start], have[col[upper] + start]
+        if len(a):
+            d = c[r[upper], col[upper]].astype(np.int64)
+            np.minimum.at(closest, a, d)
+            np.minimum.at(closest, b, d)
+            _union(parent, a, b)
+    return _roots(parent), closest
+
+
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """Point every index at its root (pointer jumping until nothing moves)."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent
+        parent[:] = up
+
+
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Merge the components of every (a[k], b[k]), vectorized: the larger root points at the smaller."""
+    while True:
+        ra, rb = _roots(parent)[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            return
+        lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
+        np.minimum.at(parent, hi, lo)
 
 
 def near_duplicate_groups(sha256s: list[str], phashes: list[str | None], max_distance: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
     """Group id (0..G-1) per sample: union of same-sha256 and pHash-close pairs."""
-    n = len(sha256s)
-    parent = np.arange(n)
-
-    def union(a: int, b: int) -> None:
-        ra, rb = _find(parent, a), _find(parent, b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
+    roots, _ = near_duplicate_components(phashes, max_distance)
     first: dict[str, int] = {}
-    for i, s in enumerate(sha256s):
-        union(i, first.setdefault(s, i))
-    for a, b, _ in near_duplicate_pairs(phashes, max_distance):
-        union(a, b)
-    roots = np.array([_find(parent, i) for i in range(n)])
-    return np.unique(roots, return_inverse=True)[1]
+    same = np.array([first.setdefault(s, i) for i, s in enumerate(sha256s)], dtype=np.int64)
+    _union(roots, np.arange(len(sha256s), dtype=np.int64), same)
+    return np.unique(_roots(roots), return_inverse=True)[1]
 
 
 def _deal(y: np.ndarray, groups: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.split import NEAR_DUPLICATE_BITS, near_duplicate_pairs
+from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
 from service.domain.uploads import orphan_blobs, validate_label
 from service.errors import NotFound
 from service.store.blobs import BlobStore, image_key
@@ -43,34 +44,29 @@ def list_images(
     return list(rows), total
 
 
-def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR_DUPLICATE_BITS) -> list[dict[str, Any]]:
-    """Groups of images whose perceptual hashes are within max_distance bits: copies, re-encodes,
-    resized versions, burst shots. Training keeps each group on one side of every split; a group
-    whose images carry different labels is probably mislabeled."""
+def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR_DUPLICATE_BITS, *,
+                    limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Groups of images whose perceptual hashes are within max_distance bits (at most
+    MAX_NEAR_DUPLICATE_BITS): copies, re-encodes, resized versions, burst shots, label conflicts
+    first, then the largest; one page of them and the number of groups. Training keeps each group
+    on one side of every split; a group whose images carry different labels is probably mislabeled."""
     rows = session.execute(select(Image.id, Image.phash, Image.label, Image.filename)
                            .where(Image.dataset_id == dataset.id).order_by(Image.id)).all()
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    closest: dict[int, int] = {}
-    for a, b, d in near_duplicate_pairs([r.phash for r in rows], max_distance):
-        parent[find(b)] = find(a)
-        closest[a], closest[b] = min(closest.get(a, 64), d), min(closest.get(b, 64), d)
+    roots, closest = near_duplicate_components([r.phash for r in rows], max_distance)
+    members = np.flatnonzero(closest <= max_distance)  # the images with a near-duplicate
     groups: dict[int, list[int]] = {}
-    for i in closest:
-        groups.setdefault(find(i), []).append(i)
-    out = []
-    for members in groups.values():
-        labels = sorted({rows[i].label for i in members})
-        out.append({"images": [{"id": rows[i].id, "filename": rows[i].filename, "label": rows[i].label,
-                                "closest_distance": closest[i]} for i in sorted(members)],
-                    "labels": labels, "conflicting_labels": len(labels) > 1})
-    return sorted(out, key=lambda g: (not g["conflicting_labels"], -len(g["images"])))
+    for i in members.tolist():
+        groups.setdefault(int(roots[i]), []).append(i)
+    summary = []
+    for idx in groups.values():
+        labels = sorted({rows[i].label for i in idx})
+        summary.append((len(labels) > 1, len(idx), idx, labels))
+    summary.sort(key=lambda g: (not g[0], -g[1], g[2][0]))
+    page = [{"images": [{"id": rows[i].id, "filename": rows[i].filename, "label": rows[i].label,
+                         "closest_distance": int(closest[i])} for i in idx],
+             "labels": labels, "conflicting_labels": conflict}
+            for conflict, _, idx, labels in summary[offset:offset + limit]]
+    return page, len(summary)
 
 
 def get(session: Session, dataset: Dataset, image_id: str) -> Image:

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from models.split import MAX_NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_BITS
 from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
 from service.api.errors import error_body
 from service.domain import datasets, images, uploads
@@ -80,10 +81,13 @@ def list_images(name: str, session: SessionDep, label: str | None = None,
 
 
 @router.get("/near-duplicates")
-def near_duplicates(name: str, session: SessionDep, max_distance: int = Query(6, ge=0, le=32)) -> dict:
-    """Groups of near-identical images (perceptual hash within max_distance bits), label conflicts first."""
-    groups = images.near_duplicates(session, datasets.get(session, name), max_distance)
-    return {"data": groups, "count": len(groups), "max_distance": max_distance}
+def near_duplicates(name: str, session: SessionDep,
+                    max_distance: int = Query(NEAR_DUPLICATE_BITS, ge=0, le=MAX_NEAR_DUPLICATE_BITS),
+                    limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
+    """Groups of near-identical images (perceptual hash within max_distance bits), label conflicts
+    first, a page at a time; count is the number of groups."""
+    groups, total = images.near_duplicates(session, datasets.get(session, name), max_distance, limit=limit, offset=offset)
+    return {"data": groups, "count": total, "max_distance": max_distance}
 
 
 @router.get("/{image_id}")

@@ -34,3 +34,20 @@ def test_copies_are_grouped_and_label_conflicts_come_first(felis_env):
     group = body["data"][0]
     assert sorted(i["filename"] for i in group["images"]) == ["mislabeled.jpg", "orig.jpg", "small.jpg"]
     assert group["conflicting_labels"] is True and group["labels"] == ["cat", "noncat"]
+
+
+def test_groups_come_a_page_at_a_time_with_their_count(session, store, settings):
+    from service.domain import datasets, images, uploads
+
+    ds = datasets.create(session, "pets")
+    session.commit()
+    cats = asset_images("train", "cat")[:4]
+    files = []
+    for p in cats:  # each photo and a re-encoded copy: 4 groups of 2
+        data = p.read_bytes()
+        files += [(p.name, lambda d=data: d), ("copy-" + p.name, lambda d=data: _reencoded(d, 48))]
+    uploads.ingest(session, store, ds, uploads.files_candidates(files, "cat"), settings)
+    page, total = images.near_duplicates(session, ds, 6, limit=3, offset=0)
+    rest, again = images.near_duplicates(session, ds, 6, limit=3, offset=3)
+    assert total == again == 4 and len(page) == 3 and len(rest) == 1
+    assert all(len(g["images"]) == 2 for g in page + rest)
