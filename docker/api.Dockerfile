@@ -51,10 +51,18 @@ RUN groupadd --system --gid 10001 felis \
 
 COPY --from=build /opt/venv /opt/venv
 
+# Listening on every interface (for -p 8000:8000) needs API keys: felis refuses 0.0.0.0 without
+# them. A lone `docker run` is embedded mode (SQLite and blobs under /data); make its first key
+# with `docker exec <container> felis keys create --scope admin`. In embedded mode the API only
+# answers for localhost, 127.0.0.1 and [::1]: add the names it is reached by to FELIS_ALLOWED_HOSTS
+# (`-e FELIS_ALLOWED_HOSTS=felis.lan`). Compose and Kubernetes run it in production mode.
+# DL3064 takes FELIS_API_KEYS_REQUIRED for a secret by its name; it is a switch, not a key.
+# hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FELIS_HOST=0.0.0.0 \
+    FELIS_API_KEYS_REQUIRED=true \
     FELIS_PORT=8000 \
     FELIS_DATA_DIR=/data \
     FELIS_LOG_JSON=true

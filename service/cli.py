@@ -15,14 +15,20 @@ from service.store.queue import GPU_QUEUE
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.config import get_settings
+    from service.config import bind_refusal, get_settings
     from service.logs import configure_logging
 
     settings = get_settings()
+    host = args.host or settings.host
+    refusal = bind_refusal(settings, host)
+    if refusal:
+        print(f"felis api: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(settings)
-    uvicorn.run("service.api.app:create_app", factory=True, host=args.host or settings.host,
+    uvicorn.run("service.api.app:create_app", factory=True, host=host,
                 port=args.port or settings.port, workers=args.workers, log_level=settings.log_level.lower(),
-                proxy_headers=True, timeout_graceful_shutdown=10,
+                proxy_headers=bool(settings.trusted_proxies), timeout_graceful_shutdown=10,
+                forwarded_allow_ips=",".join(settings.trusted_proxies) or None,  # X-Forwarded-* from these only
                 log_config=None)  # uvicorn's lines go through felis's handler (JSON, request ids)
     return 0
 
@@ -55,10 +61,14 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
-    from service.config import get_settings
+    from service.config import bind_refusal, get_settings
     from service.store.db import init_db
 
     settings = get_settings()
+    refusal = bind_refusal(settings, settings.host)
+    if refusal:
+        print(f"felis up: {refusal}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     init_db()
     exe = [sys.executable, "-m", "service.cli"]
@@ -96,23 +106,29 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    """Operator commands on API keys, straight against the metadata store."""
+    """Operator commands on API keys, straight against the metadata store (also the way to the
+    first key of a deployment: a one-shot container running `felis keys create --scope admin`)."""
     import json
 
     from service.domain import keys
+    from service.errors import FelisError
     from service.store.db import init_db, session_scope
 
     init_db()
-    with session_scope() as session:
-        if args.keys_command == "create":
-            row, key = keys.create(session, args.scope, name=args.name or "")
-            print(json.dumps({"id": row.id, "scopes": row.scopes, "key": key}))
-            print("store the key now: it is not shown again", file=sys.stderr)
-        elif args.keys_command == "revoke":
-            keys.revoke(session, args.id)
-            print(json.dumps({"id": args.id, "revoked": True}))
-        else:
-            print(json.dumps(keys.list_keys(session), default=str, indent=2))
+    try:
+        with session_scope() as session:
+            if args.keys_command == "create":
+                row, key = keys.create(session, args.scope, name=args.name or "", dataset_names=args.dataset)
+                print(json.dumps({**keys.describe_one(session, row), "key": key}, default=str))
+                print("store the key now: it is not shown again", file=sys.stderr)
+            elif args.keys_command == "revoke":
+                keys.revoke(session, args.id)
+                print(json.dumps({"id": args.id, "revoked": True}))
+            else:
+                print(json.dumps(keys.list_keys(session), default=str, indent=2))
+    except FelisError as e:
+        print(f"felis keys: {e.message} ({e.code})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -166,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="create, list and revoke API keys (operator)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="print a new key (shown once)")
-    create.add_argument("--scope", action="append", choices=["predict", "write", "admin"], required=True,
-                        help="repeatable: predict, write, admin")
+    create.add_argument("--scope", action="append", choices=["predict", "read", "write", "admin"], required=True,
+                        help="predict (predict, datasets' and models' metadata) < read (also images, evaluations, "
+                             "downloads, trainings) < write (also upload, relabel, train, promote, delete) < admin "
+                             "(also keys, /metrics); each includes the ones before")
     create.add_argument("--name", default="", help="a note: who or what uses the key")
+    create.add_argument("--dataset", action="append", default=None, metavar="NAME",
+                        help="repeatable: limit the key to these datasets (default: every dataset)")
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("id")
     keys_sub.add_parser("list")

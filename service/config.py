@@ -8,12 +8,14 @@ Embedded mode (the default) needs nothing set: state lives under ``FELIS_DATA_DI
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,9 +39,21 @@ class Settings(BaseSettings):
     api_keys_required: bool | None = None  # default: True in production, False embedded
     rate_limit_predict_per_minute: float = 6000  # per API key (or client address); 0 turns it off
     rate_limit_upload_per_minute: float = 600  # upload requests, same keying
+    # the first admin key of a fresh deployment (32+ characters), stored hashed at the first start
+    # when no key exists yet, and ignored once any key does (docs/security.md)
+    bootstrap_admin_key: SecretStr = SecretStr("")
     log_level: str = "INFO"
     log_json: bool = False  # one JSON object per log line (production)
     worker_metrics_port: int = 9808  # the worker's Prometheus endpoint; 0 turns it off
+    worker_metrics_host: str = ""  # its address; default 127.0.0.1 embedded, 0.0.0.0 production (for Prometheus)
+
+    # --- exposure: who may reach the API, and from which web pages (service/api/guards.py) ---
+    # comma-separated (or a JSON list); X-Forwarded-Proto/-Host count from FELIS_TRUSTED_PROXIES only
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()  # embedded mode: Host names besides localhost, 127.0.0.1, [::1] ("*": any)
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()  # web origins (scheme://host[:port]) besides the server's own that may change state
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()  # proxy addresses or CIDRs whose X-Forwarded-* headers count (rate limits, origins)
+    max_inflight_requests: int = 64  # predict and upload requests in progress per API process; past it 503 (0: no cap)
+    max_event_streams: int = 32  # open training event streams per API process; past it 503 (0: no cap)
 
     # --- upload limits (bad input gets a 4xx, never a crash) ---------------------
     max_request_bytes: int = 512 * 1024 * 1024  # one HTTP request body
@@ -74,6 +88,22 @@ class Settings(BaseSettings):
     predict_max_wait_ms: float = 2.0  # micro-batch: longest a lone request waits for company
     predict_backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime on CPU
 
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return tuple(json.loads(value))
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("bootstrap_admin_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 32:
+            raise ValueError("FELIS_BOOTSTRAP_ADMIN_KEY needs at least 32 characters (say, `openssl rand -hex 32`)")
+        return value
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         self.data_dir = self.data_dir.expanduser().resolve()
@@ -85,6 +115,8 @@ class Settings(BaseSettings):
             self.storage_path = self.data_dir / "blobs"
         if self.api_keys_required is None:
             self.api_keys_required = self.mode == "production"
+        if not self.worker_metrics_host:
+            self.worker_metrics_host = "0.0.0.0" if self.mode == "production" else "127.0.0.1"
         heartbeat = self.training_lease_seconds / 6  # the worker beats six times per lease
         if self.training_lease_seconds < self.db_retry_seconds + 2 * heartbeat:
             raise ValueError(
@@ -102,6 +134,33 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only reaches this machine: localhost, 127.0.0.0/8 or ::1."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name that may resolve anywhere
+
+
+def bind_refusal(settings: Settings, host: str) -> str | None:
+    """Why the API must not listen on ``host`` with these settings, or None when it may.
+
+    Embedded mode without API keys serves, changes and deletes every dataset and model for
+    anyone who can connect: only a loopback address is allowed then."""
+    if settings.mode != "embedded" or settings.api_keys_required or is_loopback(host):
+        return None
+    return (f"refusing to listen on {host or 'every interface'} without API keys: in embedded mode anyone who can "
+            f"reach that address could read, change and delete every dataset and model. Listen on loopback "
+            f"(FELIS_HOST=127.0.0.1, the default; reach it from elsewhere through SSH or a proxy) or require "
+            f"keys: set FELIS_API_KEYS_REQUIRED=true and create one with `felis keys create --scope admin`.")
 
 
 @lru_cache

@@ -44,6 +44,7 @@ def felis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         if key.startswith("FELIS_") and key != "FELIS_DATASETS":
             monkeypatch.delenv(key)
     monkeypatch.setenv("FELIS_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("FELIS_ALLOWED_HOSTS", "testserver")  # the Host header of Starlette's TestClient
     _reset_caches()
     from service.store.db import init_db
 

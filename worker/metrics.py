@@ -1,4 +1,5 @@
-"""The worker's Prometheus metrics, served on ``worker_metrics_port`` (default 9808):
+"""The worker's Prometheus metrics, served on ``worker_metrics_host``:``worker_metrics_port`` (default
+127.0.0.1:9808 in embedded mode, 0.0.0.0:9808 in production):
 
   felis_trainings_total{outcome}                             succeeded | failed | cancelled
   felis_training_duration_seconds{outcome}                   claim to final status
@@ -65,15 +66,19 @@ def worker_metrics() -> _WorkerMetrics:
     return _worker_metrics
 
 
-def start_worker_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int | None:
+def start_worker_metrics_server(port: int | None = None, addr: str | None = None) -> int | None:
     """In the worker's main process, before the pool forks: switch prometheus_client to
-    multiprocess mode and serve the sum over the pool on ``port`` (0 turns it off). Returns the
-    port, or None when it is off or taken (a second worker on the same host: logged, not fatal)."""
+    multiprocess mode and serve the sum over the pool on ``addr``:``port`` (default
+    ``worker_metrics_host``: loopback in embedded mode, every interface in production so that
+    Prometheus can scrape it; port 0 turns it off). Returns the port, or None when it is off or
+    taken (a second worker on the same host: logged, not fatal)."""
     global _owned_dir
     from service.config import get_settings
 
     if port is None:
         port = get_settings().worker_metrics_port
+    if addr is None:
+        addr = get_settings().worker_metrics_host
     if not port:
         return None
     if not _multiproc_dir():
@@ -89,7 +94,8 @@ def start_worker_metrics_server(port: int | None = None, addr: str = "0.0.0.0") 
         log.warning("worker metrics: cannot listen on port %s (%s); metrics server off", port, e)
         return None
     bound = server.server_address[1]
-    log.info("worker metrics on http://%s:%s/metrics", socket.gethostname(), bound)
+    log.info("worker metrics on http://%s:%s/metrics", addr if addr not in ("", "0.0.0.0", "::") else socket.gethostname(),
+             bound)
     return bound
 
 

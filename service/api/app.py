@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 
 from models.malloc import keep_freed_memory
 from service.api import errors
-from service.api.auth import authorize_request, make_limiters
+from service.api.auth import bootstrap_admin_key, make_limiters
+from service.api.guards import RequestGuardMiddleware
 from service.api.metrics import MetricsMiddleware
 from service.api.metrics import router as metrics_router
-from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from service.api.middleware import (
+    BodySizeLimitMiddleware,
+    InflightLimitMiddleware,
+    RequestIdMiddleware,
+)
 from service.api.routes import (
     console,
     datasets,
     events,
     health,
     images,
+    keys,
     models,
     predict,
     trainings,
@@ -34,6 +40,7 @@ async def lifespan(app: FastAPI):
     # the process small under many concurrent requests
     keep_freed_memory(max_arenas=2, keep_bytes=64 << 20)
     init_db()
+    bootstrap_admin_key(get_settings())
     store = get_store()
     if isinstance(store, LocalBlobStore):
         store.sweep_temp()
@@ -47,8 +54,10 @@ def create_app() -> FastAPI:
     app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
                   description="Upload labeled images, train on a worker, predict over HTTP.")
     app.state.limiters = make_limiters(settings)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize_request)], responses=errors.ERROR_RESPONSES)
-    for router in (datasets.router, images.router, trainings.router, events.router, models.router, predict.router):
+    # what each route requires (scope, rate limit, metrics) is declared on the route: service.api.auth
+    v1 = APIRouter(prefix="/v1", responses=errors.ERROR_RESPONSES)
+    for router in (datasets.router, images.router, trainings.router, events.router, models.router, predict.router,
+                   keys.router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health.router)
@@ -56,6 +65,9 @@ def create_app() -> FastAPI:
     app.include_router(console.router)
     errors.install(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(InflightLimitMiddleware, max_requests=settings.max_inflight_requests,
+                       max_streams=settings.max_event_streams)  # past a cap: 503 before the body is read
+    app.add_middleware(RequestGuardMiddleware, settings=settings)  # other sites' pages, foreign Hosts: 403
     app.add_middleware(MetricsMiddleware)  # inside RequestIdMiddleware: it logs with the request id
     app.add_middleware(RequestIdMiddleware)
     return app

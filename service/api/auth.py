@@ -1,58 +1,231 @@
-"""Who may call: API keys (Bearer or X-API-Key) with scopes, and per-caller rate limits.
+"""Who may call: API keys (Bearer or X-API-Key), what each route declares it requires, and
+per-caller rate limits.
 
-Reads (GET) and predict need the ``predict`` scope; everything that changes state needs ``write``.
-Keys are required when ``FELIS_API_KEYS_REQUIRED`` (on in production mode); a key that is sent
-is always checked."""
+A route says what it requires where it is declared, never derived from its URL::
+
+    @router.delete("/{name}", status_code=204, dependencies=[Requires(Scope.WRITE), InDataset])
+
+- ``Requires(scope, *, rate_limit=None, every_dataset=False)``: the key must grant ``scope`` (403
+  ``insufficient_scope``; scopes nest, see service.domain.keys). ``rate_limit`` names the limiter
+  that counts the request (``"predict"``, ``"upload"``): per key, or per client address without
+  one. ``every_dataset``: refused to a key limited to datasets (403 ``key_limited_to_datasets``).
+- ``InDataset``: the route's ``{name}`` must be a dataset the key may see; any other answers 404
+  ``dataset_not_found`` as if it did not exist. ``InTraining``: the same for ``{training_id}``,
+  by the training's dataset.
+
+Keys are required when ``FELIS_API_KEYS_REQUIRED`` (on in production mode): none sent is 401
+``api_key_required``. Where keys are optional a request without one may do everything (embedded
+mode on loopback); a key that is sent is always checked (401 ``invalid_api_key``). Failed key
+attempts are limited per client address (429), and the client address is the peer's, or the one
+X-Forwarded-For names when the peer is in ``FELIS_TRUSTED_PROXIES``.
+
+The key is checked once per request however many declarations the route has: they all depend on
+``current_caller``, which FastAPI solves once per request. Everything here is ``async def``: a
+request without a key costs no thread hop and no database read (the predict path cannot afford
+one, see deps.py); a key costs one hop and one read (two for a key limited to datasets).
+"""
 
 from __future__ import annotations
 
-from fastapi import Request
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Request, params
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SettingsDep
 from service.api.ratelimit import RateLimiter
-from service.config import Settings
-from service.domain import keys
-from service.errors import Unauthorized
+from service.config import Settings, get_settings
+from service.domain import keys, trainings
+from service.domain.keys import Scope
+from service.errors import Forbidden, NotFound, RateLimited, Unauthorized
 from service.store.db import session_scope
 
+log = logging.getLogger("felis.api")
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+RATE_LIMITS = ("predict", "upload")  # what a route's rate_limit may name
+FAILED_KEYS = "failed_keys"  # the limiter of failed key attempts, per client address
+FAILED_KEYS_PER_MINUTE = 30  # a client address that sends more bad keys than this waits (429)
+FAILED_KEYS_BURST = 10
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer felis_...`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or the API key in X-API-Key")
 
 
-def _scope_for(request: Request) -> str:
-    if request.method in ("GET", "HEAD", "OPTIONS") or request.url.path.endswith("/predict"):
-        return "predict"
-    return "write"
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the client address, and the key's grant (None: no key, keys optional)."""
+
+    address: str
+    grant: keys.Grant | None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.grant.key_id if self.grant else None
+
+    @property
+    def scopes(self) -> frozenset[Scope]:
+        return self.grant.scopes if self.grant else frozenset(Scope)
+
+    @property
+    def datasets(self) -> Mapping[str, int] | None:
+        """The datasets (name -> id) a limited key may see; None: every dataset."""
+        return self.grant.datasets if self.grant else None
+
+    @property
+    def rate_key(self) -> str:
+        return f"key:{self.grant.key_id}" if self.grant else f"addr:{self.address}"
 
 
 def make_limiters(settings: Settings) -> dict[str, RateLimiter]:
     return {"predict": RateLimiter(settings.rate_limit_predict_per_minute),
-            "upload": RateLimiter(settings.rate_limit_upload_per_minute)}
+            "upload": RateLimiter(settings.rate_limit_upload_per_minute),
+            FAILED_KEYS: RateLimiter(FAILED_KEYS_PER_MINUTE, burst=FAILED_KEYS_BURST)}
 
 
-def _check_key(key: str, scope: str) -> str:
-    """The key's id when it is valid and grants `scope` (one database read)."""
+# --- the client address ----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _networks(entries: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            log.warning("FELIS_TRUSTED_PROXIES: %r is not an address or CIDR; ignored", entry)
+    return tuple(out)
+
+
+def _is_proxy(address: str, proxies: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    """The peer, unless it is a trusted proxy: then the nearest address in X-Forwarded-For that is
+    not one (each proxy appends the peer it saw, so what a client wrote itself stays to the left)."""
+    peer = request.client.host if request.client else "unknown"
+    proxies = _networks(tuple(settings.trusted_proxies))
+    if not proxies or not _is_proxy(peer, proxies):
+        return peer
+    hops = [h.strip() for value in request.headers.getlist("x-forwarded-for") for h in value.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_proxy(hop, proxies):
+            return hop
+        peer = hop
+    return peer
+
+
+# --- the caller: checked once per request ----------------------------------------------------
+
+
+def _check_key(key: str) -> keys.Grant:
     with session_scope() as session:
-        row = keys.authenticate(session, key)
-        keys.authorize(row, scope)
-        return row.id
+        return keys.check(session, key)
 
 
-async def authorize_request(request: Request, settings: SettingsDep) -> None:
-    """On the event loop: a request without a key costs no thread hop and no database read."""
-    key = _presented_key(request)
-    caller = request.client.host if request.client else "unknown"
-    if key:
-        request.state.api_key_id = caller = await run_in_threadpool(_check_key, key, _scope_for(request))
-    elif settings.api_keys_required:
-        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="api_key_required")
-    path = request.url.path
-    if request.method == "POST" and path.endswith("/predict"):
-        request.app.state.limiters["predict"].take(caller)
-    elif request.method == "POST" and path.endswith("/images"):
-        request.app.state.limiters["upload"].take(caller)
+async def current_caller(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_api_key_header)],
+) -> Caller:
+    settings = get_settings()
+    address = client_address(request, settings)
+    key = (bearer.credentials.strip() if bearer else "") or header_key
+    if not key:
+        if settings.api_keys_required:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="api_key_required")
+        return Caller(address, None)
+    failures = request.app.state.limiters[FAILED_KEYS]
+    failures.check(address)  # this address sent too many bad keys: wait, whether this one is good or not
+    try:
+        grant = await run_in_threadpool(_check_key, key)
+    except Unauthorized:
+        try:
+            failures.take(address)
+        except RateLimited:
+            pass
+        raise
+    return Caller(address, grant)
+
+
+_CallerDep = Annotated[Caller, Depends(current_caller)]  # routes list deps.CallerDep, the same dependency
+
+
+# --- what routes declare ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a route requires of its caller (the marker tests/service/api/test_routes_declare_scopes.py reads)."""
+
+    scope: Scope
+    rate_limit: str | None = None
+    every_dataset: bool = False
+
+    def check(self, request: Request, caller: Caller) -> None:
+        if self.scope not in caller.scopes:
+            raise Forbidden(f"this API key lacks the {self.scope.value!r} scope", code="insufficient_scope",
+                            details={"required_scope": self.scope.value,
+                                     "granted": sorted(s.value for s in caller.scopes)})
+        if self.every_dataset and caller.datasets is not None:
+            raise Forbidden("this API key is limited to some datasets; this needs a key for every dataset",
+                            code="key_limited_to_datasets")
+        if self.rate_limit:
+            request.app.state.limiters[self.rate_limit].take(caller.rate_key)
+
+
+def Requires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool = False) -> params.Depends:  # noqa: N802
+    """The dependency a route lists to require ``scope`` (and a rate limit, and every dataset)."""
+    if rate_limit is not None and rate_limit not in RATE_LIMITS:
+        raise ValueError(f"unknown rate limit {rate_limit!r}; one of {RATE_LIMITS}")
+    requirement = Requirement(Scope(scope), rate_limit, every_dataset)
+
+    async def require(request: Request, caller: _CallerDep) -> None:
+        requirement.check(request, caller)
+
+    require.requirement = requirement  # type: ignore[attr-defined]
+    return Depends(require)
+
+
+async def _dataset_visible(name: str, caller: _CallerDep) -> None:
+    if caller.datasets is not None and name not in caller.datasets:
+        raise NotFound(f"dataset {name!r} does not exist", code="dataset_not_found")
+
+
+def _training_dataset(training_id: str) -> int:
+    with session_scope() as session:
+        return trainings.get(session, training_id).dataset_id
+
+
+async def _training_visible(training_id: str, caller: _CallerDep) -> None:
+    if caller.datasets is None:  # every dataset: nothing to look up
+        return
+    if await run_in_threadpool(_training_dataset, training_id) not in caller.datasets.values():
+        raise NotFound(f"training {training_id!r} does not exist", code="training_not_found")
+
+
+InDataset = Depends(_dataset_visible)
+InTraining = Depends(_training_visible)
+
+
+# --- the first key ---------------------------------------------------------------------------
+
+
+def bootstrap_admin_key(settings: Settings) -> None:
+    """FELIS_BOOTSTRAP_ADMIN_KEY: stored (hashed) as an admin key when no key exists yet."""
+    key = settings.bootstrap_admin_key.get_secret_value()
+    if not key:
+        return
+    with session_scope() as session:
+        if keys.bootstrap(session, key):
+            log.warning("stored FELIS_BOOTSTRAP_ADMIN_KEY as admin key %r: create the keys you need with it, "
+                        "then revoke it (DELETE /v1/keys/%s)", keys.BOOTSTRAP_ID, keys.BOOTSTRAP_ID)

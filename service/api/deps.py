@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
 
+from service.api.auth import Caller, current_caller
 from service.config import Settings, get_settings
 from service.errors import InvalidRequest
 from service.serving.cache import ModelCache
@@ -61,3 +62,6 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[BlobStore, Depends(_store)]
 ModelCacheDep = Annotated[ModelCache, Depends(_model_cache)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
+# who is calling (service.api.auth): what a route requires is declared with auth.Requires; a route
+# lists the caller only to act on it (a key limited to datasets lists only those)
+CallerDep = Annotated[Caller, Depends(current_caller)]

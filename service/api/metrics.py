@@ -7,8 +7,9 @@
 
 The worker's metrics are in ``worker.metrics``. The middleware also binds the request id to the
 logging context (see service.logs), so it is mounted inside ``RequestIdMiddleware``. Uploads and
-predictions are counted from the JSON answers of those two routes, so the routes themselves carry
-no metrics code.
+predictions are counted from the JSON answers of the routes that declare it, where they are
+declared: ``dependencies=[Counts(count_uploads)]``; the routes' bodies carry no metrics code.
+/metrics needs an admin key for every dataset when keys are required (its labels name datasets).
 
 Set ``PROMETHEUS_MULTIPROC_DIR`` when the API runs with several uvicorn workers; /metrics then
 sums them.
@@ -19,9 +20,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response, params
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -34,12 +37,13 @@ from prometheus_client import (
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.auth import Requires
+from service.domain.keys import Scope as KeyScope
 from service.logs import bind
 from service.store.queue import QueueDepthCollector
 
 UNMATCHED = "<unmatched>"  # requests no route matched (scanners): one label, not one per path
-UPLOAD_ROUTE = "/v1/datasets/{name}/images"
-PREDICT_ROUTE = "/v1/datasets/{name}/predict"
+_COUNTER = "metrics_counter"  # request.state: the counter the route declared (Counts)
 
 HTTP_LATENCY = Histogram(
     "felis_http_request_duration_seconds", "HTTP request latency until the last body byte, by route template",
@@ -74,7 +78,7 @@ class MetricsMiddleware:
                 status = message["status"]
                 headers = dict(message.get("headers") or [])
                 streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
-                if _route(scope) in (UPLOAD_ROUTE, PREDICT_ROUTE) and scope["method"] == "POST":
+                if _counter(scope) is not None:
                     captured = []
             elif message["type"] == "http.response.body" and captured is not None:
                 captured.append(message.get("body", b""))
@@ -86,8 +90,11 @@ class MetricsMiddleware:
             route = _route(scope)
             if not streaming:  # an event stream lasts as long as the training; not a latency
                 HTTP_LATENCY.labels(scope["method"], route, str(status)).observe(time.perf_counter() - start)
-            if captured is not None:
-                _count_answer(route, scope, status, b"".join(captured))
+            counter = _counter(scope)
+            if captured is not None and counter is not None:
+                answer = _json_object(b"".join(captured))
+                if answer is not None:
+                    counter(scope, status, answer)
 
 
 def _route(scope: Scope) -> str:
@@ -105,25 +112,51 @@ def _route(scope: Scope) -> str:
     return getattr(route, "path_format", None) or UNMATCHED
 
 
-def _count_answer(route: str, scope: Scope, status: int, body: bytes) -> None:
-    try:
-        answer = json.loads(body) if body else {}
-    except ValueError:
-        return
-    if not isinstance(answer, dict):
-        return
-    if route == UPLOAD_ROUTE and status in (201, 207, 422):
+# --- what routes count: declared on the route --------------------------------------------------
+
+AnswerCounter = Callable[[Scope, int, dict[str, Any]], None]  # (the request's scope, status, the JSON answer)
+
+
+def count_uploads(scope: Scope, status: int, answer: dict[str, Any]) -> None:
+    """felis_uploaded_files_total from an upload's per-file report."""
+    if status in (201, 207, 422):
         for result in answer.get("results") or []:
             status_ = str(result.get("status", "unknown"))
             UPLOADED_FILES.labels(status_, str(result.get("reason") or "") if status_ == "rejected" else "").inc()
-    elif route == PREDICT_ROUTE and status == 200:
+
+
+def count_predictions(scope: Scope, status: int, answer: dict[str, Any]) -> None:
+    """felis_predictions_total from a predict answer: the images that got probabilities."""
+    if status == 200:
         dataset = (scope.get("path_params") or {}).get("name") or str(answer.get("dataset", ""))
-        n = sum(1 for p in answer.get("predictions") or [] if "probabilities" in p)
+        n = sum(1 for p in answer.get("predictions") or [] if isinstance(p, dict) and "probabilities" in p)
         if n:
             PREDICTIONS.labels(dataset, str(answer.get("model_version", ""))).inc(n)
 
 
-router = APIRouter(tags=["metrics"])
+def Counts(counter: AnswerCounter) -> params.Depends:  # noqa: N802
+    """The dependency a route lists so that MetricsMiddleware feeds its JSON answers to ``counter``."""
+
+    async def declare(request: Request) -> None:
+        setattr(request.state, _COUNTER, counter)
+
+    declare.counter = counter  # type: ignore[attr-defined]
+    return Depends(declare)
+
+
+def _counter(scope: Scope) -> AnswerCounter | None:
+    return (scope.get("state") or {}).get(_COUNTER)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(body) if body else {}
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+router = APIRouter(tags=["metrics"], dependencies=[Requires(KeyScope.ADMIN, every_dataset=True)])
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -16,6 +16,14 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def take(self, caller: str, cost: float = 1.0) -> None:
+        """Spend `cost` of the caller's tokens, or raise RateLimited (spending nothing)."""
+        self._spend(caller, cost, spend=True)
+
+    def check(self, caller: str, cost: float = 1.0) -> None:
+        """Raise RateLimited when the caller could not spend `cost` now; spends nothing."""
+        self._spend(caller, cost, spend=False)
+
+    def _spend(self, caller: str, cost: float, *, spend: bool) -> None:
         if self.rate <= 0:
             return
         now = time.monotonic()
@@ -25,6 +33,6 @@ class RateLimiter:
             if tokens < cost:
                 self._buckets[caller] = (tokens, now)
                 raise RateLimited("too many requests; slow down", retry_after=(cost - tokens) / self.rate)
-            self._buckets[caller] = (tokens - cost, now)
+            self._buckets[caller] = (tokens - cost if spend else tokens, now)
             if len(self._buckets) > 100_000:  # forget idle callers
                 self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 600}

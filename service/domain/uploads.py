@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import stat
 import zipfile
@@ -39,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from models.images import InvalidImage, inspect_image, perceptual_hash
 from service.config import Settings
+from service.limits import cpu_budget
 from service.errors import InvalidRequest, NotFound, TooLarge, Unavailable
 from service.store.blobs import BlobStore, image_key
 from service.store.tables import BlobOrphan, Dataset, Image, ImageStage, new_id, utcnow
@@ -228,7 +228,7 @@ def ingest(
     try:
         # Decoding dominates; Pillow releases the GIL, so threads use every core. Chunks bound the
         # memory held at once to a few dozen files whatever the upload's size.
-        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        with ThreadPoolExecutor(max_workers=cpu_budget()) as pool:
             for start in range(0, len(candidates), _CHUNK):
                 chunk = candidates[start : start + _CHUNK]
                 checked = list(pool.map(lambda c: _check(c, settings), chunk))

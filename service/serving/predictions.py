@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,12 +22,13 @@ from models.images import InvalidImage
 from service.config import Settings
 from service.domain import versions
 from service.errors import InvalidRequest, TooLarge, Unavailable
+from service.limits import cpu_budget
 from service.serving.cache import LoadedModel, ModelCache
 from service.store.db import get_engine
 
 log = logging.getLogger("felis.predict")
 
-_DECODE_POOL = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
+_DECODE_POOL = ThreadPoolExecutor(max_workers=cpu_budget(), thread_name_prefix="decode")  # the cgroup CPU quota, not the node's cores
 
 
 async def _predict_alone(model: LoadedModel, data: bytes) -> list[np.ndarray | InvalidImage]:

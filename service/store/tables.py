@@ -1,7 +1,7 @@
 """The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
 service.domain.uploads and .images (Image), service.domain.trainings (Training),
 service.domain.versions (ModelVersion), service.store.features (ImageFeature; service.domain.cleanup
-removes those no image uses any more), service.domain.keys (ApiKey), service.domain.uploads
+removes those no image uses any more), service.domain.keys (ApiKey, ApiKeyDataset), service.domain.uploads
 (ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects)."""
 
 from __future__ import annotations
@@ -143,6 +143,19 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # true: the key sees only the datasets in api_key_datasets (none, once they are all removed)
+    limited: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+
+
+class ApiKeyDataset(Base):
+    """The datasets a limited key may see, by id: a dataset made again under the same name is
+    another one. Removing a dataset's row removes its entries."""
+
+    __tablename__ = "api_key_datasets"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True,
+                                            index=True)
 
 
 class ImageStage(Base):

@@ -94,6 +94,15 @@ def test_api_listens_on_all_interfaces_and_checks_healthz(compose):
     assert "FELIS_DEVICE" not in env, "the API has no GPU: FELIS_DEVICE belongs to workers"
 
 
+def test_keys_cannot_be_turned_off_from_the_shell(root):
+    """The API listens on every interface: FELIS_API_KEYS_REQUIRED is written down, not ${...}."""
+    import yaml
+
+    shared = yaml.safe_load((root / "docker-compose.yml").read_text())["x-felis-env"]
+    assert shared["FELIS_MODE"] == "production"
+    assert shared["FELIS_API_KEYS_REQUIRED"] == "true"
+
+
 def test_gpu_worker_reserves_one_nvidia_gpu(compose):
     worker = _services(compose, "gpu")["worker"]
     assert worker["command"] == WORKER_COMMAND

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -111,6 +113,32 @@ def test_api_image():
     health = [a for k, a in ins if k == "HEALTHCHECK"]
     assert health and "/healthz" in health[0]
     assert "FELIS_HOST=0.0.0.0" in " ".join(a for k, a in ins if k == "ENV")
+
+
+def _image_env(path: Path) -> dict[str, str]:
+    """The ENV of the runtime stage (the last one), as `docker run` starts with it."""
+    env: dict[str, str] = {}
+    for keyword, rest in stages(path)[-1]:
+        if keyword == "ENV":
+            env |= dict(pair.split("=", 1) for pair in shlex.split(rest))
+    return env
+
+
+def test_the_api_image_serves_the_network_only_with_keys(monkeypatch):
+    """`docker run -p 8000:8000 felis-api`: every interface, so API keys (felis refuses otherwise)."""
+    from service.config import Settings, bind_refusal
+
+    env = _image_env(DOCKERFILES["api"])
+    assert env["FELIS_HOST"] == "0.0.0.0" and env["FELIS_API_KEYS_REQUIRED"] == "true"
+    for key in list(os.environ):
+        if key.startswith("FELIS_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("FELIS_"):
+            monkeypatch.setenv(key, value)
+    settings = Settings(_env_file=None)
+    assert settings.api_keys_required is True
+    assert bind_refusal(settings, settings.host) is None
 
 
 def test_worker_image():

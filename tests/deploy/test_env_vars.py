@@ -40,6 +40,17 @@ def _settings_from(env: dict[str, str], monkeypatch):
     return Settings(_env_file=None)
 
 
+def _exposed_safely(settings, service: str) -> None:
+    """The API listens on every interface with keys; the worker's metrics can be scraped."""
+    from service.config import bind_refusal
+
+    assert settings.api_keys_required is True
+    if service == "api":
+        assert bind_refusal(settings, settings.host) is None
+    else:
+        assert settings.worker_metrics_host == "0.0.0.0", "Prometheus scrapes the worker from outside"
+
+
 @pytest.mark.parametrize("variant", ["gpu", "cpu"])
 @pytest.mark.parametrize("service", ["api", "worker"])
 def test_compose_values_parse(compose, variant, service, monkeypatch):
@@ -48,6 +59,7 @@ def test_compose_values_parse(compose, variant, service, monkeypatch):
     assert settings.mode == "production"
     assert settings.api_keys_required is True
     assert settings.storage_path == Path("/data/blobs")
+    _exposed_safely(settings, service)
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])
@@ -68,3 +80,4 @@ def test_kubernetes_values_parse(rendered, overlay, workload, name, monkeypatch)
     assert settings.mode == "production"
     assert settings.database_url.startswith("postgresql+psycopg://")
     assert settings.broker_url.startswith("redis://")
+    _exposed_safely(settings, name)

@@ -187,6 +187,23 @@ def test_api_probes_and_resources(rendered, overlay):
     assert 1 <= pdb["minAvailable"] < hpa["minReplicas"] <= hpa["maxReplicas"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_behind_the_ingress_may_change_state(rendered, overlay):
+    """TLS ends at the ingress, so the API sees http:// while the console's Origin is https://<host>:
+    every ingress host must be an allowed origin, or the console's uploads answer 403."""
+    from service.api.guards import normalize_origin
+    from service.config import Settings
+
+    objects = rendered[overlay]
+    env = env_of(objects, find(objects, "Deployment", "felis-api"), "api")
+    allowed = {normalize_origin(o) for o in Settings.model_validate({"allowed_origins": env["FELIS_ALLOWED_ORIGINS"]}).allowed_origins}
+    ingress = find(objects, "Ingress", "felis-api")["spec"]
+    tls_hosts = {h for t in ingress.get("tls", []) for h in t["hosts"]}
+    for rule in ingress["rules"]:
+        scheme = "https" if rule["host"] in tls_hosts else "http"
+        assert f"{scheme}://{rule['host']}" in allowed, f"FELIS_ALLOWED_ORIGINS lacks {scheme}://{rule['host']}"
+
+
 def test_ingress_accepts_large_uploads(rendered):
     ingress = find(rendered["gpu"], "Ingress", "felis-api")
     annotations = ingress["metadata"]["annotations"]

@@ -56,7 +56,8 @@ def test_more_versions_than_the_cache_holds_under_concurrent_predictions(tmp_pat
     _four_datasets(tmp_path / "var")
     port = free_port()
     api = Proc(["api", "--port", str(port)], felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_MODEL_CACHE_SIZE="2",
-                                                         FELIS_PREDICT_MAX_WAIT_MS="20"), tmp_path / "api.log")
+                                                         FELIS_PREDICT_MAX_WAIT_MS="20",
+                                                         FELIS_MAX_INFLIGHT_REQUESTS="0"), tmp_path / "api.log")
     image = (ASSETS / "cifar-cat" / "test" / "cat" / "0000.jpg").read_bytes()
 
     async def run() -> list[int]:

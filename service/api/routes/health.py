@@ -1,6 +1,9 @@
-"""Liveness and readiness."""
+"""Liveness and readiness. /readyz says which component is ``ok`` or ``unavailable``, never why:
+the error (addresses, bucket names, driver messages) goes to the log, not to whoever asks."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -9,6 +12,7 @@ from sqlalchemy import text
 from service.api.deps import SessionDep, StoreDep
 from service.store.queue import check_broker
 
+log = logging.getLogger("felis.api")
 router = APIRouter(tags=["health"])
 
 
@@ -30,8 +34,9 @@ def readyz(session: SessionDep, store: StoreDep) -> JSONResponse:
         try:
             probe()
             checks[name] = "ok"
-        except Exception as e:
-            checks[name] = f"error: {getattr(e, 'message', None) or e}"
+        except Exception as e:  # any failure means not ready; the detail goes to the log, not the caller
+            log.warning("readiness: the %s is unavailable: %s", name, getattr(e, "message", None) or e)
+            checks[name] = "unavailable"
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ok else "not_ready", "checks": checks}
     if not ok:

@@ -9,12 +9,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from models.split import MAX_NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_BITS
+from service.api.auth import InDataset, Requires
 from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
 from service.api.errors import error_body
+from service.api.metrics import Counts, count_uploads
 from service.domain import datasets, images, uploads
+from service.domain.keys import Scope
 from service.errors import InvalidRequest
 
-router = APIRouter(prefix="/datasets/{name}/images", tags=["images"])
+router = APIRouter(prefix="/datasets/{name}/images", tags=["images"], dependencies=[InDataset])
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -38,6 +41,7 @@ _UPLOAD_BODY = {
 
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_BODY,
+             dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads)],
              responses={207: {"description": "some files were not stored"},
                         422: {"description": "no file was stored"}})
 async def upload_images(name: str, request: Request, session: SessionDep, store: StoreDep,
@@ -72,7 +76,7 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
     return JSONResponse({**error_body("no_images_created", reason), **body}, status_code=422)
 
 
-@router.get("")
+@router.get("", dependencies=[Requires(Scope.READ)])
 def list_images(name: str, session: SessionDep, label: str | None = None,
                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
     dataset = datasets.get(session, name)
@@ -80,7 +84,7 @@ def list_images(name: str, session: SessionDep, label: str | None = None,
     return {"data": [images.describe(i) for i in rows], "count": total}
 
 
-@router.get("/near-duplicates")
+@router.get("/near-duplicates", dependencies=[Requires(Scope.READ)])
 def near_duplicates(name: str, session: SessionDep,
                     max_distance: int = Query(NEAR_DUPLICATE_BITS, ge=0, le=MAX_NEAR_DUPLICATE_BITS),
                     limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
@@ -90,7 +94,7 @@ def near_duplicates(name: str, session: SessionDep,
     return {"data": groups, "count": total, "max_distance": max_distance}
 
 
-@router.get("/{image_id}")
+@router.get("/{image_id}", dependencies=[Requires(Scope.READ)])
 def get_image(name: str, image_id: str, session: SessionDep) -> dict:
     return images.describe(images.get(session, datasets.get(session, name), image_id))
 
@@ -99,12 +103,12 @@ _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF":
           "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
-@router.get("/{image_id}/content", response_class=Response,
+@router.get("/{image_id}/content", response_class=Response, dependencies=[Requires(Scope.READ)],
             responses={200: {"content": {"image/*": {}}, "description": "the uploaded bytes"}})
 def get_image_content(name: str, image_id: str, session: SessionDep, store: StoreDep) -> Response:
     image = images.get(session, datasets.get(session, name), image_id)
     return Response(images.content(store, image), media_type=_MEDIA.get(image.format, "application/octet-stream"),
-                    headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
+                    headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
                              "X-Content-Type-Options": "nosniff"})
 
 
@@ -112,12 +116,12 @@ class ImagePatch(BaseModel):
     label: str
 
 
-@router.patch("/{image_id}")
+@router.patch("/{image_id}", dependencies=[Requires(Scope.WRITE)])
 def relabel_image(name: str, image_id: str, body: ImagePatch, session: SessionDep) -> dict:
     return images.describe(images.relabel(session, datasets.get(session, name), image_id, body.label))
 
 
-@router.delete("/{image_id}", status_code=204)
+@router.delete("/{image_id}", status_code=204, dependencies=[Requires(Scope.WRITE)])
 def delete_image(name: str, image_id: str, session: SessionDep, store: StoreDep) -> Response:
     images.delete(session, store, datasets.get(session, name), image_id)
     return Response(status_code=204)

@@ -1,4 +1,6 @@
-"""/v1/datasets/{name}/models: versions, promotion, checkpoint download, evaluation, thresholds."""
+"""/v1/datasets/{name}/models: versions, promotion, checkpoint download, evaluation, thresholds.
+
+A version's metadata needs predict (an app picks its version); its evaluation and files need read."""
 
 from __future__ import annotations
 
@@ -7,29 +9,31 @@ from typing import Literal
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 
+from service.api.auth import InDataset, Requires
 from service.api.deps import SessionDep, StoreDep
 from service.domain import datasets, versions
+from service.domain.keys import Scope
 from service.errors import NotFound
 
-router = APIRouter(prefix="/datasets/{name}/models", tags=["models"])
+router = APIRouter(prefix="/datasets/{name}/models", tags=["models"], dependencies=[InDataset])
 
 VersionPath = Path(ge=1, le=2**31 - 1)
 
 
-@router.get("")
+@router.get("", dependencies=[Requires(Scope.PREDICT)])
 def list_versions(name: str, session: SessionDep) -> dict:
     dataset = datasets.get(session, name)
     rows = versions.list_for(session, dataset)
     return {"data": [versions.describe(v, dataset) for v in rows], "count": len(rows)}
 
 
-@router.get("/{version}")
+@router.get("/{version}", dependencies=[Requires(Scope.PREDICT)])
 def get_version(name: str, session: SessionDep, version: int = VersionPath) -> dict:
     dataset = datasets.get(session, name)
     return versions.describe(versions.get(session, dataset, version), dataset)
 
 
-@router.get("/{version}/evaluation")
+@router.get("/{version}/evaluation", dependencies=[Requires(Scope.READ)])
 def get_evaluation(name: str, session: SessionDep, version: int = VersionPath) -> dict:
     """Validation-split evaluation: accuracy, per-label precision/recall/F1, ROC AUC, confusion matrix,
     threshold curves, calibration, and the per-epoch history."""
@@ -37,7 +41,7 @@ def get_evaluation(name: str, session: SessionDep, version: int = VersionPath) -
     return {"version": version, **versions.get(session, dataset, version).evaluation}
 
 
-@router.delete("/{version}", status_code=204)
+@router.delete("/{version}", status_code=204, dependencies=[Requires(Scope.WRITE)])
 def delete_version(name: str, session: SessionDep, store: StoreDep, version: int = VersionPath,
                    force: bool = Query(False, description="also the default version (the dataset is then left without one)")) -> Response:
     """Delete one version, its checkpoint and its ONNX graph. The default version answers 409
@@ -46,13 +50,13 @@ def delete_version(name: str, session: SessionDep, store: StoreDep, version: int
     return Response(status_code=204)
 
 
-@router.post("/{version}/promote")
+@router.post("/{version}/promote", dependencies=[Requires(Scope.WRITE)])
 def promote_version(name: str, session: SessionDep, version: int = VersionPath) -> dict:
     row = versions.promote(session, name, version)
     return versions.describe(row, datasets.get(session, name))
 
 
-@router.get("/{version}/download", response_class=Response,
+@router.get("/{version}/download", response_class=Response, dependencies=[Requires(Scope.READ)],
             responses={200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint or ONNX graph"}})
 def download_version(name: str, session: SessionDep, store: StoreDep, version: int = VersionPath,
                      format: Literal["checkpoint", "onnx"] = Query("checkpoint")) -> Response:
@@ -76,7 +80,7 @@ class ThresholdSet(BaseModel):
                                         description="or: the lowest threshold reaching this validation precision")
 
 
-@router.put("/{version}/thresholds/{label}")
+@router.put("/{version}/thresholds/{label}", dependencies=[Requires(Scope.WRITE)])
 def set_threshold(name: str, label: str, body: ThresholdSet, session: SessionDep, version: int = VersionPath) -> dict:
     row = versions.set_threshold(session, name, version, label, threshold=body.threshold,
                                  min_precision=body.min_precision)

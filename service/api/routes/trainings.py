@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Body
 
+from service.api.auth import InDataset, InTraining, Requires
 from service.api.deps import RequestIdDep, SessionDep, SettingsDep
 from service.domain import datasets, trainings
+from service.domain.keys import Scope
 from service.store.queue import enqueue_training
 
 router = APIRouter(tags=["trainings"])
@@ -15,7 +17,7 @@ router = APIRouter(tags=["trainings"])
 _OPTIONS_EXAMPLE = {"architecture": "efficientnet_lite0", "epochs": 30, "seed": 0}
 
 
-@router.post("/datasets/{name}/trainings", status_code=202)
+@router.post("/datasets/{name}/trainings", status_code=202, dependencies=[Requires(Scope.WRITE), InDataset])
 def request_training(name: str, session: SessionDep, settings: SettingsDep, request_id: RequestIdDep,
                      options: dict[str, Any] = Body(default_factory=dict, examples=[_OPTIONS_EXAMPLE])) -> dict:
     """Queue a training of the dataset's current images. Options are validated before anything is
@@ -27,17 +29,17 @@ def request_training(name: str, session: SessionDep, settings: SettingsDep, requ
     return trainings.describe(session, training)
 
 
-@router.get("/datasets/{name}/trainings")
+@router.get("/datasets/{name}/trainings", dependencies=[Requires(Scope.READ), InDataset])
 def list_trainings(name: str, session: SessionDep) -> dict:
     rows = trainings.list_for(session, datasets.get(session, name))
     return {"data": [trainings.describe(session, t) for t in rows], "count": len(rows)}
 
 
-@router.get("/trainings/{training_id}")
+@router.get("/trainings/{training_id}", dependencies=[Requires(Scope.READ), InTraining])
 def get_training(training_id: str, session: SessionDep) -> dict:
     return trainings.describe(session, trainings.get(session, training_id))
 
 
-@router.post("/trainings/{training_id}/cancel")
+@router.post("/trainings/{training_id}/cancel", dependencies=[Requires(Scope.WRITE), InTraining])
 def cancel_training(training_id: str, session: SessionDep) -> dict:
     return trainings.describe(session, trainings.cancel(session, training_id))

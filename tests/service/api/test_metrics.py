@@ -73,7 +73,7 @@ def test_predictions_are_counted_by_dataset_and_version():
     before = metrics.PREDICTIONS.labels("pets", "3")._value.get()
     answer = {"model_version": 3, "predictions": [{"filename": "a", "probabilities": {"cat": 1.0}},
                                                   {"filename": "b", "error": {"code": "not_an_image"}}]}
-    metrics._count_answer(metrics.PREDICT_ROUTE, {"path_params": {"name": "pets"}}, 200, json.dumps(answer).encode())
+    metrics.count_predictions({"path_params": {"name": "pets"}}, 200, answer)
     assert metrics.PREDICTIONS.labels("pets", "3")._value.get() - before == 1
 
 

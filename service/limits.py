@@ -1,0 +1,104 @@
+"""How much CPU this process may really use, for sizing thread pools.
+
+``os.sched_getaffinity`` counts the cores a process may be scheduled on, which in a container
+is usually every core of the node: a pod limited to 2 CPUs on a 64-core node would start 64
+decode threads, each with its own buffers, and get throttled by the CFS quota. ``cpu_budget()``
+also reads the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``)
+of this process's cgroup and of each cgroup above it, and ``FELIS_TORCH_THREADS`` overrides both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def _cgroup_paths(proc_cgroup: Path) -> tuple[str | None, str | None]:
+    """(the v2 path, the v1 cpu controller's path) of this process, from /proc/self/cgroup."""
+    v2 = v1 = None
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _dirs(base: Path, rel: str | None) -> list[Path]:
+    """base/rel and every directory above it up to base (a limit anywhere up the tree applies).
+    Inside a container's cgroup namespace rel is usually '/', so this is just base."""
+    out: list[Path] = []
+    if rel:
+        d = base / rel.lstrip("/")
+        while d != base and base in d.parents:
+            if d.is_dir():
+                out.append(d)
+            d = d.parent
+    if base.is_dir():
+        out.append(base)
+    return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """CPUs allowed by the cgroup CPU quota (e.g. 1.5), or None when there is no quota."""
+    v2, v1 = _cgroup_paths(proc_cgroup)
+    limits: list[float] = []
+    for d in _dirs(root, v2 if v2 is not None else "/"):
+        text = _read(d / "cpu.max")  # "max 100000" or "<quota> <period>"
+        if text:
+            quota, _, period = text.partition(" ")
+            if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    for mount in _V1_CPU_MOUNTS:
+        for d in _dirs(root / mount, v1 if v1 is not None else "/"):
+            quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+            # quota -1: no quota
+            if quota and period and quota.isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    return min(limits) if limits else None
+
+
+def _schedulable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_budget(torch_threads: int | None = None, *, root: Path = CGROUP_ROOT,
+               proc_cgroup: Path = PROC_CGROUP) -> int:
+    """Threads worth running for CPU-bound work in this process: ``FELIS_TORCH_THREADS`` when it
+    is set (> 0), else the schedulable cores capped by the cgroup CPU quota (rounded up), at least 1.
+
+    ``torch_threads`` defaults to the setting (``get_settings().torch_threads``)."""
+    if torch_threads is None:
+        from service.config import get_settings
+
+        torch_threads = get_settings().torch_threads
+    if torch_threads and torch_threads > 0:
+        return int(torch_threads)
+    cpus = _schedulable_cpus()
+    quota = cgroup_cpu_limit(root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota - 1e-9)))
+    return max(1, cpus)
