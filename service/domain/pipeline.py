@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from models.checkpoint import checkpoint_bytes, load_checkpoint
 from models.train import Sample, TrainConfig, TrainingCancelled, train
 from service.config import Settings, get_settings
-from service.domain import trainings, versions
+from service.domain import trainings, uploads, versions
 from service.domain.trainings import LostOwnership, Status
 from service.store.blobs import BlobStore, get_store, image_key, model_keys
 from service.store.db import session_scope
@@ -87,11 +87,13 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
     run.report({"phase": "saving"}, force=True)
     ckpt = result.checkpoint
     checkpoint_key, onnx_key = model_keys(dataset_id, training_id, run.token)
+    onnx_key = onnx_key if result.onnx else None
+    # listed as orphans before they exist: until a version refers to them, a run that is cancelled,
+    # loses its claim or dies here leaves nothing behind (cleanup.collect, after the grace period)
+    run.write(lambda: _list_as_orphans([checkpoint_key, onnx_key]), "listing the model blobs")
     store.put(checkpoint_key, checkpoint_bytes(ckpt))
-    if result.onnx:
+    if onnx_key:
         store.put(onnx_key, result.onnx)
-    else:
-        onnx_key = None
     if run.should_stop(force=True):
         raise TrainingCancelled()
     run.write(lambda: versions.create(
@@ -101,6 +103,11 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         checkpoint_key=checkpoint_key, onnx_key=onnx_key, keep_versions=settings.keep_versions,
     ), "recording the version")
     return Status.SUCCEEDED
+
+
+def _list_as_orphans(keys: list[str | None]) -> None:
+    with session_scope() as s:
+        uploads.orphan_blobs(s, [k for k in keys if k])
 
 
 def import_checkpoint(session: Session, store: BlobStore, dataset: Dataset, checkpoint: bytes,

@@ -4,6 +4,7 @@ importing a checkpoint trained elsewhere."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from models.checkpoint import load_checkpoint
 from service.domain import datasets, pipeline, trainings, versions
@@ -41,3 +42,25 @@ def test_import_checkpoint_records_the_next_version(session, store, trained):
     row = versions.get(session, other, number)
     assert number == 1 and row.labels == ["cat", "noncat"] and store.exists(row.onnx_key)
     assert session.get(Training, row.training_id).status == "succeeded"
+
+
+def test_a_run_that_never_records_its_version_leaves_no_model_blobs(session, store, settings, pets, monkeypatch):
+    """Its dataset deleted (or its claim lost) after it wrote its checkpoint: before, those blobs
+    stayed for ever; now they were listed as orphans before being written, and collected."""
+    from service.domain import cleanup
+    from service.domain.trainings import LostOwnership
+    from service.store.tables import BlobOrphan
+
+    t = trainings.request(session, "pets", {"architecture": "simple_cnn", "image_size": 32, "epochs": 1}, settings)
+    session.commit()
+
+    def lost(*_a, **_k):
+        raise LostOwnership(t.id)
+
+    monkeypatch.setattr(versions, "create", lost)
+    pipeline.run_training(t.id, settings=settings, store=store)
+    listed = set(session.scalars(select(BlobOrphan.key).where(BlobOrphan.key.like(f"models/%/{t.id}/%"))))
+    assert len(listed) == 2 and all(store.exists(k) for k in listed)
+    monkeypatch.setattr(settings, "blob_grace_seconds", 0)
+    cleanup.collect(session, store, settings)
+    assert not any(store.exists(k) for k in listed)
