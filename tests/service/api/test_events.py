@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.routes import events
+from tests.utils.rows import training_row, update_training
 
 
 @pytest.fixture
@@ -22,28 +22,7 @@ def client(felis_env, monkeypatch):
         yield c
 
 
-def _training(status: str = "queued") -> str:
-    from service.domain import datasets
-    from service.store.db import session_scope
-    from service.store.tables import Training
-
-    with session_scope() as s:
-        d = datasets.create(s, f"ev{uuid.uuid4().hex[:8]}")
-        s.flush()
-        t = Training(dataset_id=d.id, status=status)
-        s.add(t)
-        s.flush()
-        return t.id
-
-
-def _update(training_id: str, **values) -> None:
-    from service.store.db import session_scope
-    from service.store.tables import Training
-
-    with session_scope() as s:
-        t = s.get(Training, training_id)
-        for k, v in values.items():
-            setattr(t, k, v)
+_training, _update = training_row, update_training
 
 
 def _events(text: str) -> list[dict]:

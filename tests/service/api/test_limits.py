@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from tests.conftest import asset_images
 from tests.utils import processes
 from tests.utils.processes import ROOT, start_felis
+from tests.utils.rows import training_row, update_training
 
 # --- cpu_budget --------------------------------------------------------------------------------------
 
@@ -278,28 +279,7 @@ def test_past_the_stream_cap_streams_get_503(capped):
 # --- event streams: one look per training, whatever the number of streams ---------------------------
 
 
-def _training(status: str = "queued") -> str:
-    from service.domain import datasets
-    from service.store.db import session_scope
-    from service.store.tables import Training
-
-    with session_scope() as s:
-        d = datasets.create(s, f"ev{uuid.uuid4().hex[:8]}")
-        s.flush()
-        t = Training(dataset_id=d.id, status=status)
-        s.add(t)
-        s.flush()
-        return t.id
-
-
-def _update(training_id: str, **values) -> None:
-    from service.store.db import session_scope
-    from service.store.tables import Training
-
-    with session_scope() as s:
-        t = s.get(Training, training_id)
-        for k, v in values.items():
-            setattr(t, k, v)
+_training, _update = training_row, update_training
 
 
 def test_streams_of_one_training_share_one_poll(felis_env, monkeypatch):
