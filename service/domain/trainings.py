@@ -73,8 +73,7 @@ def _now(session: Session) -> ColumnElement[datetime] | datetime:
 
 
 def _ago(session: Session, seconds: float) -> ColumnElement[datetime] | datetime:
-    now = _now(session)
-    return now - timedelta(seconds=seconds)
+    return _now(session) - timedelta(seconds=seconds)
 
 
 # --- requests (the API) -----------------------------------------------------------------------
@@ -186,14 +185,7 @@ def cancel(session: Session, training_id: str) -> Training:
     training = get(session, training_id)
     if training.status in FINAL:
         raise Conflict(f"training {training_id} has already {training.status}", code="training_finished")
-    done = session.execute(
-        update(Training).where(Training.id == training_id, Training.status == Status.QUEUED)
-        .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
-                error={"code": "cancelled", "message": "cancelled before it started"})
-    ).rowcount
-    if not done:
-        session.execute(update(Training).where(Training.id == training_id, Training.status == Status.RUNNING)
-                        .values(cancel_requested=True))  # the worker checks between steps
+    _cancel(session, Training.id == training_id, "cancelled before it started")
     session.commit()
     session.refresh(training)
     return training
@@ -202,11 +194,15 @@ def cancel(session: Session, training_id: str) -> Training:
 def cancel_all(session: Session, dataset_id: int, reason: str) -> None:
     """Cancel every active training of a dataset, in the caller's transaction: queued ones at
     once, running ones at their next step."""
-    session.execute(update(Training).where(Training.dataset_id == dataset_id, Training.status == Status.QUEUED)
+    _cancel(session, Training.dataset_id == dataset_id, reason)
+
+
+def _cancel(session: Session, which: ColumnElement[bool], reason: str) -> None:
+    """Queued -> CANCELLED at once; running -> cancel_requested (the worker checks between steps)."""
+    session.execute(update(Training).where(which, Training.status == Status.QUEUED)
                     .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
                             error={"code": "cancelled", "message": reason}))
-    session.execute(update(Training).where(Training.dataset_id == dataset_id, Training.status == Status.RUNNING)
-                    .values(cancel_requested=True))
+    session.execute(update(Training).where(which, Training.status == Status.RUNNING).values(cancel_requested=True))
 
 
 def delete_all(session: Session, dataset_id: int) -> None:
@@ -337,9 +333,10 @@ def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s:
     lease = settings.training_lease_seconds
     requeued: list[str] = []
     with session_scope() as s:
+        silent = and_(Training.status == Status.RUNNING,
+                      or_(Training.heartbeat_at.is_(None), Training.heartbeat_at < _ago(s, lease)))
         stale = s.execute(select(Training.id, Training.attempts, Training.cancel_requested, Training.claim_token)
-                          .where(Training.status == Status.RUNNING,
-                                 or_(Training.heartbeat_at.is_(None), Training.heartbeat_at < _ago(s, lease)))).all()
+                          .where(silent)).all()
         for t in stale:
             if t.cancel_requested:
                 values = {"status": Status.CANCELLED, "finished_at": _now(s),
@@ -353,10 +350,9 @@ def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s:
                 values = {"status": Status.QUEUED, "claim_token": None, "enqueued_at": None}
                 key = "requeued"
             # guarded by the token the dead run held, so two sweepers never both act on one training
-            done = s.execute(update(Training).where(Training.id == t.id, Training.status == Status.RUNNING,
-                                                    Training.claim_token.is_(t.claim_token) if t.claim_token is None
-                                                    else Training.claim_token == t.claim_token,
-                                                    Training.heartbeat_at < _ago(s, lease)).values(**values)).rowcount
+            done = s.execute(update(Training).where(Training.id == t.id, silent,
+                                                    Training.claim_token.is_not_distinct_from(t.claim_token))
+                             .values(**values)).rowcount
             counts[key] += done
             if done and key == "requeued":
                 requeued.append(t.id)
