@@ -100,9 +100,21 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         training_id, run.token, architecture=config.architecture, labels=list(ckpt["labels"]),
         metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
         snapshot={k: v for k, v in snapshot.items() if k != "images"},
-        checkpoint_key=checkpoint_key, onnx_key=onnx_key, keep_versions=settings.keep_versions,
+        checkpoint_key=checkpoint_key, onnx_key=onnx_key,
     ), "recording the version")
+    if settings.keep_versions:
+        _apply_retention(store, dataset_id, settings.keep_versions)
     return Status.SUCCEEDED
+
+
+def _apply_retention(store: BlobStore, dataset_id: int, keep: int) -> None:
+    """After the version is recorded: a failure here leaves older versions for the next training."""
+    try:
+        with session_scope() as s:
+            versions.apply_retention(s, store, dataset_id, keep)
+    except Exception:
+        log.warning("retention for dataset %s failed; older versions stay until the next training", dataset_id,
+                    exc_info=True)
 
 
 def _list_as_orphans(keys: list[str | None]) -> None:

@@ -19,8 +19,7 @@ from service.store.tables import Dataset, ModelVersion, Training
 
 
 def create(training_id: str, token: str | None, *, architecture: str, labels: list[str], metrics: dict,
-           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None,
-           keep_versions: int = 0) -> ModelVersion:
+           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None) -> ModelVersion:
     """Record the version a training produced and mark the training succeeded, in one commit.
 
     Idempotent by training id: a redelivered task finds the version it made before. Only the run
@@ -54,12 +53,9 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
                 session.flush()
                 trainings.succeed(session, training_id, token, number)
                 session.commit()
+                return version
             except IntegrityError:
                 session.rollback()
-                continue
-            if keep_versions:
-                apply_retention(session, dataset.id, keep_versions)
-            return version
     raise RuntimeError("could not allocate a version number")
 
 
@@ -91,17 +87,15 @@ def delete_all(session: Session, dataset_id: int) -> list[str]:
     return keys
 
 
-def apply_retention(session: Session, dataset_id: int, keep: int) -> list[int]:
+def apply_retention(session: Session, store: BlobStore, dataset_id: int, keep: int) -> list[int]:
     """Keep the newest ``keep`` versions (FELIS_KEEP_VERSIONS) and the default; delete the rest.
     Returns the numbers deleted. Their blobs go with them."""
-    from service.store.blobs import get_store
-
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id, populate_existing=True)  # its default as it is now
     numbers = list(session.scalars(select(ModelVersion.version).where(ModelVersion.dataset_id == dataset_id)
                                    .order_by(ModelVersion.version.desc())))
     doomed = [n for n in numbers[keep:] if n != dataset.default_version]
     for number in doomed:
-        delete(session, get_store(), dataset.name, number, force=False)
+        delete(session, store, dataset.name, number, force=False)
     return doomed
 
 

@@ -17,9 +17,11 @@ def _version(session, store, settings, keep: int = 0) -> int:
     ckpt, onnx = model_keys(t.dataset_id, t.id, token)
     store.put(ckpt, b"checkpoint")
     store.put(onnx, b"graph")
-    return versions.create(t.id, token, architecture="efficientnet_lite0", labels=["cat", "noncat"], metrics={},
-                           evaluation={}, config={}, snapshot={}, checkpoint_key=ckpt, onnx_key=onnx,
-                           keep_versions=keep).version
+    number = versions.create(t.id, token, architecture="efficientnet_lite0", labels=["cat", "noncat"], metrics={},
+                             evaluation={}, config={}, snapshot={}, checkpoint_key=ckpt, onnx_key=onnx).version
+    if keep:  # as the pipeline applies FELIS_KEEP_VERSIONS once the version is recorded
+        versions.apply_retention(session, store, t.dataset_id, keep)
+    return number
 
 
 def test_delete_a_version_and_its_blobs_and_never_reuse_its_number(session, store, settings, pets):
