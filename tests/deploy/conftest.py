@@ -36,6 +36,19 @@ _TOOL_PACKAGES = {
 }
 
 
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """The Settings a process would read with exactly these FELIS_ variables (no .env file)."""
+    from service.config import Settings
+
+    for key in list(os.environ):
+        if key.startswith("FELIS_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("FELIS_"):
+            monkeypatch.setenv(key, value)
+    return Settings(_env_file=None)
+
+
 def tool(name: str) -> str:
     """Path of a CLI tool: next to this interpreter (the venv) first, then on PATH."""
     beside = Path(sys.executable).parent / name

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.deploy.conftest import settings_from
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"api": ROOT / "docker/api.Dockerfile", "worker": ROOT / "docker/worker.Dockerfile"}
@@ -126,17 +127,11 @@ def _image_env(path: Path) -> dict[str, str]:
 
 def test_the_api_image_serves_the_network_only_with_keys(monkeypatch):
     """`docker run -p 8000:8000 felis-api`: every interface, so API keys (felis refuses otherwise)."""
-    from service.config import Settings, bind_refusal
+    from service.config import bind_refusal
 
     env = _image_env(DOCKERFILES["api"])
     assert env["FELIS_HOST"] == "0.0.0.0" and env["FELIS_API_KEYS_REQUIRED"] == "true"
-    for key in list(os.environ):
-        if key.startswith("FELIS_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        if key.startswith("FELIS_"):
-            monkeypatch.setenv(key, value)
-    settings = Settings(_env_file=None)
+    settings = settings_from(env, monkeypatch)
     assert settings.api_keys_required is True
     assert bind_refusal(settings, settings.host) is None
 

@@ -4,11 +4,12 @@ crash the pod at start."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.deploy.conftest import settings_from
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = re.compile(r"\bFELIS_[A-Z0-9_]+\b")
@@ -28,18 +29,6 @@ def test_every_named_variable_is_a_setting(path, settings_env_names):
     assert not unknown, f"{path.relative_to(ROOT)} names variables service/config.py does not read: {unknown}"
 
 
-def _settings_from(env: dict[str, str], monkeypatch):
-    from service.config import Settings
-
-    for key in list(os.environ):
-        if key.startswith("FELIS_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        if key.startswith("FELIS_"):
-            monkeypatch.setenv(key, value)
-    return Settings(_env_file=None)
-
-
 def _exposed_safely(settings, service: str) -> None:
     """The API listens on every interface with keys; the worker's metrics can be scraped."""
     from service.config import bind_refusal
@@ -55,7 +44,7 @@ def _exposed_safely(settings, service: str) -> None:
 @pytest.mark.parametrize("service", ["api", "worker"])
 def test_compose_values_parse(compose, variant, service, monkeypatch):
     env = compose[variant]["services"][service]["environment"]
-    settings = _settings_from(env, monkeypatch)
+    settings = settings_from(env, monkeypatch)
     assert settings.mode == "production"
     assert settings.api_keys_required is True
     assert settings.storage_path == Path("/data/blobs")
@@ -76,7 +65,7 @@ def test_kubernetes_values_parse(rendered, overlay, workload, name, monkeypatch)
     for var in c.get("env", []):
         # resourceFieldRef limits.cpu arrives as a whole number of cores
         env[var["name"]] = var["value"] if "value" in var else "2"
-    settings = _settings_from(env, monkeypatch)
+    settings = settings_from(env, monkeypatch)
     assert settings.mode == "production"
     assert settings.database_url.startswith("postgresql+psycopg://")
     assert settings.broker_url.startswith("redis://")
