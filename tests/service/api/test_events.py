@@ -42,7 +42,7 @@ def test_each_change_is_an_event_until_the_final_status(client):
     tid = _training("queued")
 
     def worker() -> None:
-        time.sleep(0.3)
+        time.sleep(1.0)  # after the stream's first read, even on a loaded machine (0.3 s was not, in CI)
         _update(tid, status="running", progress={"phase": "training", "epoch": 1, "epochs": 2, "loss": 0.7})
         time.sleep(0.3)
         _update(tid, progress={"phase": "training", "epoch": 2, "epochs": 2, "loss": 0.5, "val_accuracy": 0.8})
