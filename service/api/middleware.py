@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 import json
-import re
 import uuid
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
+from fastapi import Depends, params
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -59,33 +63,63 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-# The requests that hold memory (bodies, decoded images) or a connection for long.
-_BODY_ROUTES = re.compile(r"^/v1/datasets/[^/]+/(?:images|predict)$")  # POST: upload, predict
-_STREAM_ROUTES = re.compile(r"^/v1/trainings/[^/]+/events$")  # GET: server-sent events
+class Capped(str, enum.Enum):
+    """The in-flight caps a route may count against (declared on the route with ``InFlight``)."""
+
+    REQUESTS = "requests"  # bodies and decoded images held in memory: predict, upload
+    STREAMS = "streams"  # connections held as long as a training runs: event streams
+
+
+def InFlight(cap: Capped) -> params.Depends:  # noqa: N802
+    """What a route lists to count against a per-process in-flight cap::
+
+        @router.post("/datasets/{name}/predict", dependencies=[Requires(...), InFlight(Capped.REQUESTS)])
+
+    The dependency does nothing when the route runs: InflightLimitMiddleware reads the marker off
+    the app's routes and takes the slot before the route runs, before its body is read."""
+    async def in_flight() -> None:
+        return None
+
+    in_flight.in_flight = Capped(cap)  # type: ignore[attr-defined]
+    return Depends(in_flight)
+
+
+def capped_routes(routes: Iterable[BaseRoute]) -> list[tuple[Any, Capped]]:
+    """The app's routes (included routers' too) that declare an in-flight cap, with theirs."""
+    out = []
+    for route in iter_route_contexts(list(routes)):
+        dependant = getattr(route, "dependant", None)
+        for sub in dependant.dependencies if dependant is not None else ():
+            cap = getattr(sub.call, "in_flight", None)
+            if cap is not None:
+                out.append((route, cap))
+    return out
 
 
 class InflightLimitMiddleware:
     """Per-process caps on requests in progress: past one, 503 with Retry-After at once, before
     the body is read, instead of a queue that grows until the process runs out of memory.
 
-    Upload and predict requests share one cap (``FELIS_MAX_INFLIGHT_REQUESTS``); training event
-    streams, which last as long as a training, have their own (``FELIS_MAX_EVENT_STREAMS``). A
-    slot is held until the response is sent (or the client goes away). 0 turns a cap off."""
+    Which requests count is declared on their routes (``InFlight``). Upload and predict requests
+    share one cap (``FELIS_MAX_INFLIGHT_REQUESTS``); training event streams, which last as long as
+    a training, have their own (``FELIS_MAX_EVENT_STREAMS``). A slot is held until the response is
+    sent (or the client goes away). 0 turns a cap off."""
 
-    RETRY_AFTER: ClassVar[dict[str, int]] = {"requests": 1, "streams": 5}  # seconds
+    RETRY_AFTER: ClassVar[dict[Capped, int]] = {Capped.REQUESTS: 1, Capped.STREAMS: 5}  # seconds
 
     def __init__(self, app: ASGIApp, max_requests: int, max_streams: int):
         self.app = app
-        self.limits = {"requests": max_requests, "streams": max_streams}
-        self.in_flight = {"requests": 0, "streams": 0}  # one event loop per process: no lock needed
+        self.limits = {Capped.REQUESTS: max_requests, Capped.STREAMS: max_streams}
+        self.in_flight = {Capped.REQUESTS: 0, Capped.STREAMS: 0}  # one event loop per process: no lock needed
+        self._capped: list[tuple[Any, Capped]] | None = None  # read off the app at its first request
 
-    @staticmethod
-    def kind(scope: Scope) -> str | None:
-        method, path = scope.get("method"), scope.get("path", "")
-        if method == "POST" and _BODY_ROUTES.match(path):
-            return "requests"
-        if method in ("GET", "HEAD") and _STREAM_ROUTES.match(path):
-            return "streams"
+    def kind(self, scope: Scope) -> Capped | None:
+        """The cap the request's route declares, if any (a few regex matches: only capped routes are tried)."""
+        if self._capped is None:
+            self._capped = capped_routes(scope["app"].routes) if "app" in scope else []
+        for route, cap in self._capped:
+            if route.matches(scope)[0] is Match.FULL:
+                return cap
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,8 +135,8 @@ class InflightLimitMiddleware:
             self.in_flight[kind] -= 1
 
 
-async def _busy(send: Send, kind: str, limit: int, retry_after: int) -> None:
-    if kind == "streams":
+async def _busy(send: Send, kind: Capped, limit: int, retry_after: int) -> None:
+    if kind is Capped.STREAMS:
         code, message = "too_many_streams", (f"this server already streams {limit} trainings' events "
                                               f"(FELIS_MAX_EVENT_STREAMS); retry later or poll GET /v1/trainings/{{id}}")
     else:

@@ -23,6 +23,7 @@ from starlette.datastructures import State
 
 from service.api.auth import InTraining, Requires
 from service.api.deps import SessionDep
+from service.api.middleware import Capped, InFlight
 from service.domain import trainings
 from service.domain.keys import Scope
 from service.errors import NotFound
@@ -141,7 +142,7 @@ async def _stream(request: Request, first: dict, first_at: float, training_id: s
 
 
 @router.get("/trainings/{training_id}/events", response_class=StreamingResponse,
-            dependencies=[Requires(Scope.READ), InTraining],
+            dependencies=[Requires(Scope.READ), InTraining, InFlight(Capped.STREAMS)],
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "the training (as GET /v1/trainings/{id}) each time it changes"}})
 def training_events(training_id: str, request: Request, session: SessionDep) -> StreamingResponse:

@@ -13,6 +13,7 @@ from service.api.auth import InDataset, Requires
 from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
 from service.api.errors import error_body
 from service.api.metrics import Counts, count_uploads
+from service.api.middleware import Capped, InFlight
 from service.domain import datasets, images, uploads
 from service.domain.keys import Scope
 from service.errors import InvalidRequest
@@ -41,7 +42,7 @@ _UPLOAD_BODY = {
 
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_BODY,
-             dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads)],
+             dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads), InFlight(Capped.REQUESTS)],
              responses={207: {"description": "some files were not stored"},
                         422: {"description": "no file was stored"}})
 async def upload_images(name: str, request: Request, session: SessionDep, store: StoreDep,

@@ -8,6 +8,7 @@ from starlette.datastructures import UploadFile
 from service.api.auth import InDataset, Requires
 from service.api.deps import ModelCacheDep, SettingsDep, read_form
 from service.api.metrics import Counts, count_predictions
+from service.api.middleware import Capped, InFlight
 from service.domain.keys import Scope
 from service.serving.predictions import predict
 
@@ -26,7 +27,8 @@ _PREDICT_BODY = {
 
 
 @router.post("/datasets/{name}/predict", openapi_extra=_PREDICT_BODY,
-             dependencies=[Requires(Scope.PREDICT, rate_limit="predict"), InDataset, Counts(count_predictions)])
+             dependencies=[Requires(Scope.PREDICT, rate_limit="predict"), InDataset, Counts(count_predictions),
+                           InFlight(Capped.REQUESTS)])
 async def predict_images(name: str, request: Request, cache: ModelCacheDep, settings: SettingsDep,
                          version: int | None = Query(None, ge=1, le=2**31 - 1)) -> dict:
     """Probabilities for every label, the top label and the thresholded decision, per image."""

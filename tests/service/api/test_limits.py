@@ -99,56 +99,65 @@ def test_the_predict_decode_pool_follows_the_budget(tmp_path):
 # --- in-flight caps: the middleware alone ------------------------------------------------------------
 
 
-def test_the_cap_answers_503_with_retry_after_and_frees_slots():
-    from service.api.middleware import InflightLimitMiddleware
+def _capped_app(release: asyncio.Event):
+    """An app whose routes declare their caps, one of them at a path the felis API does not have:
+    which requests count comes from the declarations, not from the URL."""
+    from fastapi import FastAPI
 
-    release = asyncio.Event()
+    from service.api.middleware import Capped, InFlight, InflightLimitMiddleware
 
-    async def app(scope, receive, send):
+    app = FastAPI()
+
+    async def held() -> dict:
         await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+        return {}
 
-    async def call(mw, method, path):
-        sent = []
+    app.add_api_route("/v1/datasets/{name}/predict", held, methods=["POST"], dependencies=[InFlight(Capped.REQUESTS)])
+    app.add_api_route("/elsewhere/{x}/body", held, methods=["PUT"], dependencies=[InFlight(Capped.REQUESTS)])
+    app.add_api_route("/v1/trainings/{training_id}/events", held, methods=["GET"],
+                      dependencies=[InFlight(Capped.STREAMS)])
+    app.add_api_route("/v1/datasets/{name}/images", held, methods=["POST"])  # declares no cap
+    app.add_middleware(InflightLimitMiddleware, max_requests=2, max_streams=1)
+    return app
 
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def send(message):
-            sent.append(message)
+def test_the_cap_answers_503_with_retry_after_and_frees_slots():
+    release = asyncio.Event()
+    app = _capped_app(release)
 
-        await mw({"type": "http", "method": method, "path": path, "headers": []}, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"])
+    async def call(method, path):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.request(method, path)
+            return r.status_code, r.headers
 
     async def scenario():
-        mw = InflightLimitMiddleware(app, max_requests=2, max_streams=1)
-        held = [asyncio.create_task(call(mw, "POST", p)) for p in ("/v1/datasets/a/predict", "/v1/datasets/b/images")]
-        await asyncio.sleep(0.05)
-        status, headers = await call(mw, "POST", "/v1/datasets/a/predict")
-        assert status == 503 and headers[b"retry-after"] == b"1"
-        stream = asyncio.create_task(call(mw, "GET", "/v1/trainings/t/events"))  # a cap of its own
-        await asyncio.sleep(0.05)
-        status, headers = await call(mw, "GET", "/v1/trainings/u/events")
-        assert status == 503 and int(headers[b"retry-after"]) >= 1
+        held = [asyncio.create_task(call(m, p)) for m, p in (("POST", "/v1/datasets/a/predict"),
+                                                              ("PUT", "/elsewhere/b/body"))]
+        await asyncio.sleep(0.2)
+        status, headers = await call("POST", "/v1/datasets/a/predict")
+        assert status == 503 and headers["retry-after"] == "1"
+        assert headers["content-type"] == "application/json"
+        stream = asyncio.create_task(call("GET", "/v1/trainings/t/events"))  # a cap of its own
+        await asyncio.sleep(0.2)
+        status, headers = await call("GET", "/v1/trainings/u/events")
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        uncapped = asyncio.create_task(call("POST", "/v1/datasets/a/images"))  # no declaration: no cap
         release.set()
-        assert [s for s, _ in await asyncio.gather(*held, stream)] == [200, 200, 200]
-        assert (await call(mw, "POST", "/v1/datasets/a/predict"))[0] == 200  # slots are given back
-        assert mw.in_flight == {"requests": 0, "streams": 0}
+        assert [s for s, _ in await asyncio.gather(*held, stream, uncapped)] == [200, 200, 200, 200]
+        assert (await call("POST", "/v1/datasets/a/predict"))[0] == 200  # slots are given back
 
     asyncio.run(scenario())
 
 
-def test_other_routes_are_not_capped():
-    from service.api.middleware import InflightLimitMiddleware
+def test_the_api_declares_its_caps_on_predict_upload_and_event_streams():
+    from service.api.app import create_app
+    from service.api.middleware import Capped, capped_routes
 
-    kind = InflightLimitMiddleware.kind
-    assert kind({"method": "POST", "path": "/v1/datasets/pets/images"}) == "requests"
-    assert kind({"method": "POST", "path": "/v1/datasets/pets/predict"}) == "requests"
-    assert kind({"method": "GET", "path": "/v1/trainings/abc/events"}) == "streams"
-    for method, path in (("GET", "/v1/datasets/pets/images"), ("POST", "/v1/datasets"), ("GET", "/readyz"),
-                         ("POST", "/v1/datasets/pets/trainings"), ("DELETE", "/v1/datasets/pets/images/x")):
-        assert kind({"method": method, "path": path}) is None
+    declared = {(sorted(route.methods)[0], route.path_format, cap) for route, cap in capped_routes(create_app().routes)}
+    assert declared == {("POST", "/v1/datasets/{name}/images", Capped.REQUESTS),
+                        ("POST", "/v1/datasets/{name}/predict", Capped.REQUESTS),
+                        ("GET", "/v1/trainings/{training_id}/events", Capped.STREAMS)}
 
 
 # --- in-flight caps: a real server, real concurrent connections -------------------------------------
