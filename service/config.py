@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     api_keys_required: bool | None = None  # default: True in production, False embedded
     rate_limit_predict_per_minute: float = 6000  # per API key (or client address); 0 turns it off
     rate_limit_upload_per_minute: float = 600  # upload requests, same keying
+    # rate limits shared by every API replica: this Redis, else the broker's when it is Redis; with
+    # neither they are per process (said at start-up); Redis unreachable: they fail open, logged
+    redis_url: str = ""
     # the first admin key of a fresh deployment (32+ characters), stored hashed at the first start
     # when no key exists yet, and ignored once any key does (docs/security.md)
     bootstrap_admin_key: SecretStr = SecretStr("")
@@ -61,6 +64,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000  # width * height: decompression-bomb guard
     min_image_side: int = 8  # pixels; smaller is not a usable photo
     max_files_per_request: int = 5000  # files or archive members in one upload
+    max_archive_members: int = 20_000  # entries in a zip's central directory (folders, __MACOSX and dot files included), counted before it is parsed
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024  # total uncompressed size of a zip
     max_compression_ratio: float = 200.0  # per zip member: uncompressed / compressed
     max_predict_files: int = 64  # images in one predict request
@@ -71,6 +75,11 @@ class Settings(BaseSettings):
 
     # --- training ----------------------------------------------------------------
     min_images_per_label: int = 5  # fewer and a training request is refused
+    max_queued_trainings_per_dataset: int = 3  # unfinished (queued or running) trainings of one dataset; past it 429 (0: no cap)
+    max_queued_trainings_per_key: int = 10  # unfinished trainings requested with one API key; past it 429 (0: no cap)
+    # the memory one training may use on a worker; training options estimated to need more get a
+    # 422 naming the option; 0: the worker's cgroup memory limit, else this machine's memory
+    worker_memory_bytes: int = 0
     training_soft_time_limit: int = 3600  # seconds; the task stops and fails cleanly
     training_time_limit: int = 3900  # seconds; hard kill by Celery
     training_lease_seconds: int = 120  # a running training whose heartbeat is older is stale (>= 1.5 x db_retry_seconds)
@@ -126,6 +135,15 @@ class Settings(BaseSettings):
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("FELIS_S3_BUCKET is required when FELIS_STORAGE_BACKEND=s3")
         return self
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """The Redis that API replicas share rate limits through, or None (per-process limits)."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
 
     @property
     def embedded_broker(self) -> bool:
