@@ -127,7 +127,11 @@ def train_network(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor
         groups = [{"params": body_params, "lr": params.learning_rate * params.backbone_lr_scale}, {"params": head_params, "lr": params.learning_rate}]
         opt = torch.optim.AdamW(groups, weight_decay=params.weight_decay)
         steps_per_epoch = max(1, -(-len(x_train) // params.batch_size))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=params.epochs * steps_per_epoch, pct_start=0.25)
+        total_steps = params.epochs * steps_per_epoch
+        if total_steps >= 8:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.25)
+        else:  # too few steps for a one-cycle warm-up (at 4, OneCycleLR divides by zero): a constant rate
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         best, best_loss, since_best, history = None, float("inf"), 0, []
         started = time.monotonic()
         for epoch in range(1, params.epochs + 1):

@@ -131,3 +131,13 @@ def test_progress_reads_the_loss_once_per_epoch(monkeypatch):
     ends = [e for e in events if "step" not in e]
     assert [e["loss"] for e in ends] == [h["train_loss"] for h in hist]
     assert all(type(h["train_loss"]) is float and h["train_loss"] > 0 for h in hist)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8])
+def test_a_run_of_very_few_steps_trains(steps):
+    """A small dataset with few epochs (a first try through the API: 120 photos, epochs 2, batch 64
+    gives 4 steps) once crashed in the learning-rate schedule with ZeroDivisionError."""
+    model, x, y, prep = tiny_simple_cnn_task(8 * steps)
+    params = FinetuneParams(epochs=1, learning_rate=1e-3, weight_decay=0.0, batch_size=8, augmentation="none")
+    _, hist = train_network(model, x, y, x[:4], y[:4], prep, params, torch.device("cpu"), 0, lambda p: None, lambda: None)
+    assert len(hist) == 1 and hist[0]["train_loss"] > 0
