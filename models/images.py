@@ -22,7 +22,9 @@ class InvalidImage(Exception):
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
-        self.code = code  # not_an_image | truncated_image | unsupported_format | image_too_large | image_too_small | empty_file
+        # not_an_image | truncated_image | unsupported_format | image_too_large | image_too_small | empty_file,
+        # and file_too_large (over a byte limit, refused by the caller before it gets here)
+        self.code = code
         self.message = message
 
 
@@ -63,6 +65,13 @@ def _load(img: Image.Image) -> None:
         raise InvalidImage(code, f"cannot decode image: {msg or type(e).__name__}") from None
 
 
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """From the header (img.size as stored), before any pixel is decoded: decompression bombs."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise InvalidImage("image_too_large", f"{w}x{h} = {w * h} pixels exceeds {max_pixels}")
+
+
 def inspect_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> ImageInfo:
     """Check that `data` is a supported, fully decodable image of sane size.
 
@@ -74,8 +83,7 @@ def inspect_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> ImageIn
         fmt, (w, h), mode = img.format or "", img.size, img.mode
         if fmt not in SUPPORTED_FORMATS:
             raise InvalidImage("unsupported_format", f"format {fmt or 'unknown'} is not supported")
-        if w * h > max_pixels:
-            raise InvalidImage("image_too_large", f"{w}x{h} = {w * h} pixels exceeds {max_pixels}")
+        _check_pixels(img, max_pixels)
         if min(w, h) < min_side:
             raise InvalidImage("image_too_small", f"{w}x{h}: a side is below {min_side} pixels")
         if fmt in ("JPEG", "MPO"):
@@ -97,13 +105,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(data: bytes, size_hint: int | None = None) -> Image.Image:
+def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode to an upright (EXIF-transposed) 8-bit RGB image.
 
     size_hint: the side the caller will resize to; JPEGs are then decoded at the smallest DCT
     scale (1/2, 1/4, 1/8) that still gives at least size_hint pixels per side (much faster).
+    max_pixels: width * height as stored, checked from the header before any pixel is decoded
+    (InvalidImage "image_too_large" past it); None: Pillow's own bomb guard only.
     """
     img = _open(data)
+    if max_pixels is not None:
+        _check_pixels(img, max_pixels)
     if size_hint and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (size_hint, size_hint))
     _load(img)

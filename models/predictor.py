@@ -65,9 +65,10 @@ class Predictor:
             raise ValueError(f"unknown backend {backend!r}")
         return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend)
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage."""
-        return preprocess(data, self.preprocessing)
+    def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage, also for an image
+        of more than max_pixels (width * height, from its header, before decoding)."""
+        return preprocess(data, self.preprocessing, max_pixels)
 
     def preprocess_batch(self, images: list[bytes]) -> np.ndarray:
         return preprocess_batch(images, self.preprocessing)

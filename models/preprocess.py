@@ -79,15 +79,20 @@ def to_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     return out
 
 
-def resized_rgb(data: bytes | Image.Image, prep: Preprocessing) -> Image.Image:
-    """Image bytes (or a decoded picture, assumed upright) -> image_size x image_size RGB."""
-    img = decode_rgb(data, size_hint=prep.decode_size) if isinstance(data, (bytes, bytearray, memoryview)) else to_rgb(data)
+def resized_rgb(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None) -> Image.Image:
+    """Image bytes (or a decoded picture, assumed upright) -> image_size x image_size RGB.
+
+    max_pixels: bytes whose header says more pixels are refused before decoding (images.decode_rgb)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        img = decode_rgb(data, size_hint=prep.decode_size, max_pixels=max_pixels)
+    else:
+        img = to_rgb(data)
     return resize(img, prep)
 
 
-def preprocess(data: bytes | Image.Image, prep: Preprocessing) -> np.ndarray:
+def preprocess(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes (or a decoded picture) -> float32 array (3, image_size, image_size)."""
-    return to_array(resized_rgb(data, prep), prep)
+    return to_array(resized_rgb(data, prep, max_pixels), prep)
 
 
 def preprocess_batch(items: Iterable[bytes | Image.Image], prep: Preprocessing) -> np.ndarray:

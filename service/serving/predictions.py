@@ -5,6 +5,11 @@ each time (off the event loop, so an unreachable database never stalls other req
 /healthz), and the cache (service.serving.cache) is keyed by version, not by dataset. When the
 database is unreachable, the version it last answered for that dataset is served (the model is
 in memory already); a version this process never looked up answers 503.
+
+Each file is read where it is decoded (a decode thread, or the inference thread for a lone
+image), at most FELIS_MAX_FILE_BYTES + 1 bytes of it, and an image whose header says more than
+FELIS_MAX_IMAGE_PIXELS is refused before its pixels are decoded: a request holds about one
+image per decode thread, whatever it carries (uploads have the same limits).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
@@ -31,12 +36,35 @@ log = logging.getLogger("felis.predict")
 _DECODE_POOL = ThreadPoolExecutor(max_workers=cpu_budget(), thread_name_prefix="decode")  # the cgroup CPU quota, not the node's cores
 
 
-async def _predict_alone(model: LoadedModel, data: bytes) -> list[np.ndarray | InvalidImage]:
-    """One image while nothing else is in flight: decode and infer in one trip to the inference
+class Upload(NamedTuple):
+    """One file of a predict request, not read yet: the multipart parser's spooled temp file (in
+    memory up to 1 MB, on disk above), read synchronously off the event loop."""
+    filename: str
+    file: BinaryIO  # at its start
+    size: int | None = None  # bytes, when the multipart parser counted them
+
+
+def _read(upload: Upload, max_bytes: int) -> bytes:
+    """The file's bytes, never more than max_bytes + 1 of them read; InvalidImage past max_bytes."""
+    if upload.size is not None and upload.size > max_bytes:
+        raise InvalidImage("file_too_large", f"{upload.size} bytes exceeds the limit of {max_bytes} bytes per file")
+    data = upload.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InvalidImage("file_too_large", f"the file exceeds the limit of {max_bytes} bytes per file")
+    return data
+
+
+def _preprocess(model: LoadedModel, upload: Upload, settings: Settings) -> np.ndarray:
+    """Read, check and decode one file (on a decode or the inference thread). Raises InvalidImage."""
+    return model.predictor.preprocess(_read(upload, settings.max_file_bytes), settings.max_image_pixels)
+
+
+async def _predict_alone(model: LoadedModel, upload: Upload, settings: Settings) -> list[np.ndarray | InvalidImage]:
+    """One image while nothing else is in flight: read, decode and infer in one trip to the inference
     thread, in the session that spins within its run (0.5-1 ms sooner at concurrency 1)."""
     def job() -> np.ndarray | InvalidImage:
         try:
-            x = model.predictor.preprocess(data)
+            x = _preprocess(model, upload, settings)
         except InvalidImage as e:
             return e
         return model.predictor.infer(x[None], alone=True)[0]
@@ -44,18 +72,18 @@ async def _predict_alone(model: LoadedModel, data: bytes) -> list[np.ndarray | I
     return [await model.batcher.run_alone(job)]
 
 
-async def _predict_batched(model: LoadedModel, files: list[tuple[str, bytes]]) -> list[np.ndarray | InvalidImage]:
-    """Decode on the decode threads, then join the micro-batcher's queue."""
+async def _predict_batched(model: LoadedModel, files: list[Upload], settings: Settings) -> list[np.ndarray | InvalidImage]:
+    """Read and decode on the decode threads, then join the micro-batcher's queue."""
     loop = asyncio.get_running_loop()
 
-    async def prepare(data: bytes) -> np.ndarray | InvalidImage:
-        try:  # decoding on as many threads as cores: more only holds more image buffers
-            return await loop.run_in_executor(_DECODE_POOL, model.predictor.preprocess, data)
+    async def prepare(upload: Upload) -> np.ndarray | InvalidImage:
+        try:  # as many threads as cores: more only holds more files and image buffers
+            return await loop.run_in_executor(_DECODE_POOL, _preprocess, model, upload, settings)
         except InvalidImage as e:
             return e
 
     with model.batcher.expecting(len(files)):  # the batcher waits for company only while some is on its way
-        prepared = await asyncio.gather(*(prepare(data) for _, data in files))
+        prepared = await asyncio.gather(*(prepare(upload) for upload in files))
         good = [x for x in prepared if isinstance(x, np.ndarray)]
         if not good:
             return prepared
@@ -103,7 +131,7 @@ def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
 
 
 async def predict(cache: ModelCache, dataset_name: str, version: int | None,
-                  files: list[tuple[str, bytes]], settings: Settings) -> dict[str, Any]:
+                  files: list[Upload], settings: Settings) -> dict[str, Any]:
     if not files:
         raise InvalidRequest("send at least one image as 'files'", code="empty_upload")
     if len(files) > settings.max_predict_files:
@@ -115,16 +143,18 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
     try:  # held until answered: an eviction meanwhile closes it only after the last holder
         # per file, in order: its probabilities, or why it could not be read
         if len(files) == 1 and model.batcher.idle():
-            results = await _predict_alone(model, files[0][1])
+            results = await _predict_alone(model, files[0], settings)
         else:
-            results = await _predict_batched(model, files)
+            results = await _predict_batched(model, files, settings)
     finally:
         cache.release(model)
     if all(isinstance(r, InvalidImage) for r in results):
         first = results[0]
-        raise InvalidRequest(f"{files[0][0]}: {first.message}", code=first.code, details={"filename": files[0][0]})
+        name = files[0].filename
+        raise InvalidRequest(f"{name}: {first.message}", code=first.code, details={"filename": name})
     out = []
-    for (name, _), r in zip(files, results):
+    for upload, r in zip(files, results):
+        name = upload.filename
         if isinstance(r, InvalidImage):
             out.append({"filename": name, "error": {"code": r.code, "message": r.message}})
             continue

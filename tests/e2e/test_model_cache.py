@@ -9,23 +9,11 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import ASSETS, asset_images
+from tests.conftest import ASSETS
+from tests.utils.checkpoints import simple_cnn_checkpoint
 from tests.utils.processes import Proc, felis_env, free_port, wait_ready
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _checkpoint() -> bytes:
-    from models.checkpoint import checkpoint_bytes
-    from models.features import MemoryFeatureCache
-    from models.images import perceptual_hash
-    from models.train import Sample, TrainConfig, train
-
-    samples = [Sample(image_id=p.stem + label, sha256=p.stem + label, label=label, phash=perceptual_hash(p.read_bytes()),
-                      load=lambda p=p: p.read_bytes())
-               for label in ("cat", "noncat") for p in asset_images("train", label)]
-    config = TrainConfig(architecture="simple_cnn", image_size=32, epochs=1, export_onnx=False)
-    return checkpoint_bytes(train(samples, config, feature_cache=MemoryFeatureCache()).checkpoint)
 
 
 def _four_datasets(data_dir) -> None:
@@ -42,7 +30,7 @@ def _four_datasets(data_dir) -> None:
     from service.store.db import init_db, new_session
 
     init_db()
-    data = _checkpoint()
+    data = simple_cnn_checkpoint()
     with new_session() as session:
         for i in range(4):
             dataset = datasets.create(session, f"d{i}")

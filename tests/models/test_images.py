@@ -127,6 +127,20 @@ def test_decompression_bomb_is_refused_from_the_header():
     assert e.value.code == "image_too_large"
 
 
+def test_decode_refuses_over_max_pixels_from_the_header(photo_bytes):
+    """The prediction path's limit: checked before any pixel is decoded (this PNG's pixel data
+    is 8x8, so decoding it would fail as truncated, not as too large)."""
+    with pytest.raises(InvalidImage) as e:
+        decode_rgb(_png_claiming(10_000, 10_000), max_pixels=MAX_PIXELS)
+    assert e.value.code == "image_too_large" and "10000x10000" in e.value.message
+    with Image.open(io.BytesIO(photo_bytes[0])) as im:
+        w, h = im.size
+    with pytest.raises(InvalidImage) as e:  # the stored size, not the reduced JPEG draft's
+        decode_rgb(photo_bytes[0], size_hint=8, max_pixels=w * h - 1)
+    assert e.value.code == "image_too_large"
+    assert decode_rgb(photo_bytes[0], max_pixels=w * h).size in ((w, h), (h, w))  # the limit itself passes
+
+
 def test_limits(photo_bytes):
     with pytest.raises(InvalidImage) as e:
         inspect_image(photo_bytes[0], max_pixels=1000)

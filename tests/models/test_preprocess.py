@@ -62,6 +62,17 @@ def test_uint8_batch_matches_preprocess(photo_bytes):
     np.testing.assert_allclose((u8.astype(np.float32) - 127.0) / 128.0, preprocess_batch(photo_bytes[:2], LITE), atol=1e-6)
 
 
+def test_max_pixels_refuses_big_images(photo_bytes):
+    from models.images import InvalidImage
+
+    with Image.open(io.BytesIO(photo_bytes[0])) as im:
+        w, h = im.size
+    np.testing.assert_array_equal(preprocess(photo_bytes[0], LITE, max_pixels=w * h), preprocess(photo_bytes[0], LITE))
+    with pytest.raises(InvalidImage) as e:
+        preprocess(photo_bytes[0], LITE, max_pixels=w * h - 1)
+    assert e.value.code == "image_too_large"
+
+
 def test_dict_roundtrip_and_validation():
     for prep in (LITE, Preprocessing(224, "squash", 1.0, (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))):
         assert Preprocessing.from_dict(prep.to_dict()) == prep

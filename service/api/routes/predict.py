@@ -10,7 +10,7 @@ from service.api.deps import ModelCacheDep, SettingsDep, read_form
 from service.api.metrics import Counts, count_predictions
 from service.api.middleware import Capped, InFlight
 from service.domain.keys import Scope
-from service.serving.predictions import predict
+from service.serving.predictions import Upload, predict
 
 router = APIRouter(tags=["predict"])
 
@@ -33,8 +33,8 @@ async def predict_images(name: str, request: Request, cache: ModelCacheDep, sett
                          version: int | None = Query(None, ge=1, le=2**31 - 1)) -> dict:
     """Probabilities for every label, the top label and the thresholded decision, per image."""
     form = await read_form(request, max_files=settings.max_predict_files + 1, max_fields=20)
-    try:
-        files = [(f.filename or "upload", await f.read()) for f in form.getlist("files") if isinstance(f, UploadFile)]
+    try:  # open until answered: each file is read where it is decoded, within the limits
+        files = [Upload(f.filename or "upload", f.file, f.size) for f in form.getlist("files") if isinstance(f, UploadFile)]
+        return await predict(cache, name, version, files, settings)
     finally:
         await form.close()
-    return await predict(cache, name, version, files, settings)
