@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from service.api.auth import Caller, current_caller
 from service.config import Settings, get_settings
@@ -18,10 +19,47 @@ from service.store.blobs import BlobStore, get_store
 from service.store.db import new_session
 
 
-async def read_form(request: Request, max_files: int, max_fields: int) -> FormData:
-    """The multipart body, or a clear 422 when it is not one. The caller closes it."""
+class _BudgetParser(MultiPartParser):
+    """Starlette's multipart parser with one memory budget for all of a form's file parts: a part
+    is spooled to a temporary file as soon as it would take the form past it. (Starlette's own keeps
+    up to 1 MiB of every part in memory: a 512 MiB body of 1 MiB parts stayed in RAM.) Text fields
+    take at most 64 KiB each."""
+
+    def __init__(self, *args, memory_bytes: int, **kwargs) -> None:
+        super().__init__(*args, max_part_size=64 * 1024, **kwargs)
+        self._left = memory_bytes  # what the parts that stay in memory may still take
+        self._part_bytes = 0
+
+    @property
+    def spool_max_size(self) -> int:  # read by on_headers_finished when a file part begins
+        return max(self._left, 1)  # 0 would mean "never spool"
+
+    def on_headers_finished(self) -> None:
+        self._part_bytes = 0
+        super().on_headers_finished()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._part_bytes += end - start
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        if self._current_part.file is not None and self._part_bytes <= self.spool_max_size:  # stays in memory
+            self._left = max(self._left - self._part_bytes, 0)
+        super().on_part_end()
+
+
+async def read_form(request: Request, max_files: int, max_fields: int,
+                    max_memory_bytes: int | None = None) -> FormData:
+    """The multipart body, or a clear 422 when it is not one. The caller closes it.
+    ``max_memory_bytes``: what its file parts may keep in memory, all together (the rest is
+    spooled to temporary files); None: Starlette's default, up to 1 MiB of each part."""
     try:
-        return await request.form(max_files=max_files, max_fields=max_fields)
+        content_type, _ = parse_options_header(request.headers.get("content-type"))
+        if max_memory_bytes is None or content_type != b"multipart/form-data":
+            return await request.form(max_files=max_files, max_fields=max_fields)
+        async with aclosing(request.stream()) as stream:
+            return await _BudgetParser(request.headers, stream, max_files=max_files, max_fields=max_fields,
+                                       memory_bytes=max_memory_bytes).parse()
     except MultiPartException as e:
         raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
     except (AssertionError, ValueError) as e:  # not multipart/form-data at all

@@ -9,6 +9,12 @@ ingest, however many files it has. A failure midway (507, 503, any exception) dr
 a crash leaves it to the workers' sweep (cleanup.collect, after FELIS_UPLOAD_STAGE_TTL_SECONDS).
 Either way its blobs are left unreferenced, for the collection: never a row without its blob.
 
+Memory: raw image bytes never accumulate; only the small per-file results grow with the file
+count. A file is read (at most FELIS_MAX_FILE_BYTES + 1 bytes of it) where it is checked, and its
+bytes are dropped once it is hashed and decoded; a new file is read again for its blob write,
+after its row is staged. A zip's entries are counted (FELIS_MAX_ARCHIVE_MEMBERS) from its end
+records and its directory's fixed-size headers before zipfile parses the directory.
+
 A row is staged before its blob is looked for, and staging takes the blob off the orphan list
 (blob_orphans) in the same transaction: the collection never deletes a blob an upload counts on
 (cleanup.py says how). Deduplication: against the dataset's images and the request's earlier
@@ -23,6 +29,7 @@ import hashlib
 import logging
 import re
 import stat
+import struct
 import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +53,8 @@ from service.store.tables import BlobOrphan, Dataset, Image, ImageStage, new_id,
 log = logging.getLogger("felis.uploads")
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CHUNK = 64  # files decoded and stored per step
+_CHUNK = 64  # files checked, then staged and stored, per step
+_ENTRY_BYTES = 46 + 2048  # a central directory entry: its header, and room for name, extra and comment on average
 _ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
 
 
@@ -85,6 +93,16 @@ class UploadReport:
         }
 
 
+def file_reader(fileobj: IO[bytes], settings: Settings) -> Callable[[], bytes]:
+    """A loose file's reader: from its start, at most one byte past FELIS_MAX_FILE_BYTES (enough
+    to tell it is over), so that a part over the limit is never read whole. It may be called again."""
+    def read() -> bytes:
+        fileobj.seek(0)
+        return fileobj.read(settings.max_file_bytes + 1)
+
+    return read
+
+
 def files_candidates(files: list[tuple[str, Callable[[], bytes]]], label: str | None) -> list[Candidate]:
     if not label:
         raise InvalidRequest("a 'label' form field is required with 'files'", code="label_required")
@@ -95,6 +113,7 @@ def files_candidates(files: list[tuple[str, Callable[[], bytes]]], label: str | 
 def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate]:
     """Members of a zip with one top-level folder per label (an extra wrapping folder is allowed)."""
     try:
+        _count_entries(fileobj, settings)
         zf = zipfile.ZipFile(fileobj)
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -130,6 +149,46 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
             code="no_label_folders",
         )
     return out
+
+
+def _count_entries(fileobj: IO[bytes], settings: Settings) -> None:
+    """Refuse a zip of more entries than FELIS_MAX_ARCHIVE_MEMBERS, or a central directory larger
+    than the archive or than its entries need, before zipfile parses the directory (a ZipInfo per
+    entry). The end record's count is the writer's word, and ZipFile parses the directory until its
+    bytes run out whatever the count says: so the entries' fixed-size headers are counted too, one
+    at a time and keeping nothing, in the directory ZipFile will read. zipfile's own end-record
+    reader finds it (the ZIP64 one when present): the very record ZipFile uses."""
+    end = zipfile._EndRecData(fileobj)
+    if not end:
+        return  # ZipFile says what is wrong with it
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    limit = settings.max_archive_members
+    if entries > limit:
+        raise _too_many_entries(entries, limit)
+    start = end[zipfile._ECD_LOCATION] - size  # as ZipFile finds it (data may precede the zip)
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if start < 0 or size > max(entries, 1) * _ENTRY_BYTES:
+        need = "the archive" if start < 0 else f"its {entries} entries need"
+        raise InvalidRequest(f"archive is not a readable zip file: its central directory of {size} bytes "
+                             f"is larger than {need}", code="invalid_archive")
+    fileobj.seek(start)
+    counted = read = 0
+    while read < size:
+        header = fileobj.read(zipfile.sizeCentralDir)
+        if len(header) != zipfile.sizeCentralDir or header[:4] != zipfile.stringCentralDir:
+            return  # ZipFile says what is wrong with it
+        name, extra, comment = struct.unpack_from("<3H", header, 28)  # their lengths
+        fileobj.seek(name + extra + comment, 1)
+        read += zipfile.sizeCentralDir + name + extra + comment
+        counted += 1
+        if counted > limit:
+            raise _too_many_entries(counted, limit, f"although its end record says {entries}")
+
+
+def _too_many_entries(n: int, limit: int, note: str = "") -> TooLarge:
+    return TooLarge(f"the archive holds {n} entries{' ' + note if note else ''}; FELIS_MAX_ARCHIVE_MEMBERS is {limit} "
+                    "(folders, __MACOSX and dot files included)", code="too_many_archive_members")
 
 
 def _is_junk(name: str) -> bool:
@@ -177,8 +236,10 @@ def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], b
 
 @dataclass
 class _Checked:
+    """What is kept of a checked file: never its bytes (read again for the blob write)."""
+
     candidate: Candidate
-    data: bytes | None = None
+    size: int = 0
     sha256: str | None = None
     info: Any = None
     phash: str | None = None
@@ -200,7 +261,16 @@ def _check(c: Candidate, settings: Settings) -> _Checked:
         phash = perceptual_hash(data)
     except InvalidImage as e:
         return _Checked(c, reason=e.code)
-    return _Checked(c, data=data, sha256=hashlib.sha256(data).hexdigest(), info=info, phash=phash)
+    return _Checked(c, size=len(data), sha256=hashlib.sha256(data).hexdigest(), info=info, phash=phash)
+
+
+def _reread(c: _Checked) -> bytes:
+    """A new file's bytes again, for its blob write: the very bytes that were checked."""
+    assert c.candidate.read is not None
+    data = c.candidate.read()
+    if hashlib.sha256(data).hexdigest() != c.sha256:
+        raise RuntimeError(f"{c.candidate.filename!r} changed while it was uploaded")
+    return data
 
 
 def ingest(
@@ -226,8 +296,8 @@ def ingest(
     pending: list[tuple[int, str, bool]] = []  # (result, sha256, first file of those bytes): known at publish
     session.commit()  # end what the caller's reads began: each step below is a short transaction of its own
     try:
-        # Decoding dominates; Pillow releases the GIL, so threads use every core. Chunks bound the
-        # memory held at once to a few dozen files whatever the upload's size.
+        # Decoding dominates; Pillow releases the GIL, so threads use every core. A file's bytes
+        # are held only while a thread checks it, and while it is written: one file per thread.
         with ThreadPoolExecutor(max_workers=cpu_budget()) as pool:
             for start in range(0, len(candidates), _CHUNK):
                 chunk = candidates[start : start + _CHUNK]
@@ -253,7 +323,7 @@ def ingest(
                     for c in new:  # after the stage is committed: from now on the blob is the upload's
                         key = image_key(c.sha256)
                         if not store.exists(key):
-                            store.put(key, c.data)
+                            store.put(key, _reread(c))
                 session.commit()
         published = _publish(session, upload_id, dataset, staged)
     except BaseException:
@@ -288,11 +358,11 @@ def _stage(session: Session, upload_id: str, dataset_id: int, new: list[_Checked
     """One chunk's new rows, in a transaction of their own; their blobs leave the orphan list."""
     rows = []
     for c in new:
-        assert c.sha256 and c.data is not None and c.candidate.label
+        assert c.sha256 and c.candidate.label
         rows.append({
             "id": staged[c.sha256], "upload_id": upload_id, "dataset_id": dataset_id, "sha256": c.sha256,
             "label": c.candidate.label, "filename": PurePosixPath(c.candidate.filename).name[:255] or "upload",
-            "format": c.info.format, "width": c.info.width, "height": c.info.height, "size_bytes": len(c.data),
+            "format": c.info.format, "width": c.info.width, "height": c.info.height, "size_bytes": c.size,
             "phash": c.phash, "created_at": utcnow(),
         })
     session.execute(insert(ImageStage), rows)

@@ -41,6 +41,11 @@ _UPLOAD_BODY = {
 }
 
 
+# What an upload's form keeps of its files in memory, all parts together; the rest is spooled to
+# temporary files. Enough for thousands of small images (5,000 CIFAR-size JPEGs take about 6 MB).
+_FORM_MEMORY_BYTES = 8 * 1024 * 1024
+
+
 @router.post("", status_code=201, openapi_extra=_UPLOAD_BODY,
              dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads), InFlight(Capped.REQUESTS)],
              responses={207: {"description": "some files were not stored"},
@@ -49,7 +54,8 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
                         settings: SettingsDep) -> JSONResponse:
     """Upload images: `files` (repeatable) with one `label`, or one `archive` zip with a folder per label."""
     dataset = await run_in_threadpool(datasets.get, session, name)
-    form = await read_form(request, max_files=settings.max_files_per_request + 1, max_fields=100)
+    form = await read_form(request, max_files=settings.max_files_per_request + 1, max_fields=100,
+                           max_memory_bytes=_FORM_MEMORY_BYTES)
     try:
         archives = [f for f in form.getlist("archive") if isinstance(f, UploadFile)]
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
@@ -62,7 +68,8 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
             candidates = await run_in_threadpool(uploads.archive_candidates, archives[0].file, settings)
         elif files:
             candidates = uploads.files_candidates(
-                [(f.filename or "upload", f.file.read) for f in files], label if isinstance(label, str) else None)
+                [(f.filename or "upload", uploads.file_reader(f.file, settings)) for f in files],
+                label if isinstance(label, str) else None)
         else:
             raise InvalidRequest("no files: send 'files' (with 'label') or 'archive'", code="empty_upload")
         report = await run_in_threadpool(uploads.ingest, session, store, dataset, candidates, settings)
