@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -33,6 +34,8 @@ from service.serving.cache import ModelCache
 from service.store.blobs import LocalBlobStore, get_store
 from service.store.db import init_db
 
+log = logging.getLogger("felis.api")
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
@@ -45,15 +48,17 @@ async def lifespan(app: FastAPI):
     if isinstance(store, LocalBlobStore):
         store.sweep_temp()
     app.state.models = ModelCache(store, get_settings())
+    log.info(app.state.limiters.describe())  # shared through Redis, or per process
     yield
     app.state.models.close()
+    await app.state.limiters.close()
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
                   description="Upload labeled images, train on a worker, predict over HTTP.")
-    app.state.limiters = make_limiters(settings)
+    app.state.limiters = make_limiters(settings)  # rate limits: through Redis when configured, else per process
     # what each route requires (scope, rate limit, metrics) is declared on the route: service.api.auth
     v1 = APIRouter(prefix="/v1", responses=errors.ERROR_RESPONSES)
     for router in (datasets.router, images.router, trainings.router, events.router, models.router, predict.router,

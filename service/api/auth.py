@@ -17,7 +17,8 @@ Keys are required when ``FELIS_API_KEYS_REQUIRED`` (on in production mode): none
 ``api_key_required``. Where keys are optional a request without one may do everything (embedded
 mode on loopback); a key that is sent is always checked (401 ``invalid_api_key``). Failed key
 attempts are limited per client address (429), and the client address is the peer's, or the one
-X-Forwarded-For names when the peer is in ``FELIS_TRUSTED_PROXIES``.
+X-Forwarded-For names when the peer is in ``FELIS_TRUSTED_PROXIES``. The limits are shared by every
+API replica through Redis when one is configured, else kept per process (service.api.ratelimit).
 
 The key is checked once per request however many declarations the route has: they all depend on
 ``current_caller``, which FastAPI solves once per request. Everything here is ``async def``: a
@@ -38,7 +39,7 @@ from fastapi import Depends, Request, params
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from service.api.ratelimit import RateLimiter
+from service.api.ratelimit import Limits, Rate
 from service.config import Settings, get_settings
 from service.domain import keys, trainings
 from service.domain.keys import Scope
@@ -81,10 +82,11 @@ class Caller:
         return f"key:{self.grant.key_id}" if self.grant else f"addr:{self.address}"
 
 
-def make_limiters(settings: Settings) -> dict[str, RateLimiter]:
-    return {"predict": RateLimiter(settings.rate_limit_predict_per_minute),
-            "upload": RateLimiter(settings.rate_limit_upload_per_minute),
-            FAILED_KEYS: RateLimiter(FAILED_KEYS_PER_MINUTE, burst=FAILED_KEYS_BURST)}
+def make_limiters(settings: Settings) -> Limits:
+    return Limits({"predict": Rate(settings.rate_limit_predict_per_minute),
+                   "upload": Rate(settings.rate_limit_upload_per_minute),
+                   FAILED_KEYS: Rate(FAILED_KEYS_PER_MINUTE, burst=FAILED_KEYS_BURST)},
+                  settings.shared_redis_url)
 
 
 # --- the client address ----------------------------------------------------------------------
@@ -144,13 +146,13 @@ async def current_caller(
         if settings.api_keys_required:
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="api_key_required")
         return Caller(address, None)
-    failures = request.app.state.limiters[FAILED_KEYS]
-    failures.check(address)  # this address sent too many bad keys: wait, whether this one is good or not
+    limiters: Limits = request.app.state.limiters
+    await limiters.check(FAILED_KEYS, address)  # this address sent too many bad keys: wait, good key or not
     try:
         grant = await run_in_threadpool(_check_key, key)
     except Unauthorized:
         try:
-            failures.take(address)
+            await limiters.take(FAILED_KEYS, address)
         except RateLimited:
             pass
         raise
@@ -171,7 +173,7 @@ class Requirement:
     rate_limit: str | None = None
     every_dataset: bool = False
 
-    def check(self, request: Request, caller: Caller) -> None:
+    async def check(self, request: Request, caller: Caller) -> None:
         if self.scope not in caller.scopes:
             raise Forbidden(f"this API key lacks the {self.scope.value!r} scope", code="insufficient_scope",
                             details={"required_scope": self.scope.value,
@@ -180,7 +182,7 @@ class Requirement:
             raise Forbidden("this API key is limited to some datasets; this needs a key for every dataset",
                             code="key_limited_to_datasets")
         if self.rate_limit:
-            request.app.state.limiters[self.rate_limit].take(caller.rate_key)
+            await request.app.state.limiters.take(self.rate_limit, caller.rate_key)
 
 
 def Requires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool = False) -> params.Depends:  # noqa: N802
@@ -190,7 +192,7 @@ def Requires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool
     requirement = Requirement(Scope(scope), rate_limit, every_dataset)
 
     async def require(request: Request, caller: _CallerDep) -> None:
-        requirement.check(request, caller)
+        await requirement.check(request, caller)
 
     require.requirement = requirement  # type: ignore[attr-defined]
     return Depends(require)
