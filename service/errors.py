@@ -67,6 +67,13 @@ class RateLimited(FelisError):
         self.retry_after = retry_after
 
 
+class TooMany(FelisError):
+    """A count is at its cap (unfinished trainings of a dataset or of a key): valid, but refused
+    until one of those finishes or is cancelled; no time to wait is known (no Retry-After)."""
+
+    code = "too_many"
+
+
 class SchemaOutdated(Unavailable):
     """The database's schema is not the one this code was written for (older, unknown, or never
     migrated): the process refuses to run on it. ``details`` holds ``current`` and ``head``."""

@@ -1,10 +1,12 @@
-"""How much CPU this process may really use, for sizing thread pools.
+"""How much CPU and memory this process may really use, for sizing thread pools and trainings.
 
 ``os.sched_getaffinity`` counts the cores a process may be scheduled on, which in a container
 is usually every core of the node: a pod limited to 2 CPUs on a 64-core node would start 64
 decode threads, each with its own buffers, and get throttled by the CFS quota. ``cpu_budget()``
 also reads the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``)
 of this process's cgroup and of each cgroup above it, and ``FELIS_TORCH_THREADS`` overrides both.
+``memory_budget()`` is the same for memory: the smallest cgroup limit up the chain (v2
+``memory.max``, v1 ``memory.limit_in_bytes``), capped by the machine's ``MemTotal``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+PROC_MEMINFO = Path("/proc/meminfo")
 _V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 
 
-def _cgroup_paths(proc_cgroup: Path) -> tuple[str | None, str | None]:
-    """(the v2 path, the v1 cpu controller's path) of this process, from /proc/self/cgroup."""
+def _cgroup_paths(proc_cgroup: Path, controller: str = "cpu") -> tuple[str | None, str | None]:
+    """(the v2 path, the v1 controller's path) of this process, from /proc/self/cgroup."""
     v2 = v1 = None
     try:
         lines = proc_cgroup.read_text().splitlines()
@@ -32,7 +35,7 @@ def _cgroup_paths(proc_cgroup: Path) -> tuple[str | None, str | None]:
         _, controllers, path = parts
         if controllers == "":
             v2 = path
-        elif "cpu" in controllers.split(","):
+        elif controller in controllers.split(","):
             v1 = path
     return v2, v1
 
@@ -102,3 +105,41 @@ def cpu_budget(torch_threads: int | None = None, *, root: Path = CGROUP_ROOT,
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota - 1e-9)))
     return max(1, cpus)
+
+
+def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
+    """Bytes allowed by the cgroup memory limit (the smallest up the chain), or None without one."""
+    v2, v1 = _cgroup_paths(proc_cgroup, "memory")
+    limits: list[int] = []
+    for d in _dirs(root, v2 if v2 is not None else "/"):
+        text = _read(d / "memory.max")  # "max" or bytes
+        if text and text.isdigit():
+            limits.append(int(text))
+    for d in _dirs(root / "memory", v1 if v1 is not None else "/"):
+        text = _read(d / "memory.limit_in_bytes")  # no limit: a huge number (PAGE_COUNTER_MAX pages)
+        if text and text.isdigit() and int(text) < 1 << 62:
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def machine_memory(meminfo: Path = PROC_MEMINFO) -> int | None:
+    """The machine's memory (MemTotal), in bytes; None when /proc/meminfo cannot say."""
+    for line in (_read(meminfo) or "").splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemTotal":
+            number, _, unit = value.strip().partition(" ")
+            if number.isdigit():
+                return int(number) * (1024 if unit.strip().lower() == "kb" else 1)
+    return None
+
+
+def memory_budget(*, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, meminfo: Path = PROC_MEMINFO) -> int:
+    """Bytes this process may use: its cgroup's memory limit, capped by the machine's memory;
+    without either (not Linux), what the OS reports, else 0 (unknown)."""
+    sizes = [m for m in (cgroup_memory_limit(root, proc_cgroup), machine_memory(meminfo)) if m]
+    if not sizes:
+        try:
+            sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+        except (ValueError, OSError, AttributeError):
+            return 0
+    return min(sizes)

@@ -33,7 +33,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "malformed request body"), (401, "no or an invalid API key"), (403, "the key lacks the scope"), (404, "not found"),
         (409, "conflicts with the current state"), (413, "request too large"), (422, "invalid request"),
-        (429, "rate limited"), (503, "a dependency is unavailable"), (507, "storage is full"),
+        (429, "rate limited, or too many unfinished trainings"), (503, "a dependency is unavailable"), (507, "storage is full"),
     )
 }
 
@@ -46,6 +46,7 @@ STATUS: dict[type[e.FelisError], int] = {
     e.Unauthorized: 401,
     e.Forbidden: 403,
     e.RateLimited: 429,
+    e.TooMany: 429,
     e.StorageFull: 507,
     e.Unavailable: 503,
 }

@@ -30,17 +30,19 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, and_, cast, func, or_, select, update
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from models import memory
 from models.config import InvalidTrainConfig, TrainConfig
+from service import limits
 from service.config import Settings
 from service.domain import datasets
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound, TooMany
 from service.store.db import session_scope
-from service.store.tables import Dataset, Training, utcnow
+from service.store.tables import ApiKey, Dataset, Image, Training, utcnow
 
 log = logging.getLogger("felis.trainings")
 
@@ -92,10 +94,15 @@ def resolve_options(options: dict[str, Any], settings: Settings) -> TrainConfig:
 
 
 def request(
-    session: Session, dataset_name: str, options: dict[str, Any], settings: Settings, request_id: str | None = None
+    session: Session, dataset_name: str, options: dict[str, Any], settings: Settings, request_id: str | None = None,
+    key_id: str | None = None,
 ) -> Training:
     """Validate and record a training request: queued, its message not sent yet. The caller
-    commits, then calls ``send`` (the outbox: if the broker is down, the sweep sends it later)."""
+    commits, then calls ``send`` (the outbox: if the broker is down, the sweep sends it later).
+
+    Refused: options whose estimated memory exceeds the worker's (422 training_memory_exceeded,
+    naming the option to lower), and past the caps on unfinished trainings of the dataset or of
+    the requesting key (``key_id``, api_keys.id; 429 too_many_trainings)."""
     dataset = datasets.get(session, dataset_name)
     config = resolve_options(options, settings)
     counts = datasets.label_counts(session, dataset)
@@ -112,10 +119,60 @@ def request(
             code="too_few_images",
             details={"label_counts": counts},
         )
-    training = Training(dataset_id=dataset.id, status=Status.QUEUED, options=config.to_dict(), request_id=request_id)
+    _check_memory(session, dataset, config, sum(counts.values()), settings)
+    dataset = datasets.get(session, dataset_name, for_update=True)  # requests of one dataset, one at a time
+    _check_caps(session, dataset, key_id, settings)
+    training = Training(dataset_id=dataset.id, status=Status.QUEUED, options=config.to_dict(), request_id=request_id,
+                        key_id=key_id)
     session.add(training)
     session.flush()
     return training
+
+
+def _check_memory(session: Session, dataset: Dataset, config: TrainConfig, n_images: int, settings: Settings) -> None:
+    """422 training_memory_exceeded when the training's estimated peak (models.memory) exceeds the
+    worker's memory: FELIS_WORKER_MEMORY_BYTES, else this machine's (service.limits.memory_budget)."""
+    budget = settings.worker_memory_bytes if settings.worker_memory_bytes > 0 else limits.memory_budget()
+    pixels = cast(Image.width, BigInteger) * Image.height  # the largest image is decoded whole, once
+    largest = session.scalar(select(func.max(pixels)).where(Image.dataset_id == dataset.id)) or 0
+    estimate = memory.estimate_training_memory(config, n_images, largest_image_pixels=largest).total
+    if budget <= 0 or estimate <= budget:  # 0: the machine's memory is unknown
+        return
+    field, value = memory.what_to_lower(config, n_images, budget, largest_image_pixels=largest)
+    fix = f"lower {field} to {value} or less" if value is not None else f"lower {field}"
+    gib = 1 << 30
+    raise InvalidRequest(
+        f"this training would need about {estimate / gib:.1f} GiB on a worker, which has {budget / gib:.1f} GiB "
+        f"(FELIS_WORKER_MEMORY_BYTES): {fix}",
+        code="training_memory_exceeded",
+        details={"field": field, "max_value": value, "estimated_bytes": estimate, "budget_bytes": budget},
+    )
+
+
+def _check_caps(session: Session, dataset: Dataset, key_id: str | None, settings: Settings) -> None:
+    """429 too_many_trainings past the caps on unfinished trainings. Called with the dataset's row
+    locked (PostgreSQL: FOR UPDATE; SQLite: the write lock, BEGIN IMMEDIATE), and the key's locked
+    here, so that requests racing each other count each other's rows and never pass a cap together."""
+    unfinished = select(func.count()).select_from(Training).where(Training.status.in_(ACTIVE))
+    cap = settings.max_queued_trainings_per_dataset
+    if cap > 0:
+        n = session.scalar(unfinished.where(Training.dataset_id == dataset.id)) or 0
+        if n >= cap:
+            raise TooMany(
+                f"dataset {dataset.name!r} already has {n} unfinished trainings (at most {cap} queued or running): "
+                "wait for one to finish, or cancel one",
+                code="too_many_trainings", details={"cap": "per_dataset", "count": n, "limit": cap})
+    cap = settings.max_queued_trainings_per_key
+    if key_id is not None and cap > 0:
+        # the key's row, locked: one key's requests on different datasets, one at a time (always
+        # after the dataset's, one of each per request: no two requests wait on each other in a circle)
+        session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())
+        n = session.scalar(unfinished.where(Training.key_id == key_id)) or 0
+        if n >= cap:
+            raise TooMany(
+                f"this API key already has {n} unfinished trainings (at most {cap} queued or running): "
+                "wait for one to finish, or cancel one",
+                code="too_many_trainings", details={"cap": "per_key", "count": n, "limit": cap})
 
 
 def send(training_id: str, enqueue: Callable[[str], None]) -> bool:

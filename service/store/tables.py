@@ -98,6 +98,9 @@ class Training(Base):
     claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the running claim's owner
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # message confirmed sent
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the API key that requested it (api_keys.id; no foreign key: a training outlives its key's row),
+    # for the cap on unfinished trainings per key; None: requested without a key, or imported
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Body
 
 from service.api.auth import InDataset, InTraining, Requires
-from service.api.deps import RequestIdDep, SessionDep, SettingsDep
+from service.api.deps import CallerDep, RequestIdDep, SessionDep, SettingsDep
 from service.domain import datasets, trainings
 from service.domain.keys import Scope
 from service.store.queue import enqueue_training
@@ -18,12 +18,13 @@ _OPTIONS_EXAMPLE = {"architecture": "efficientnet_lite0", "epochs": 30, "seed": 
 
 
 @router.post("/datasets/{name}/trainings", status_code=202, dependencies=[Requires(Scope.WRITE), InDataset])
-def request_training(name: str, session: SessionDep, settings: SettingsDep, request_id: RequestIdDep,
+def request_training(name: str, session: SessionDep, settings: SettingsDep, request_id: RequestIdDep, caller: CallerDep,
                      options: dict[str, Any] = Body(default_factory=dict, examples=[_OPTIONS_EXAMPLE])) -> dict:
     """Queue a training of the dataset's current images. Options are validated before anything is
-    queued. With the job queue down it is still accepted (202, queued): the workers' sweep sends its
-    message once the queue is back."""
-    training = trainings.request(session, name, options, settings, request_id=request_id)
+    queued (422; also when they would not fit a worker's memory). Unfinished trainings are capped
+    per dataset and per API key (429 too_many_trainings). With the job queue down it is still
+    accepted (202, queued): the workers' sweep sends its message once the queue is back."""
+    training = trainings.request(session, name, options, settings, request_id=request_id, key_id=caller.key_id)
     session.commit()  # enqueue only after the row is durable, so the worker always finds it
     trainings.send(training.id, enqueue_training)
     return trainings.describe(session, training)

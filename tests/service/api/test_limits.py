@@ -85,6 +85,43 @@ def test_cpu_budget_takes_the_quota_over_the_nodes_cores(tmp_path, monkeypatch):
     assert cpu_budget(0, root=root, proc_cgroup=proc) == 1  # the quota never adds cores
 
 
+# --- memory_budget (the worker memory training options are refused against) -----------------------
+
+MEMINFO = "MemTotal:       16318480 kB\nMemFree:         1203456 kB\n"  # 15.6 GiB
+
+
+def _memory(tmp_path: Path, proc_cgroup: str, files: dict[str, str], meminfo: str | None = MEMINFO) -> int:
+    from service.limits import memory_budget
+
+    root, proc = _tree(tmp_path, proc_cgroup, files)
+    info = tmp_path / "meminfo"
+    if meminfo is not None:
+        info.write_text(meminfo)
+    return memory_budget(root=root, proc_cgroup=proc, meminfo=info)
+
+
+def test_memory_budget_is_the_cgroup_v2_limit_of_the_process_or_above_it(tmp_path):
+    """A pod's limit sits above its container's cgroup when there is no cgroup namespace."""
+    assert _memory(tmp_path / "a", "0::/\n", {"memory.max": "6442450944\n"}) == 6 * (1 << 30)
+    assert _memory(tmp_path / "b", "0::/kubepods/pod1/ctr\n", {
+        "memory.max": "max", "kubepods/memory.max": "max",
+        "kubepods/pod1/memory.max": "4294967296", "kubepods/pod1/ctr/memory.max": "max\n"}) == 4 << 30
+
+
+def test_memory_budget_reads_cgroup_v1(tmp_path):
+    assert _memory(tmp_path / "a", "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n", {
+        "memory/docker/abc/memory.limit_in_bytes": "2147483648",
+        "memory/memory.limit_in_bytes": "9223372036854771712"}) == 2 << 30  # the root's: no limit
+    assert _memory(tmp_path / "b", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712"}) \
+        == 16318480 * 1024
+
+
+def test_memory_budget_without_a_limit_is_the_machines_memory(tmp_path):
+    assert _memory(tmp_path / "a", "0::/\n", {"memory.max": "max\n"}) == 16318480 * 1024
+    assert _memory(tmp_path / "b", "0::/\n", {"memory.max": "68719476736"}) == 16318480 * 1024  # never above it
+    assert _memory(tmp_path / "c", "", {}, meminfo=None) > 0  # no /proc files at all: what the OS says
+
+
 def test_the_predict_decode_pool_follows_the_budget(tmp_path):
     """FELIS_TORCH_THREADS (as k8s sets it, = the CPU limit) sizes the decode pool."""
     code = ("from service.serving import predictions; from service.limits import cpu_budget; "

@@ -24,7 +24,6 @@ from service.errors import InvalidRequest, NotFound, StorageFull, TooLarge, Unav
 from service.store.blobs import LocalBlobStore, image_key
 from service.store.tables import Image
 from tests.conftest import ASSETS, asset_images, zip_folder
-from tests.utils.processes import create_postgres_database
 
 
 def _files(paths):
@@ -211,28 +210,18 @@ class Felis:
         return {p.name for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.production)])
-def felis(request, felis_env, monkeypatch) -> Iterator[Felis]:
-    """A felis on SQLite, or on a PostgreSQL database of its own (dropped afterwards)."""
+@pytest.fixture
+def felis(metadata_store) -> Iterator[Felis]:
+    """A felis on SQLite, or on a PostgreSQL database of its own (conftest.metadata_store)."""
     from service.config import get_settings
-    from service.store.db import init_db, new_session
-    from tests.conftest import _reset_caches
+    from service.store.db import new_session
 
-    drop = None
-    if request.param == "postgresql":
-        url, drop = create_postgres_database()
-        monkeypatch.setenv("FELIS_DATABASE_URL", url)
-        _reset_caches()
-        init_db()
     settings = get_settings()
     session = new_session()
     try:
         yield Felis(session, settings, settings.storage_path)
     finally:
         session.close()
-        _reset_caches()
-        if drop:
-            drop()
 
 
 def _upload(f: Felis, store, dataset, paths, label="cat") -> uploads.UploadReport:

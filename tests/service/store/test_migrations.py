@@ -385,6 +385,25 @@ def test_a_database_some_revisions_behind_is_upgraded_with_its_rows(new_db):
     assert model_diff(engine) == []
 
 
+def test_0006_adds_the_training_key_and_downgrades_without_losing_trainings(new_db):
+    """trainings.key_id (the per-key cap on unfinished trainings): NULL for the rows before it;
+    the downgrade drops the column and keeps every training."""
+    engine = new_db()
+    upgrade_to(engine, "0005_key_scopes")
+    fill_release_database(engine)
+    before = release_rows(engine)
+    upgrade_to(engine, "0006_training_key")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trainings WHERE key_id IS NULL")).scalar() == 2
+        conn.execute(text("UPDATE trainings SET key_id = 'k' WHERE status = 'queued'"))
+    with migrate.migration_connection(engine) as conn:
+        command.downgrade(migrate.alembic_config(conn), "0005_key_scopes")
+    assert "key_id" not in {c["name"] for c in inspect(engine).get_columns("trainings")}
+    assert release_rows(engine) == before
+    migrate.upgrade(engine)
+    assert model_diff(engine) == []
+
+
 def test_a_revision_that_rebuilds_a_parent_table_keeps_the_rows_that_reference_it(new_db, extra_revision):
     """SQLite's ALTER is a copy, drop and rename (batch mode). With foreign keys on, as felis's
     connections have them, dropping `datasets` would cascade to every image and training."""
