@@ -338,15 +338,23 @@ def test_streams_of_one_training_share_one_poll(felis_env, monkeypatch):
     monkeypatch.setattr(events, "_snapshot", lambda tid: looks.append(tid) or real(tid))
     tid = _training("queued")
     seen: list[list[str]] = []
+    first_events = threading.Semaphore(0)
     with TestClient(create_app(), base_url="http://127.0.0.1:8000") as c:
         def follow() -> None:
-            text = c.get(f"/v1/trainings/{tid}/events").text
-            seen.append([json.loads(line[5:])["status"] for line in text.splitlines() if line.startswith("data:")])
+            statuses = []
+            with c.stream("GET", f"/v1/trainings/{tid}/events") as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        statuses.append(json.loads(line[5:])["status"])
+                        if len(statuses) == 1:
+                            first_events.release()
+            seen.append(statuses)
 
         threads = [threading.Thread(target=follow) for _ in range(5)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        for _ in threads:  # every stream has sent its first event (a sleep was not enough on a loaded machine)
+            assert first_events.acquire(timeout=30)
         _update(tid, status="running", progress={"phase": "training", "epoch": 1})
         time.sleep(0.7)
         looks.clear()
