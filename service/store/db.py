@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -18,11 +20,30 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # a RELEASE SAVEPOINT committed everything before it and a rollback undid nothing.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (API + worker processes)
+    cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")  # wait for the other process's write instead of failing
+    _wal(cur)  # readers never block the writer (API + worker processes)
     cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
-    cur.execute("PRAGMA busy_timeout=30000")  # wait for the other process's write instead of failing
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+_BUSY_TIMEOUT_S = 30
+
+
+def _wal(cur) -> None:
+    """Switch to WAL, waiting for another process's write lock. Switching needs an exclusive lock,
+    and while another connection holds the write lock of a database still in rollback-journal
+    mode (a new one, which the other process of a first `felis up` is migrating) SQLite answers
+    "database is locked" at once, without its busy timeout: so retry until that timeout."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 _WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE", "SAVEPOINT", "CREATE", "DROP", "ALTER"})
@@ -61,7 +82,7 @@ def make_engine(url: str) -> Engine:
             from pathlib import Path
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "before_cursor_execute", _sqlite_begin)
         return engine
