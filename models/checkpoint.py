@@ -14,6 +14,8 @@
     versions        {"torch", "torchvision", "felis"}
     dataset         what it was trained on: {"name", "image_count", "label_counts", "hash", "images"}
                     (the caller's snapshot; absent when trained outside the service)
+    ood             the open-set index (models.ood.OodIndex.to_dict(), its arrays as tensors; absent
+                    in checkpoints made before it): ood_index(ckpt) rebuilds it, export puts it in the graph
 
 ``build_checkpoint`` is the one place that assembles this dict.
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from . import networks
+from .ood import OodIndex
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "architecture", "mode", "labels", "preprocessing", "state_dict", "temperature")
@@ -69,7 +72,8 @@ def _plain(x: Any) -> Any:
 
 def build_checkpoint(*, net: "networks.Classifier", architecture: dict, mode: str, labels: list[str],
                      preprocessing: dict, precision: str, quantization: dict | None, temperature: float,
-                     training_config: dict, metrics: dict, dataset: dict | None = None) -> dict:
+                     training_config: dict, metrics: dict, dataset: dict | None = None,
+                     ood: OodIndex | None = None) -> dict:
     """The checkpoint of a trained network (see the module docstring for every key)."""
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -88,7 +92,18 @@ def build_checkpoint(*, net: "networks.Classifier", architecture: dict, mode: st
     }
     if dataset is not None:
         ckpt["dataset"] = dataset
+    if ood is not None:  # arrays as tensors: _plain would turn numpy arrays into (large) Python lists
+        ckpt["ood"] = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                       for k, v in ood.to_dict().items()}
     return ckpt
+
+
+def ood_index(ckpt: dict) -> OodIndex | None:
+    """The checkpoint's open-set index, or None for one made without (before issue 15)."""
+    d = ckpt.get("ood")
+    if not d:
+        return None
+    return OodIndex.from_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in d.items()})
 
 
 def save_checkpoint(ckpt: dict, f: str | IO[bytes]) -> None:

@@ -2,7 +2,8 @@
 
     frozen_classifier   a Classifier with its pretrained backbone loaded, in eval mode
     FeaturesOnly        its pooled features (N, D) as a module; fp32_features_onnx: as ONNX bytes
-    module_to_onnx      any (N, 3, S, S) images module -> ONNX (opset OPSET, dynamic batch)
+    module_to_onnx      any (N, 3, S, S) images module -> ONNX (opset OPSET, dynamic batch; one
+                        output, or several: the open-set score reads the features beside the probabilities)
 
 Shared by export.py (an int8 model's graph starts with the features graph; the float32
 probabilities graph goes through module_to_onnx too), features.py (training extracts features
@@ -45,8 +46,10 @@ class FeaturesOnly(nn.Module):
         return self.model.features(images)
 
 
-def module_to_onnx(module: nn.Module, image_size: int, output_name: str) -> bytes:
-    """Any eval-mode module taking (N, 3, S, S) images -> ONNX bytes with a dynamic batch."""
+def module_to_onnx(module: nn.Module, image_size: int, output_name: str | tuple[str, ...]) -> bytes:
+    """Any eval-mode module taking (N, 3, S, S) images -> ONNX bytes with a dynamic batch; a
+    tuple of names for a module that returns a tuple of (N, ...) tensors."""
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
     buf = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
@@ -57,8 +60,8 @@ def module_to_onnx(module: nn.Module, image_size: int, output_name: str) -> byte
             dynamo=False,  # TorchScript-based exporter: no onnxscript dependency
             opset_version=OPSET,
             input_names=["images"],
-            output_names=[output_name],
-            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in names}},
             do_constant_folding=True,
         )
     return buf.getvalue()

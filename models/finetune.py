@@ -115,6 +115,16 @@ def predict_logits(model: nn.Module, x_u8: torch.Tensor, norm, device: torch.dev
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.head.out_features), np.float32)
 
 
+@torch.no_grad()
+def predict_features(model: nn.Module, x_u8: torch.Tensor, norm, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Pooled penultimate features (N, D) float32 for resident uint8 images, in eval mode and in
+    float32 (no autocast): the features the exported graph computes, which the open-set index holds."""
+    model.eval()
+    out = [model.features(norm(x_u8[i : i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)).float().cpu()
+           for i in range(0, len(x_u8), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.head.in_features), np.float32)
+
+
 def train_network(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, prep: Preprocessing, params: FinetuneParams, device: torch.device, seed: int, progress: Callable[[dict], None], should_stop: Callable[[], None]) -> tuple[nn.Module, list[dict]]:
     """Train in place; returns (the model, per-epoch history)."""
     with _cudnn_benchmark(device):

@@ -51,8 +51,11 @@ def has_onnxruntime() -> bool:
 
 
 def felis_metadata(session) -> dict | None:
-    """labels and preprocessing stored by export.export_onnx, or None for a graph without them."""
+    """labels and preprocessing stored by export.export_onnx, or None for a graph without them;
+    "ood": the open-set calibration (export.ood_metadata: threshold, flagged_fraction, quantiles,
+    ...) of a graph with an "ood_score" output, else None."""
     props = session.get_modelmeta().custom_metadata_map
     if "felis.labels" not in props or "felis.preprocessing" not in props:
         return None
-    return {"labels": json.loads(props["felis.labels"]), "preprocessing": json.loads(props["felis.preprocessing"])}
+    return {"labels": json.loads(props["felis.labels"]), "preprocessing": json.loads(props["felis.preprocessing"]),
+            "ood": json.loads(props["felis.ood"]) if "felis.ood" in props else None}

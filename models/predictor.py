@@ -6,6 +6,12 @@ inference_mode (fallback, and for CUDA). Both compute softmax(logits / temperatu
 `from_checkpoint` loads torch. For an int8 version (checkpoint["precision"]) the ONNX backend
 rebuilds the served INT8 graph from the checkpoint; the torch backend runs the float32 weights it
 was quantized from (close, not identical: tests/models/test_quantize.py).
+
+The open-set score (models/ood.py: higher = less like the training images) comes with the
+probabilities when the version has an index: the graph's "ood_score" output, or under torch
+OodIndex.score over the same features. `infer` answers probabilities (N, L) as it always has;
+`infer_scored` answers (N, L + 1), the last column the score (NaN for a version without an
+index, or a graph exported before it), so one array per batch still splits by rows.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from .preprocess import Preprocessing, preprocess, preprocess_batch
 
 
 class Predictor:
-    def __init__(self, labels: list[str], preprocessing: Preprocessing, run, backend: str, run_alone=None):
+    def __init__(self, labels: list[str], preprocessing: Preprocessing, run, backend: str, run_alone=None,
+                 ood: dict | None = None):
         self.labels = list(labels)
         self.preprocessing = preprocessing
         self.backend = backend  # "onnx" | "torch"
-        self._run = run  # float32 NCHW numpy -> probabilities numpy
+        self._run = run  # float32 NCHW numpy -> (N, L + 1) numpy: probabilities, then the open-set score or NaN
         self._run_alone = run_alone or run  # the same, for a small batch with the cores to itself
+        self.ood = ood  # the open-set calibration (export.ood_metadata) when it scores, else None
 
     @classmethod
     def from_onnx(cls, onnx: bytes, threads: int = 0, shared_cores: bool = False) -> "Predictor | None":
@@ -41,13 +49,15 @@ class Predictor:
         if meta is None:
             return None
         alone = _onnx_runner(onnx_session(onnx, threads, "in_run")) if shared_cores else None
-        return cls(meta["labels"], Preprocessing.from_dict(meta["preprocessing"]), _onnx_runner(session), "onnx", alone)
+        ood = meta["ood"] if _scores(session) else None
+        return cls(meta["labels"], Preprocessing.from_dict(meta["preprocessing"]), _onnx_runner(session), "onnx", alone, ood)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, onnx: bytes | None = None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> "Predictor":
         """backend: auto (ONNX Runtime on CPU when available, else torch) | onnx | torch.
         threads: CPU threads for inference (0: one per core)."""
-        from .export import export_onnx
+        from .checkpoint import ood_index
+        from .export import export_onnx, ood_metadata
         from .runtime import cpu_count, resolve_device
 
         dev = resolve_device(device)
@@ -58,12 +68,15 @@ class Predictor:
             if dev.type != "cpu":
                 raise ValueError("the onnx backend runs on CPU; use backend='torch' for CUDA")
             onnx = onnx if onnx is not None else export_onnx(ckpt)
-            run = _onnx_runner(onnx_session(onnx, threads))
+            session = onnx_session(onnx, threads)
+            run, scores = _onnx_runner(session), _scores(session)
         elif backend == "torch":
-            run = _torch_runner(ckpt, dev, threads)
+            run, scores = _torch_runner(ckpt, dev, threads), ood_index(ckpt) is not None
         else:
             raise ValueError(f"unknown backend {backend!r}")
-        return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend)
+        index = ood_index(ckpt) if scores else None
+        return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend,
+                   ood=ood_metadata(index) if index is not None else None)
 
     def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
         """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage, also for an image
@@ -78,8 +91,13 @@ class Predictor:
 
         alone: the caller knows nothing else in the process wants the cores while this runs
         (see from_onnx's shared_cores); same probabilities, sooner."""
+        return self.infer_scored(batch, alone)[:, : len(self.labels)]
+
+    def infer_scored(self, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        """float32 (N, 3, S, S) -> (N, len(labels) + 1): the probabilities, then the open-set score
+        (float32, higher = less like the training images; NaN when the version has no index)."""
         if len(batch) == 0:
-            return np.zeros((0, len(self.labels)), np.float32)
+            return np.zeros((0, len(self.labels) + 1), np.float32)
         return (self._run_alone if alone else self._run)(np.ascontiguousarray(batch, dtype=np.float32))
 
     def postprocess(self, probs: np.ndarray) -> list[dict[str, float]]:
@@ -89,22 +107,36 @@ class Predictor:
         return self.postprocess(self.infer(self.preprocess_batch(images)))
 
 
+def _scores(session) -> bool:
+    return "ood_score" in {o.name for o in session.get_outputs()}
+
+
+def _with_score(probs: np.ndarray, score: np.ndarray | None) -> np.ndarray:
+    score = np.full(len(probs), np.nan, np.float32) if score is None else score.astype(np.float32, copy=False)
+    return np.concatenate([probs.astype(np.float32, copy=False), score[:, None]], axis=1)
+
+
 def _onnx_runner(session):
-    return lambda x: session.run(["probabilities"], {"images": x})[0]
+    if _scores(session):
+        return lambda x: _with_score(*session.run(["probabilities", "ood_score"], {"images": x}))
+    return lambda x: _with_score(session.run(["probabilities"], {"images": x})[0], None)
 
 
 def _torch_runner(ckpt: dict, device, threads: int):
     import torch
 
-    from .checkpoint import build_network
+    from .checkpoint import build_network, ood_index
 
     if device.type == "cpu" and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     net = build_network(ckpt).to(device=device, memory_format=torch.channels_last)
+    index = ood_index(ckpt)
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
         xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
-        return torch.softmax(net(xb), dim=1).float().cpu().numpy()
+        features = net.features(xb)
+        probs = torch.softmax(net.head(features) / net.temperature, dim=1).float().cpu().numpy()  # = net(xb)
+        return _with_score(probs, index.score(features.float().cpu().numpy()) if index is not None else None)
 
     return run

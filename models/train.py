@@ -6,6 +6,7 @@
                -> head fitted on the train split, scored on val (honest metrics)
                -> head refitted on train+val for the shipped model (linear.py)
       finetune: the whole network trained end to end on resident uint8 images (finetune.py)
+    -> open-set index over the training images' features, threshold at 1% of them flagged (ood.py)
     -> checkpoint (weights + everything to rebuild them) -> ONNX (export.py)
 """
 
@@ -23,8 +24,9 @@ from .checkpoint import build_checkpoint
 from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
 from .features import FeatureCache, cached_features, warm_extractor
-from .finetune import FinetuneParams, normalizer, predict_logits, train_network
+from .finetune import FinetuneParams, normalizer, predict_features, predict_logits, train_network
 from .images import perceptual_hash
+from .ood import OodIndex, fit_ood
 from .preprocess import Preprocessing, uint8_batch
 from .quantize import NoRangeTable, load_table
 from .runtime import resolve_device
@@ -86,6 +88,8 @@ class _Fitted:
     extra: dict  # mode-specific metrics
     features_onnx: bytes | None = None  # linear: the features graph the head was fitted on (reused by export)
     quantization: dict | None = None  # int8: the range table (quantize.py) the features graph was built with
+    ood: OodIndex | None = None  # the open-set index over the shipped model's features of the training images
+    ood_report: dict = field(default_factory=dict)  # how it was calibrated; the validation images' flagged share
 
 
 def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None, dataset: dict | None = None) -> TrainResult:
@@ -167,6 +171,9 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         "precision": cfg.precision,
         **f.extra,
     }
+    if f.ood is not None:
+        evaluation["ood"] = _ood_summary(f.ood, f.ood_report)
+        metrics["ood"] = {k: evaluation["ood"][k] for k in ("threshold", "flagged_fraction", "index_vectors", "validation_flagged")}
     timings["evaluate"] = time.perf_counter() - t
 
     # 4. the checkpoint: everything needed to predict, nothing from this module
@@ -175,7 +182,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
     checkpoint = build_checkpoint(
         net=net, architecture=arch, mode=cfg.mode, labels=labels, preprocessing=prep.to_dict(),
         precision=cfg.precision, quantization=f.quantization, temperature=f.temperature,
-        training_config=cfg.to_dict(), metrics=metrics, dataset=dataset,
+        training_config=cfg.to_dict(), metrics=metrics, dataset=dataset, ood=f.ood,
     )
     onnx = None
     if cfg.export_onnx:
@@ -232,9 +239,21 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
         net.head.weight.copy_(w)
         net.head.bias.copy_(b)
     job.timings["head"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # open set: the index holds every image the shipped head saw, its threshold from their leave-one-out
+    # scores (near-duplicates kept out of each other's); the validation images' flagged share is
+    # measured with an index of the train split alone, which never saw them
+    dims = _ood_dims(cfg, X.shape[1])
+    ood = fit_ood(X, y, seed=cfg.seed, dims=dims, groups=job.groups)
+    report = {"calibration": "leave_one_out"}
+    if len(va) and len(tr) >= 2:
+        part = fit_ood(X[tr], y[tr], seed=cfg.seed, dims=dims, groups=job.groups[tr])
+        report.update(validation_flagged=float((part.score(X[va]) > part.threshold).mean()), validation_images=int(len(va)))
+    job.timings["ood"] = time.perf_counter() - t
     extra.update(l2=l2, cv_folds=folds_k if folds_k >= 2 else 0, features_computed=computed, feature_extractor=extractor.extractor_id, refit_full=refit)
     return _Fitted(net, logits, calibrate.softmax(logits, temperature), eval_y, [job.samples[i].image_id for i in idx], source, temperature, history, extra,
-                   features_onnx=extractor.features_onnx if extractor.table is not None else None, quantization=extractor.table)
+                   features_onnx=extractor.features_onnx if extractor.table is not None else None, quantization=extractor.table,
+                   ood=ood, ood_report=report)
 
 
 def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
@@ -262,5 +281,30 @@ def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
     else:
         temperature, probs = 1.0, calibrate.softmax(logits)
     best_epoch = int(np.argmin([h.get("val_loss", h["train_loss"]) for h in history])) + 1
+    # open set: the trained network's penultimate features; its training images' are fitted (too
+    # familiar), so the validation split's scores set the threshold when there is one
+    t = time.perf_counter()
+    feats = predict_features(net, x, normalizer(job.prep, job.device), job.device)
+    held_out = feats[va] if len(va) else None
+    fitted = tr if len(tr) >= 2 else np.arange(len(y))  # a degenerate split: every image
+    ood = fit_ood(feats[fitted], y[fitted], seed=cfg.seed, dims=_ood_dims(cfg, feats.shape[1]), groups=job.groups[fitted], held_out=held_out)
+    report = {"calibration": "validation" if len(va) else "leave_one_out"}
+    if len(va):  # by construction near flagged_fraction: the same images set the threshold
+        report.update(validation_flagged=float((ood.score(held_out) > ood.threshold).mean()), validation_images=int(len(va)))
+    job.timings["ood"] = time.perf_counter() - t
     return _Fitted(net, logits, probs, y[va], [job.samples[i].image_id for i in va], "validation" if len(va) else "none",
-                   temperature, history, {"epochs_run": len(history), "best_epoch": best_epoch})
+                   temperature, history, {"epochs_run": len(history), "best_epoch": best_epoch}, ood=ood, ood_report=report)
+
+
+def _ood_dims(cfg: TrainConfig, width: int) -> int:
+    """The feature columns the open-set score uses: the average-pooled half of avgmax features
+    (the max-pooled half separated worse, bench/ood.py), else all of them."""
+    return width // 2 if cfg.pooling == "avgmax" else width
+
+
+def _ood_summary(index: OodIndex, report: dict) -> dict:
+    """The open-set calibration as the evaluation reports it (the quantiles stay in the checkpoint)."""
+    return {"method": "knn_cosine", "k": index.k, "dims": index.dims, "threshold": index.threshold,
+            "flagged_fraction": index.flagged_fraction, "index_vectors": int(len(index.codes)), "n_train": index.n_train,
+            "validation_flagged": report.get("validation_flagged"), "validation_images": report.get("validation_images", 0),
+            "calibration": report["calibration"]}

@@ -22,7 +22,7 @@ def test_default_training_on_a_small_catvnoncat_subset(trained, catvnoncat_test)
 
     json.dumps({"metrics": m, "evaluation": ev, "config": ck["training_config"]})  # stored as JSON by the service
     graph = onnx.load_from_string(trained.onnx).graph
-    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["probabilities"]
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["probabilities", "ood_score"]
     # 80 training images generalise to the real test set
     pred = Predictor.from_checkpoint(ck, trained.onnx)
     probs = np.array([[d[label] for label in pred.labels] for d in pred.predict([s.load() for s in catvnoncat_test])])
