@@ -188,7 +188,7 @@ def _predict(args: argparse.Namespace) -> int:
             rows.append([p["filename"], "error", p["error"].get("code", ""), *[""] * len(labels)])
             continue
         probs = p["probabilities"]
-        rows.append([p["filename"], p["label"], p.get("decision") or "-", *[f"{probs.get(k, 0):.3f}" for k in labels]])
+        rows.append([p["filename"], p["label"], p.get("decision") or ("ood" if p.get("ood") else "-"), *[f"{probs.get(k, 0):.3f}" for k in labels]])
     print(f"model version {answer['model_version']}")
     _table(["image", "label", "decision", *labels], rows)
     return 0

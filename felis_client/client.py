@@ -274,6 +274,15 @@ class Client:
         body = {"threshold": threshold} if min_precision is None else {"min_precision": min_precision}
         return self._json("PUT", f"/v1/datasets/{dataset}/models/{int(version)}/thresholds/{label}", json=body)
 
+    def set_ood_threshold(self, dataset: str, version: int, threshold: float | None = None,
+                          flagged_fraction: float | None = None) -> dict:
+        """The open-set threshold (predictions whose ``ood_score`` passes it are ``ood``): given
+        (0..2), or the one that flags ``flagged_fraction`` (0..1) of the training images. Exactly one."""
+        if (threshold is None) == (flagged_fraction is None):
+            raise ValueError("give exactly one of threshold and flagged_fraction")
+        body = {"threshold": threshold} if flagged_fraction is None else {"flagged_fraction": flagged_fraction}
+        return self._json("PUT", f"/v1/datasets/{dataset}/models/{int(version)}/ood-threshold", json=body)
+
     # --- predicting --------------------------------------------------------------------
 
     def predict(self, dataset: str, images: ImageInput | Iterable[ImageInput], version: int | None = None) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.checkpoint import checkpoint_bytes, load_checkpoint
+from models.checkpoint import checkpoint_bytes, load_checkpoint, ood_index
 from models.train import Sample, TrainConfig, TrainingCancelled, train
 from service.config import Settings, get_settings
 from service.domain import trainings, uploads, versions
@@ -100,7 +100,7 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         training_id, run.token, architecture=config.architecture, labels=list(ckpt["labels"]),
         metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
         snapshot={k: v for k, v in snapshot.items() if k != "images"},
-        checkpoint_key=checkpoint_key, onnx_key=onnx_key,
+        checkpoint_key=checkpoint_key, onnx_key=onnx_key, ood=ood_calibration(ckpt),
     ), "recording the version")
     if settings.keep_versions:
         _apply_retention(store, dataset_id, settings.keep_versions)
@@ -141,8 +141,20 @@ def import_checkpoint(session: Session, store: BlobStore, dataset: Dataset, chec
     row = versions.create(training.id, training.claim_token, architecture=ckpt["architecture"]["name"], labels=list(ckpt["labels"]),
                           metrics=dict(ckpt.get("metrics") or {}), evaluation={}, config=config,
                           snapshot={k: v for k, v in (ckpt.get("dataset") or {}).items() if k != "images"},
-                          checkpoint_key=checkpoint_key, onnx_key=onnx_key)
+                          checkpoint_key=checkpoint_key, onnx_key=onnx_key, ood=ood_calibration(ckpt))
     return row.version
+
+
+OOD_FIELDS = ("method", "threshold", "flagged_fraction", "quantiles", "index_vectors", "n_train")
+
+
+def ood_calibration(ckpt: dict) -> dict | None:
+    """The version's `ood` column from its checkpoint's open-set index (what the graph's metadata
+    carries too), None for a checkpoint without one."""
+    from models.export import ood_metadata
+
+    index = ood_index(ckpt)
+    return None if index is None else {k: v for k, v in ood_metadata(index).items() if k in OOD_FIELDS}
 
 
 def _loader(store: BlobStore, sha: str):

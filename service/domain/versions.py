@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, func, select
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
+from models.ood import MAX_DISTANCE, QUANTILE_GRID
 from service.domain import datasets, trainings, uploads
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.store.blobs import BlobStore
@@ -19,8 +21,11 @@ from service.store.tables import Dataset, ModelVersion, Training
 
 
 def create(training_id: str, token: str | None, *, architecture: str, labels: list[str], metrics: dict,
-           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None) -> ModelVersion:
+           evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None,
+           ood: dict | None = None) -> ModelVersion:
     """Record the version a training produced and mark the training succeeded, in one commit.
+    ood: its open-set calibration ({method, threshold, flagged_fraction, quantiles, index_vectors,
+    n_train}), None for a checkpoint without an index.
 
     Idempotent by training id: a redelivered task finds the version it made before. Only the run
     that owns the training (its claim token) can record it: trainings.succeed raises LostOwnership
@@ -44,7 +49,7 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
             version = ModelVersion(
                 dataset_id=dataset.id, version=number, training_id=training_id, architecture=architecture,
                 labels=labels, metrics=metrics, evaluation=evaluation, config=config, snapshot=snapshot,
-                checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={},
+                checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={}, ood=ood,
             )
             session.add(version)
             if dataset.default_version is None:
@@ -127,15 +132,18 @@ class Serving:
     checkpoint_key: str
     onnx_key: str | None
     thresholds: dict[str, float]
+    ood_threshold: float | None = None  # an image whose ood_score passes it is flagged; None: no index
 
 
 def for_serving(conn: Connection, dataset_name: str, version: int | None) -> Serving:
     """The version to predict with (asked for, else the default), in one small Core query per
     request on a plain connection (a third of an ORM session's cost): a promotion takes effect
-    on the next request, in every API process."""
+    on the next request, in every API process; so does a moved threshold (only the open-set
+    threshold is read of the `ood` JSON, not its quantiles)."""
     wanted = version if version is not None else Dataset.default_version
     row = conn.execute(
-        select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds)
+        select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds,
+               ModelVersion.ood["threshold"].as_float().label("ood_threshold"))
         .join(Dataset, Dataset.id == ModelVersion.dataset_id)
         .where(Dataset.name == dataset_name, Dataset.deleted_at.is_(None), ModelVersion.version == wanted)
     ).first()
@@ -143,7 +151,7 @@ def for_serving(conn: Connection, dataset_name: str, version: int | None) -> Ser
         with Session(bind=conn) as session:
             resolve(session, datasets.get(session, dataset_name), version)
         raise NotFound(f"dataset {dataset_name!r} has no model version {version}", code="version_not_found")
-    return Serving(row.version, row.checkpoint_key, row.onnx_key, dict(row.thresholds or {}))
+    return Serving(row.version, row.checkpoint_key, row.onnx_key, dict(row.thresholds or {}), row.ood_threshold)
 
 
 def promote(session: Session, dataset_name: str, version: int) -> ModelVersion:
@@ -177,6 +185,50 @@ def set_threshold(session: Session, dataset_name: str, version: int, label: str,
     return row
 
 
+def set_ood_threshold(session: Session, dataset_name: str, version: int, *,
+                      threshold: float | None = None, flagged_fraction: float | None = None) -> ModelVersion:
+    """Move the open-set threshold: given directly (a cosine distance, 0..2), or as the share of
+    the training images it would flag, read off the quantiles of their scores kept at training.
+    Applies from the next prediction on; the version's graph and checkpoint never change."""
+    dataset = datasets.get(session, dataset_name)
+    row = get(session, dataset, version)
+    if not row.ood:
+        raise Conflict(f"version {version} of {dataset_name!r} has no open-set index (trained before it); retrain to get one",
+                       code="ood_unavailable")
+    if (threshold is None) == (flagged_fraction is None):
+        raise InvalidRequest("give exactly one of 'threshold' and 'flagged_fraction'", code="invalid_ood_threshold")
+    quantiles = np.asarray(row.ood["quantiles"], dtype=np.float64)
+    if flagged_fraction is not None:
+        if not 0.0 < flagged_fraction < 1.0:
+            raise InvalidRequest("flagged_fraction must be between 0 and 1 (exclusive)", code="invalid_ood_threshold")
+        threshold = float(np.interp(1.0 - flagged_fraction, QUANTILE_GRID, quantiles))  # as OodIndex.threshold_for
+    else:
+        assert threshold is not None
+        if not 0.0 <= threshold <= MAX_DISTANCE:
+            raise InvalidRequest(f"threshold must be within [0, {MAX_DISTANCE:g}]", code="invalid_ood_threshold")
+        flagged_fraction = _share_above(quantiles, threshold)
+    row.ood = {**row.ood, "threshold": float(threshold), "flagged_fraction": float(flagged_fraction)}
+    session.commit()
+    return row
+
+
+def _share_above(quantiles: np.ndarray, threshold: float) -> float:
+    """The share of the training scores above `threshold`: the inverse of threshold_for's
+    interpolation (quantiles rise with QUANTILE_GRID; equal ones, from duplicates, count once)."""
+    hi = int(np.searchsorted(quantiles, threshold, side="right"))  # quantiles <= threshold
+    if hi == 0:
+        return 1.0
+    if hi == len(quantiles):
+        return 0.0
+    lo_q, hi_q, lo_g, hi_g = quantiles[hi - 1], quantiles[hi], QUANTILE_GRID[hi - 1], QUANTILE_GRID[hi]
+    return float(1.0 - (lo_g + (threshold - lo_q) / (hi_q - lo_q) * (hi_g - lo_g)))
+
+
+def ood_public(ood: dict | None) -> dict | None:
+    """A version's open-set calibration as the API shows it (without the 1,001 quantiles)."""
+    return None if not ood else {k: v for k, v in ood.items() if k != "quantiles"}
+
+
 def describe(row: ModelVersion, dataset: Dataset) -> dict[str, Any]:
     return {
         "version": row.version,
@@ -187,6 +239,7 @@ def describe(row: ModelVersion, dataset: Dataset) -> dict[str, Any]:
         "config": row.config,
         "snapshot": row.snapshot,
         "thresholds": row.thresholds or {},
+        "ood": ood_public(row.ood),
         "training_id": row.training_id,
         "created_at": row.created_at,
     }

@@ -110,8 +110,9 @@ class ModelCache:
             predictor = Predictor.from_checkpoint(load_checkpoint(self.store.get(key)),
                                                   backend=self.settings.predict_backend,
                                                   threads=self.settings.torch_threads)
-        batcher = MicroBatcher(predictor.infer, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
-                               infer_alone=functools.partial(predictor.infer, alone=True))
+        # rows of probabilities with the open-set score as a last column (NaN: none): one array a batch
+        batcher = MicroBatcher(predictor.infer_scored, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
+                               infer_alone=functools.partial(predictor.infer_scored, alone=True))
         return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
 
     def close(self) -> None:

@@ -10,6 +10,11 @@ Each file is read where it is decoded (a decode thread, or the inference thread 
 image), at most FELIS_MAX_FILE_BYTES + 1 bytes of it, and an image whose header says more than
 FELIS_MAX_IMAGE_PIXELS is refused before its pixels are decoded: a request holds about one
 image per decode thread, whatever it carries (uploads have the same limits).
+
+Each image's row from the model is its probabilities and then its open-set score
+(Predictor.infer_scored); the score is compared with the version's open-set threshold, read with
+the version on each request, so a moved threshold applies to the next request. A flagged image
+(`ood`) gets no `decision`; a version without an index answers `ood_score: null, ood: false`.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ async def _predict_alone(model: LoadedModel, upload: Upload, settings: Settings)
             x = _preprocess(model, upload, settings)
         except InvalidImage as e:
             return e
-        return model.predictor.infer(x[None], alone=True)[0]
+        return model.predictor.infer_scored(x[None], alone=True)[0]
 
     return [await model.batcher.run_alone(job)]
 
@@ -138,7 +143,7 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
                        code="too_many_files")
     serving = await run_in_threadpool(_lookup, cache, dataset_name, version)
-    key, number, thresholds = serving.checkpoint_key, serving.version, serving.thresholds
+    key, number, thresholds, ood_threshold = serving.checkpoint_key, serving.version, serving.thresholds, serving.ood_threshold
     model = cache.acquire_loaded(key) or await _acquire(cache, key, number, serving.onnx_key)
     try:  # held until answered: an eviction meanwhile closes it only after the last holder
         # per file, in order: its probabilities, or why it could not be read
@@ -159,6 +164,9 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
             out.append({"filename": name, "error": {"code": r.code, "message": r.message}})
             continue
         p = {label: float(v) for label, v in zip(model.labels, r)}
+        score = float(r[len(model.labels)])
+        score = score if ood_threshold is not None and np.isfinite(score) else None  # a version without an index
+        ood = score is not None and score > ood_threshold
         out.append({"filename": name, "label": max(p, key=p.__getitem__), "probabilities": p,
-                    "decision": decide(p, thresholds)})
+                    "decision": None if ood else decide(p, thresholds), "ood_score": score, "ood": ood})
     return {"dataset": dataset_name, "model_version": number, "predictions": out}

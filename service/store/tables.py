@@ -122,6 +122,9 @@ class ModelVersion(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)  # image count, label counts, hash of (id, sha)
     thresholds: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)  # label -> decision threshold
+    # the open-set calibration (pipeline.ood_calibration, from the checkpoint): method, threshold, flagged_fraction,
+    # quantiles, index_vectors, n_train; NULL for versions without an index (made before issue 15)
+    ood: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     checkpoint_key: Mapped[str] = mapped_column(String(255))
     onnx_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

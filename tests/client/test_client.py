@@ -299,6 +299,12 @@ def test_models_evaluation_promote_download_thresholds(felis, trained, tmp_path)
     assert path == tmp_path / "trained-v1.pt" and path.read_bytes() == blob and len(blob) > 100
     updated = felis.set_threshold("trained", 1, "cat", threshold=0.7)
     assert updated["thresholds"] == {"cat": 0.7}
+    calibrated = felis.model("trained", 1)["ood"]
+    moved = felis.set_ood_threshold("trained", 1, flagged_fraction=0.5)["ood"]
+    assert moved["flagged_fraction"] == 0.5 and moved["threshold"] <= calibrated["threshold"]
+    assert felis.set_ood_threshold("trained", 1, threshold=calibrated["threshold"])["ood"]["threshold"] == calibrated["threshold"]
+    with pytest.raises(ValueError):
+        felis.set_ood_threshold("trained", 1)
 
 
 def test_predict_paths_bytes_and_versions(felis, trained):
@@ -308,6 +314,7 @@ def test_predict_paths_bytes_and_versions(felis, trained):
     assert [p["filename"] for p in answer["predictions"]] == [p.name for p in images]
     for p in answer["predictions"]:
         assert set(p["probabilities"]) == {"cat", "noncat"} and abs(sum(p["probabilities"].values()) - 1) < 1e-4
+        assert isinstance(p["ood_score"], float) and isinstance(p["ood"], bool)
     one = felis.predict("trained", ("x.jpg", images[0].read_bytes()), version=2)
     assert one["model_version"] == 2 and len(one["predictions"]) == 1
     felis.promote("trained", 2)

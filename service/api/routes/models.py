@@ -1,4 +1,5 @@
-"""/v1/datasets/{name}/models: versions, promotion, checkpoint download, evaluation, thresholds.
+"""/v1/datasets/{name}/models: versions, promotion, checkpoint download, evaluation, thresholds
+(per label, and the open-set one).
 
 A version's metadata needs predict (an app picks its version); its evaluation and files need read."""
 
@@ -84,4 +85,20 @@ class ThresholdSet(BaseModel):
 def set_threshold(name: str, label: str, body: ThresholdSet, session: SessionDep, version: int = VersionPath) -> dict:
     row = versions.set_threshold(session, name, version, label, threshold=body.threshold,
                                  min_precision=body.min_precision)
+    return versions.describe(row, datasets.get(session, name))
+
+
+class OodThresholdSet(BaseModel):
+    threshold: float | None = Field(None, ge=0.0, le=2.0, description="open-set threshold: an image whose ood_score "
+                                    "(cosine distance, 0..2) is above it is flagged ood")
+    flagged_fraction: float | None = Field(None, gt=0.0, lt=1.0,
+                                           description="or: the share of the training images it would flag")
+
+
+@router.put("/{version}/ood-threshold", dependencies=[Requires(Scope.WRITE)])
+def set_ood_threshold(name: str, body: OodThresholdSet, session: SessionDep, version: int = VersionPath) -> dict:
+    """Move the open-set threshold, from the next prediction on. 409 ood_unavailable for a version
+    trained before it had an index; 422 invalid_ood_threshold unless exactly one field is given."""
+    row = versions.set_ood_threshold(session, name, version, threshold=body.threshold,
+                                     flagged_fraction=body.flagged_fraction)
     return versions.describe(row, datasets.get(session, name))

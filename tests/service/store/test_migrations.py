@@ -404,6 +404,30 @@ def test_0006_adds_the_training_key_and_downgrades_without_losing_trainings(new_
     assert model_diff(engine) == []
 
 
+def test_0007_adds_the_version_ood_and_downgrades_without_losing_versions(new_db):
+    """model_versions.ood (the open-set calibration): NULL for the versions before it, which then
+    answer ood_score null; the downgrade drops the column and keeps every version."""
+    engine = new_db()
+    upgrade_to(engine, "0006_training_key")
+    fill_release_database(engine)
+    before = release_rows(engine)
+    upgrade_to(engine, "0007_version_ood")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM model_versions WHERE ood IS NULL")).scalar() == 1
+        table = Table("model_versions", MetaData(), autoload_with=conn)
+        conn.execute(table.update().values(ood={"threshold": 0.25, "quantiles": [0.0] * 1001}))
+    from service.domain import versions
+
+    with engine.connect() as conn:  # what predict reads: the threshold alone, out of the JSON
+        assert versions.for_serving(conn, "cats-vs-dogs", 1).ood_threshold == 0.25
+    with migrate.migration_connection(engine) as conn:
+        command.downgrade(migrate.alembic_config(conn), "0006_training_key")
+    assert "ood" not in {c["name"] for c in inspect(engine).get_columns("model_versions")}
+    assert release_rows(engine) == before
+    migrate.upgrade(engine)
+    assert model_diff(engine) == []
+
+
 def test_a_revision_that_rebuilds_a_parent_table_keeps_the_rows_that_reference_it(new_db, extra_revision):
     """SQLite's ALTER is a copy, drop and rename (batch mode). With foreign keys on, as felis's
     connections have them, dropping `datasets` would cascade to every image and training."""

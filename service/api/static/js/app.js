@@ -687,7 +687,8 @@ function tryCard(ctx) {
     fill(result, h("img", { src: preview, alt: file.name }), h("div", {},
       h("div", { class: "label", "data-testid": "try-label" }, p.label ?? "–"),
       h("p", { class: "muted" }, `${file.name} · model v${body.model_version}` +
-        (p.decision !== undefined ? ` · decision: ${p.decision ?? "none (below every threshold)"}` : "")),
+        (p.decision !== undefined ? ` · decision: ${p.decision ?? (p.ood ? "none (unlike the training images)" : "none (below every threshold)")}` : "") +
+        (p.ood_score != null ? ` · ood score ${p.ood_score.toFixed(3)}${p.ood ? " (out of distribution)" : ""}` : "")),
       bars));
     result.hidden = false;
   }
