@@ -303,8 +303,10 @@ def _ood_dims(cfg: TrainConfig, width: int) -> int:
 
 
 def _ood_summary(index: OodIndex, report: dict) -> dict:
-    """The open-set calibration as the evaluation reports it (the quantiles stay in the checkpoint)."""
-    return {"method": "knn_cosine", "k": index.k, "dims": index.dims, "threshold": index.threshold,
-            "flagged_fraction": index.flagged_fraction, "index_vectors": int(len(index.codes)), "n_train": index.n_train,
-            "validation_flagged": report.get("validation_flagged"), "validation_images": report.get("validation_images", 0),
-            "calibration": report["calibration"]}
+    """The open-set calibration as the evaluation reports it: the graph's metadata (export.ood_metadata)
+    without the quantiles (they stay in the checkpoint), and how it was calibrated."""
+    from .export import ood_metadata
+
+    summary = {k: v for k, v in ood_metadata(index).items() if k != "quantiles"}
+    return {**summary, "validation_flagged": report.get("validation_flagged"),
+            "validation_images": report.get("validation_images", 0), "calibration": report["calibration"]}
