@@ -61,6 +61,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dataset")
     p.add_argument("version", type=int)
 
+    p = add("label-issues", _label_issues, "list the images a version's training says are probably mislabelled")
+    p.add_argument("dataset")
+    p.add_argument("--version", type=int, default=None, help="a model version (default: the dataset's default)")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
+    p.add_argument("--fix", action="store_true", help="relabel every listed image with its suggested label")
+
     p = add("predict", _predict, "classify images")
     p.add_argument("dataset")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -164,6 +170,24 @@ def _models(args: argparse.Namespace) -> int:
            [[f"v{m['version']}", "*" if m.get("default") else "", m.get("architecture", ""),
              *[_fmt((m.get("metrics") or {}).get(k)) for k in keys], ", ".join(m.get("labels") or []),
              str(m.get("created_at", ""))[:19].replace("T", " ")] for m in rows])
+    return 0
+
+
+def _label_issues(args: argparse.Namespace) -> int:
+    with _client(args) as felis:
+        page = felis.label_issues(args.dataset, version=args.version, limit=max(1, min(args.limit, 1000)))
+        rows = page["data"]
+        if not rows:
+            print(f"{args.dataset}: v{page['version']} found no likely label errors")
+            return 0
+        _table(["image", "filename", "label", "now", "suggested", "score"],
+               [[r["image_id"], r["filename"], r["label"], r["current_label"], r["suggested_label"], _fmt(r["score"])] for r in rows])
+        print(f"{len(rows)} of {page['count']} likely label errors of v{page['version']}")
+        if args.fix:
+            todo = [r for r in rows if r["current_label"] != r["suggested_label"]]
+            for r in todo:
+                felis.relabel(args.dataset, r["image_id"], r["suggested_label"])
+            print(f"relabelled {len(todo)}; train again to use them: {_prog(args)} train {args.dataset} --wait")
     return 0
 
 

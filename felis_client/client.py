@@ -155,6 +155,15 @@ class Client:
     def delete_image(self, dataset: str, image_id: str) -> None:
         self._request("DELETE", f"/v1/datasets/{dataset}/images/{image_id}")
 
+    def label_issues(self, dataset: str, version: int | None = None, limit: int = 100, offset: int = 0) -> dict:
+        """The images whose label the held-out predictions of a version's training contradict (the
+        default version unless ``version``), most likely first: ``{"data": [{image_id, filename,
+        label, current_label, suggested_label, score}], "count", "version"}``."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if version is not None:
+            params["version"] = int(version)
+        return self._json("GET", f"/v1/datasets/{dataset}/label-issues", params=params)
+
     # --- trainings -------------------------------------------------------------------
 
     def train(self, dataset: str, **options: Any) -> dict:

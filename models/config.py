@@ -18,6 +18,7 @@ from .preprocess import RESIZE_MODES
 from .split import MAX_NEAR_DUPLICATE_BITS
 
 AUGMENTATIONS = {True: "crop+flip", False: "none", "crop+flip": "crop+flip", "flip": "flip", "crop": "crop", "none": "none"}
+LABEL_ISSUE_POLICIES = ("auto", "drop", "keep")
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
 
 
@@ -63,6 +64,7 @@ class TrainConfig:
     near_duplicate_bits: int = 6  # pHash Hamming distance that makes two images one group in splits
     seed: int = 0  # splits, folds, initialisation, shuffling, augmentation
     export_onnx: bool = True  # also return the ONNX graph of the model
+    label_issues: str = "auto"  # linear: the images the label-error report flags are dropped from the shipped head: auto (when cross-validation says it helps) | drop | keep
     precision: str = "auto"  # linear: int8 (quantized backbone, features and served graph; ~2x faster on CPU) | fp32; auto: int8 where a range table ships (efficientnet_lite0)
 
     def validate(self) -> "TrainConfig":
@@ -96,6 +98,7 @@ class TrainConfig:
              f"must be 0..{MAX_NEAR_DUPLICATE_BITS} (beyond, unrelated photos match)")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative integer")
         need(self.precision in ("auto", "int8", "fp32"), "precision", "must be auto, int8 or fp32")
+        need(self.label_issues in LABEL_ISSUE_POLICIES, "label_issues", f"must be one of {LABEL_ISSUE_POLICIES}")
         if self.precision == "int8":
             need(self.mode != "finetune" and self.architecture != "simple_cnn", "precision", "int8 is for linear mode (a frozen, quantized backbone)")
             need(self.architecture in catalog.INT8_BACKBONES, "precision", f"int8 needs a range table; available for {sorted(catalog.INT8_BACKBONES)}")

@@ -256,3 +256,42 @@ def nearest_neighbours(features: np.ndarray, k: int = DEFAULT_K, *, dims: int | 
         out_i[rows] = ref[np.take_along_axis(top, order, axis=1)]
         out_s[rows] = np.take_along_axis(sims, order, axis=1)
     return out_i, out_s
+
+
+# --- the per-version blob (a training writes it, the API reads it: numpy only, no pickles) ----------------
+
+HELDOUT_FORMAT = 1
+
+
+def pack_heldout(image_ids: list[str], labels: list[str], y: np.ndarray, probabilities: np.ndarray,
+                 issues: list[tuple[int, int, float]]) -> bytes:
+    """One version's held-out predictions as a compact .npz: every image id (ASCII), the label
+    names, each image's label index then, its probabilities (float16) and the flagged rows with
+    their suggested label index and score. About N x (32 + 8 + 2K) bytes before compression."""
+    import io
+
+    rows = np.array([i for i, _, _ in issues], dtype=np.int32)
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf, format=np.array([HELDOUT_FORMAT], np.int32), image_ids=np.array(image_ids, dtype="S"),
+        labels=np.array(labels, dtype="S"), y=np.asarray(y, np.int32), probabilities=np.asarray(probabilities, np.float16),
+        issue_rows=rows, issue_suggested=np.array([s for _, s, _ in issues], np.int32),
+        issue_scores=np.array([c for _, _, c in issues], np.float32))
+    return buf.getvalue()
+
+
+def unpack_heldout(data: bytes) -> dict:
+    """pack_heldout's arrays back (allow_pickle off: a blob can only hold arrays): image_ids and
+    labels as lists of str, the rest as numpy arrays. ValueError for anything else."""
+    import io
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except Exception as e:  # a truncated or foreign blob
+        raise ValueError(f"not a held-out predictions blob: {e}") from None
+    if int(out.get("format", [0])[0]) != HELDOUT_FORMAT:
+        raise ValueError("unknown held-out predictions format")
+    out["image_ids"] = [b.decode() for b in out["image_ids"]]
+    out["labels"] = [b.decode() for b in out["labels"]]
+    return out

@@ -4,6 +4,8 @@
       linear   (default): frozen pretrained features, cached per image (features.py)
                -> L2 strength and softmax temperature chosen by k-fold CV on the train split
                -> head fitted on the train split, scored on val (honest metrics)
+               -> every image's held-out probabilities and the label-error report; the flagged
+                  images left out of the shipped head when cross-validation says it helps (heldout.py)
                -> head refitted on train+val for the shipped model (linear.py)
       finetune: the whole network trained end to end on resident uint8 images (finetune.py)
     -> open-set index over the training images' features, threshold at 1% of them flagged (ood.py)
@@ -24,6 +26,7 @@ from .checkpoint import build_checkpoint
 from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
 from .features import FeatureCache, cached_features, warm_extractor
+from .heldout import LabelReport, label_report
 from .finetune import FinetuneParams, normalizer, predict_features, predict_logits, train_network
 from .images import perceptual_hash
 from .ood import OodIndex, fit_ood
@@ -55,6 +58,7 @@ class TrainResult:
     evaluation: dict  # evaluate.evaluate(...) on the validation split, plus calibration details
     onnx: bytes | None  # export.export_onnx(checkpoint) when config.export_onnx
     timings: dict = field(default_factory=dict)  # seconds per phase
+    label_report: LabelReport | None = None  # linear with cross-validation: held-out probabilities of every sample, label errors
 
 
 @dataclass
@@ -90,6 +94,7 @@ class _Fitted:
     quantization: dict | None = None  # int8: the range table (quantize.py) the features graph was built with
     ood: OodIndex | None = None  # the open-set index over the shipped model's features of the training images
     ood_report: dict = field(default_factory=dict)  # how it was calibrated; the validation images' flagged share
+    label_report: LabelReport | None = None  # linear with cross-validation (heldout.py)
 
 
 def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None, dataset: dict | None = None) -> TrainResult:
@@ -171,6 +176,9 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         "precision": cfg.precision,
         **f.extra,
     }
+    if f.label_report is not None:
+        evaluation["label_issues"] = f.label_report.summary()
+        metrics["label_issues"] = len(f.label_report.issues)
     if f.ood is not None:
         evaluation["ood"] = _ood_summary(f.ood, f.ood_report)
         metrics["ood"] = {k: evaluation["ood"][k] for k in ("threshold", "flagged_fraction", "index_vectors", "validation_flagged")}
@@ -194,7 +202,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
         onnx = export_onnx(checkpoint, features_onnx=f.features_onnx if cfg.precision == "int8" else None)
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return TrainResult(checkpoint, metrics, evaluation, onnx, timings)
+    return TrainResult(checkpoint, metrics, evaluation, onnx, timings, f.label_report)
 
 
 def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _Fitted:
@@ -208,7 +216,7 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
     k_classes = job.arch["num_classes"]
     folds_k = int(min(cfg.cv_folds, np.bincount(y[tr], minlength=k_classes).min()))
     grid = (cfg.l2,) if cfg.l2 else linear.L2_GRID
-    history, temperature, l2, cv, extra = [], 1.0, cfg.l2 or 0.03, None, {}
+    history, temperature, l2, cv, extra, folds = [], 1.0, cfg.l2 or 0.03, None, {}, None
     if folds_k >= 2:  # out-of-fold logits for every l2: pick the best calibrated log-loss
         folds = kfold(y[tr], job.groups[tr], folds_k, cfg.seed)
         cv = linear.cross_val_logits(X[tr], y[tr], k_classes, folds, grid, job.stop,
@@ -223,6 +231,13 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
         extra = {"cv_accuracy": best["cv_accuracy"], "cv_loss": best["cv_loss_calibrated"], "cv_ece": cv_ece}
     job.progress({"phase": "calibrating"})
     head = linear.fit(X[tr], y[tr], k_classes, l2)
+    report, keep = None, np.ones(len(y), bool)
+    if cv is not None:  # every image's held-out probabilities; the label errors they reveal
+        report = label_report(X, y, tr, va, folds, cv[l2], head, l2, temperature, num_classes=k_classes,
+                              calibrated=cfg.calibrate, policy=cfg.label_issues, should_stop=job.stop)
+        if report.dropped is not None:  # the shipped head, and the one scored on val, without them
+            keep, temperature = ~report.dropped, report.temperature
+            head = linear.fit(X[tr[keep[tr]]], y[tr[keep[tr]]], k_classes, l2, init=head)
     if len(va):
         logits, eval_y, idx, source = head.logits(X[va]), y[va], va, "validation"
     elif cv is not None:
@@ -232,7 +247,7 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
     refit = bool(cfg.refit_full and len(va))
     if refit:  # the shipped head sees every image; its metrics are those of the train-split head
         job.stop()
-        head = linear.fit(X, y, k_classes, l2, init=head)
+        head = linear.fit(X[keep], y[keep], k_classes, l2, init=head)
     net = extractor.model
     with torch.no_grad():
         w, b = head.folded()
@@ -245,15 +260,15 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
     # measured with an index of the train split alone, which never saw them
     dims = _ood_dims(cfg, X.shape[1])
     ood = fit_ood(X, y, seed=cfg.seed, dims=dims, groups=job.groups)
-    report = {"calibration": "leave_one_out"}
+    ood_report = {"calibration": "leave_one_out"}
     if len(va) and len(tr) >= 2:
         part = fit_ood(X[tr], y[tr], seed=cfg.seed, dims=dims, groups=job.groups[tr])
-        report.update(validation_flagged=float((part.score(X[va]) > part.threshold).mean()), validation_images=int(len(va)))
+        ood_report.update(validation_flagged=float((part.score(X[va]) > part.threshold).mean()), validation_images=int(len(va)))
     job.timings["ood"] = time.perf_counter() - t
     extra.update(l2=l2, cv_folds=folds_k if folds_k >= 2 else 0, features_computed=computed, feature_extractor=extractor.extractor_id, refit_full=refit)
     return _Fitted(net, logits, calibrate.softmax(logits, temperature), eval_y, [job.samples[i].image_id for i in idx], source, temperature, history, extra,
                    features_onnx=extractor.features_onnx if extractor.table is not None else None, quantization=extractor.table,
-                   ood=ood, ood_report=report)
+                   ood=ood, ood_report=ood_report, label_report=report)
 
 
 def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:

@@ -148,8 +148,7 @@ def _referenced(session: Session, key: str) -> bool:
         return bool(session.scalar(select(exists().where(Image.sha256 == sha)))
                     or session.scalar(select(exists().where(ImageStage.sha256 == sha))))
     if key.startswith(_MODELS):
-        return bool(session.scalar(select(exists().where(
-            or_(ModelVersion.checkpoint_key == key, ModelVersion.onnx_key == key)))))
+        return bool(session.scalar(select(exists().where(or_(*(column == key for column in versions.BLOB_COLUMNS))))))
     return True  # no kind of blob this module knows: never delete it
 
 

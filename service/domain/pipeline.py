@@ -1,6 +1,7 @@
 """Running one training: what the worker's task does, as a plain function tests can call.
 
-claim -> snapshot the dataset -> models.train -> store checkpoint + ONNX -> version row.
+claim -> snapshot the dataset -> models.train -> store checkpoint + ONNX (+ the held-out
+predictions behind the label-error report) -> version row.
 Every write to the Training row goes through service.domain.trainings (claim, progress,
 heartbeat, succeed, fail, cancelled) with this run's claim token, so a run that lost its claim
 (another worker took over after its lease ran out) stops and writes nothing more. Its blobs go
@@ -25,7 +26,8 @@ from models.train import Sample, TrainConfig, TrainingCancelled, train
 from service.config import Settings, get_settings
 from service.domain import trainings, uploads, versions
 from service.domain.trainings import LostOwnership, Status
-from service.store.blobs import BlobStore, get_store, image_key, model_keys
+from models.label_issues import pack_heldout
+from service.store.blobs import BlobStore, get_store, heldout_key, image_key, model_keys
 from service.store.db import session_scope
 from service.store.features import DbFeatureCache
 from service.store.tables import Dataset, Image, Training
@@ -88,12 +90,18 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
     ckpt = result.checkpoint
     checkpoint_key, onnx_key = model_keys(dataset_id, training_id, run.token)
     onnx_key = onnx_key if result.onnx else None
+    report = result.label_report
+    report_key = heldout_key(dataset_id, training_id, run.token) if report is not None else None
     # listed as orphans before they exist: until a version refers to them, a run that is cancelled,
     # loses its claim or dies here leaves nothing behind (cleanup.collect, after the grace period)
-    run.write(lambda: _list_as_orphans([checkpoint_key, onnx_key]), "listing the model blobs")
+    run.write(lambda: _list_as_orphans([checkpoint_key, onnx_key, report_key]), "listing the model blobs")
     store.put(checkpoint_key, checkpoint_bytes(ckpt))
     if onnx_key:
         store.put(onnx_key, result.onnx)
+    if report_key:
+        store.put(report_key, pack_heldout([s.image_id for s in samples], list(ckpt["labels"]),
+                                           [ckpt["labels"].index(s.label) for s in samples],
+                                           report.probabilities, report.issues))
     if run.should_stop(force=True):
         raise TrainingCancelled()
     run.write(lambda: versions.create(
@@ -101,6 +109,7 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         metrics=result.metrics, evaluation=result.evaluation, config=dict(ckpt["training_config"]),
         snapshot={k: v for k, v in snapshot.items() if k != "images"},
         checkpoint_key=checkpoint_key, onnx_key=onnx_key, ood=ood_calibration(ckpt),
+        heldout_key=report_key, label_issue_count=len(report.issues) if report is not None else None,
     ), "recording the version")
     if settings.keep_versions:
         _apply_retention(store, dataset_id, settings.keep_versions)

@@ -22,10 +22,12 @@ from service.store.tables import Dataset, ModelVersion, Training
 
 def create(training_id: str, token: str | None, *, architecture: str, labels: list[str], metrics: dict,
            evaluation: dict, config: dict, snapshot: dict, checkpoint_key: str, onnx_key: str | None,
-           ood: dict | None = None) -> ModelVersion:
+           ood: dict | None = None, heldout_key: str | None = None, label_issue_count: int | None = None) -> ModelVersion:
     """Record the version a training produced and mark the training succeeded, in one commit.
     ood: its open-set calibration ({method, threshold, flagged_fraction, quantiles, index_vectors,
-    n_train}), None for a checkpoint without an index.
+    n_train}), None for a checkpoint without an index. heldout_key: the blob of its training images'
+    held-out predictions and label-error report (service.domain.label_issues), label_issue_count
+    how many that report flags; None for a version without one.
 
     Idempotent by training id: a redelivered task finds the version it made before. Only the run
     that owns the training (its claim token) can record it: trainings.succeed raises LostOwnership
@@ -50,6 +52,7 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
                 dataset_id=dataset.id, version=number, training_id=training_id, architecture=architecture,
                 labels=labels, metrics=metrics, evaluation=evaluation, config=config, snapshot=snapshot,
                 checkpoint_key=checkpoint_key, onnx_key=onnx_key, thresholds={}, ood=ood,
+                heldout_key=heldout_key, label_issue_count=label_issue_count,
             )
             session.add(version)
             if dataset.default_version is None:
@@ -76,7 +79,7 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
             raise Conflict(f"version {version} is the default of {dataset_name!r}; promote another first, "
                            "or delete with ?force=true", code="version_is_default")
         dataset.default_version = None
-    keys = [k for k in (row.checkpoint_key, row.onnx_key) if k]
+    keys = blob_keys(row)
     session.delete(row)
     uploads.orphan_blobs(session, keys)  # listed in the same commit: a crash before the deletes below is repaired by the sweep
     session.commit()
@@ -84,10 +87,16 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
         store.delete(key)
 
 
+BLOB_COLUMNS = (ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.heldout_key)  # every blob a version names
+
+
+def blob_keys(row: ModelVersion) -> list[str]:
+    return [k for k in (row.checkpoint_key, row.onnx_key, row.heldout_key) if k]
+
+
 def delete_all(session: Session, dataset_id: int) -> list[str]:
     """Every version row of a (deleted) dataset; returns their blob keys. The caller commits."""
-    keys = [k for row in session.execute(select(ModelVersion.checkpoint_key, ModelVersion.onnx_key)
-                                         .where(ModelVersion.dataset_id == dataset_id)) for k in row if k]
+    keys = [k for row in session.execute(select(*BLOB_COLUMNS).where(ModelVersion.dataset_id == dataset_id)) for k in row if k]
     session.execute(sa_delete(ModelVersion).where(ModelVersion.dataset_id == dataset_id))
     return keys
 
@@ -240,6 +249,7 @@ def describe(row: ModelVersion, dataset: Dataset) -> dict[str, Any]:
         "snapshot": row.snapshot,
         "thresholds": row.thresholds or {},
         "ood": ood_public(row.ood),
+        "label_issue_count": row.label_issue_count,
         "training_id": row.training_id,
         "created_at": row.created_at,
     }

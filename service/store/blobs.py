@@ -2,8 +2,8 @@
 
 Keys are relative paths, formatted only by the functions below: ``image_key`` gives
 ``images/ab/abcdef...`` (content-addressed by sha256, shared by every dataset) and
-``model_keys`` gives ``models/<dataset id>/<training id>/<run>/model.pt`` and ``.../model.onnx``
-(one folder per claim of a training: a version's files are written before its row exists, and a
+``model_keys`` gives ``models/<dataset id>/<training id>/<run>/model.pt``, ``.../model.onnx`` and
+``.../heldout.npz`` (the training images' held-out predictions and label-error report; one folder per claim of a training: a version's files are written before its row exists, and a
 run that lost its claim to another worker never overwrites the files the version points at). Writes are atomic: a reader sees the whole blob or none.
 """
 
@@ -36,8 +36,17 @@ def image_key(sha256: str) -> str:
 
 def model_keys(dataset_id: int, training_id: str, run: str) -> tuple[str, str]:
     """The checkpoint's and the ONNX graph's keys for what one run (claim) of a training produced."""
-    prefix = f"models/{dataset_id}/{training_id}/{run}"
+    prefix = _model_prefix(dataset_id, training_id, run)
     return f"{prefix}/model.pt", f"{prefix}/model.onnx"
+
+
+def heldout_key(dataset_id: int, training_id: str, run: str) -> str:
+    """The key of one run's held-out predictions (service.domain.label_issues reads them)."""
+    return f"{_model_prefix(dataset_id, training_id, run)}/heldout.npz"
+
+
+def _model_prefix(dataset_id: int, training_id: str, run: str) -> str:
+    return f"models/{dataset_id}/{training_id}/{run}"
 
 
 def _safe_key(key: str) -> str:

@@ -127,6 +127,10 @@ class ModelVersion(Base):
     ood: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     checkpoint_key: Mapped[str] = mapped_column(String(255))
     onnx_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # the held-out predictions of the training's images and its label-error report (models/label_issues.py):
+    # one blob (blobs.heldout_key); NULL for versions without one (fine-tuned, imported, made before issue 15)
+    heldout_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    label_issue_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -158,3 +158,35 @@ def test_epoch_tracker_recovers_a_missed_end_of_epoch():
     assert closed["epoch"] == 1 and closed["val_accuracy"] == 0.61
     assert tracker.update({"phase": "training", "epoch": 2, "step": 4, "steps": 4, "val_accuracy": 0.7}) == []
     assert tracker.flush()["val_accuracy"] == 0.7
+
+
+def test_label_issues_lists_and_fixes(felis, felis_url, tmp_path):
+    """Two dogs uploaded as cats among 20 + 20 kaggle_ photos: a default training flags them, and
+    --fix relabels what it lists."""
+    from felis_client import Client
+    from tests.conftest import DATASETS
+
+    photos = DATASETS / "photos" / "train"
+    if not photos.is_dir():
+        pytest.skip("no photos")
+    cats, dogs = sorted((photos / "cat").glob("kaggle_*"))[:20], sorted((photos / "noncat").glob("kaggle_*"))[:22]
+    felis("create", "clinoisy")
+    assert felis("upload", "clinoisy", *map(str, cats + dogs[20:]), "--label", "cat")[0] == 0
+    assert felis("upload", "clinoisy", *map(str, dogs[:20]), "--label", "dog")[0] == 0
+    code, out, err = felis("train", "clinoisy", "--option", "label_issues=\"keep\"", "--wait")
+    assert code == 0, err
+    code, out, err = felis("label-issues", "clinoisy")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["image", "filename", "label", "now", "suggested", "score"]
+    wrong = {p.name for p in dogs[20:]}
+    rows = [l.split() for l in lines[2:-1]]
+    assert wrong & {r[1] for r in rows}, out
+    assert all(r[2] == r[3] != r[4] for r in rows)  # label then == label now != suggested
+    assert lines[-1].endswith("likely label errors of v1")
+    code, out, err = felis("label-issues", "clinoisy", "--fix")
+    assert code == 0 and f"relabelled {len(rows)}" in out, out + err
+    with Client(felis_url) as c:
+        assert all(c.image("clinoisy", r[0])["label"] == r[4] for r in rows)
+    code, out, err = felis("label-issues", "clinoisy", "--version", "7")
+    assert code == 1 and "version_not_found" in err

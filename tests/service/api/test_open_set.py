@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import DATASETS, _reset_caches, needs_datasets
+from tests.conftest import DATASETS, needs_datasets
+from tests.utils.apps import isolated_client
 
 pytestmark = needs_datasets()
 PHOTOS = DATASETS / "photos"
@@ -32,39 +33,27 @@ def _kaggle(split: str, folder: str, n: int) -> list[Path]:
 def served(tmp_path_factory) -> Iterator[TestClient]:
     """Dataset `pets` with version 1 (default linear training) and version 2 (the same checkpoint
     imported without its index, as a version made before issue 15 is)."""
-    import os
-
     from models.checkpoint import checkpoint_bytes, load_checkpoint
-    from service.api.app import create_app
     from service.domain import datasets, pipeline, versions
     from service.store.blobs import get_store
-    from service.store.db import init_db, new_session
+    from service.store.db import new_session
 
-    with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("FELIS_") and key != "FELIS_DATASETS":
-                mp.delenv(key)
-        mp.setenv("FELIS_DATA_DIR", str(tmp_path_factory.mktemp("open-set") / "var"))
-        mp.setenv("FELIS_ALLOWED_HOSTS", "testserver")
-        _reset_caches()
-        init_db()
-        with TestClient(create_app()) as client:
-            assert client.post("/v1/datasets", json={"name": "pets"}).status_code == 201
-            for label, folder in (("cat", "cat"), ("dog", "noncat")):
-                r = client.post("/v1/datasets/pets/images", data={"label": label}, files=_files(_kaggle("train", folder, 20)))
-                assert r.status_code == 201, r.text
-            training = client.post("/v1/datasets/pets/trainings", json={}).json()
-            assert pipeline.run_training(training["id"]) == "succeeded"
-            store, session = get_store(), new_session()
-            try:
-                dataset = datasets.get(session, "pets")
-                ckpt = load_checkpoint(store.get(versions.get(session, dataset, 1).checkpoint_key))
-                del ckpt["ood"]
-                assert pipeline.import_checkpoint(session, store, dataset, checkpoint_bytes(ckpt)) == 2
-            finally:
-                session.close()
-            yield client
-        _reset_caches()
+    with isolated_client(tmp_path_factory.mktemp("open-set") / "var") as client:
+        assert client.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+        for label, folder in (("cat", "cat"), ("dog", "noncat")):
+            r = client.post("/v1/datasets/pets/images", data={"label": label}, files=_files(_kaggle("train", folder, 20)))
+            assert r.status_code == 201, r.text
+        training = client.post("/v1/datasets/pets/trainings", json={}).json()
+        assert pipeline.run_training(training["id"]) == "succeeded"
+        store, session = get_store(), new_session()
+        try:
+            dataset = datasets.get(session, "pets")
+            ckpt = load_checkpoint(store.get(versions.get(session, dataset, 1).checkpoint_key))
+            del ckpt["ood"]
+            assert pipeline.import_checkpoint(session, store, dataset, checkpoint_bytes(ckpt)) == 2
+        finally:
+            session.close()
+        yield client
 
 
 def test_a_photo_of_something_else_is_flagged_and_gets_no_decision(served):

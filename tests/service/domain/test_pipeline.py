@@ -33,6 +33,25 @@ def test_the_version_the_checkpoint_and_the_training_agree_on_the_config(session
     assert store.exists(row.onnx_key)
 
 
+def test_a_linear_version_keeps_its_held_out_predictions_in_one_blob(session, store, trained):
+    from models.label_issues import unpack_heldout
+    from service.store.blobs import heldout_key
+
+    dataset, training = trained
+    row = versions.get(session, dataset, training.model_version)
+    assert row.heldout_key == heldout_key(dataset.id, training.id, training.claim_token)
+    held = unpack_heldout(store.get(row.heldout_key))
+    assert len(held["image_ids"]) == row.snapshot["image_count"] == 32 and held["labels"] == row.labels
+    assert held["probabilities"].shape == (32, 2) and row.label_issue_count == len(held["issue_rows"])
+    assert sorted(held["image_ids"]) == sorted(i for i, _, _ in training_images(session, dataset))
+
+
+def training_images(session, dataset):
+    from service.store.tables import Image
+
+    return session.execute(select(Image.id, Image.sha256, Image.label).where(Image.dataset_id == dataset.id)).all()
+
+
 def test_import_checkpoint_records_the_next_version(session, store, trained):
     dataset, training = trained
     data = store.get(versions.get(session, dataset, training.model_version).checkpoint_key)
@@ -64,3 +83,28 @@ def test_a_run_that_never_records_its_version_leaves_no_model_blobs(session, sto
     monkeypatch.setattr(settings, "blob_grace_seconds", 0)
     cleanup.collect(session, store, settings)
     assert not any(store.exists(k) for k in listed)
+
+
+def test_a_linear_run_that_never_records_its_version_leaves_no_held_out_blob(session, store, settings, pets, monkeypatch):
+    """The same for the third blob of a linear run; and a recorded version's blobs survive a collection."""
+    from service.domain import cleanup
+    from service.domain.trainings import LostOwnership
+    from service.store.tables import BlobOrphan
+
+    t = trainings.request(session, "pets", {"image_size": 64, "cv_folds": 2}, settings)
+    session.commit()
+    create = versions.create
+    monkeypatch.setattr(versions, "create", lambda *a, **k: (_ for _ in ()).throw(LostOwnership(t.id)))
+    pipeline.run_training(t.id, settings=settings, store=store)
+    listed = set(session.scalars(select(BlobOrphan.key).where(BlobOrphan.key.like(f"models/%/{t.id}/%"))))
+    assert len(listed) == 3 and any(k.endswith("/heldout.npz") for k in listed) and all(store.exists(k) for k in listed)
+    monkeypatch.setattr(versions, "create", create)
+    kept = trainings.request(session, "pets", {"image_size": 64, "cv_folds": 2}, settings)
+    session.commit()
+    assert pipeline.run_training(kept.id, settings=settings, store=store) == "succeeded"
+    monkeypatch.setattr(settings, "blob_grace_seconds", 0)
+    cleanup.collect(session, store, settings)
+    assert not any(store.exists(k) for k in listed)
+    session.expire_all()
+    row = versions.get(session, datasets.get(session, "pets"), session.get(Training, kept.id).model_version)
+    assert all(store.exists(k) for k in versions.blob_keys(row)) and len(versions.blob_keys(row)) == 3
