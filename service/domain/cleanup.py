@@ -33,7 +33,9 @@ collect, since "listed since" is the lister's clock.
 FELIS_UPLOAD_STAGE_TTL_SECONDS; a live upload stages a chunk every few seconds, and one that
 outlives the TTL fails whole at publishing, see uploads.py), listing their blobs as orphans, and
 deletes cached features (image_features) of bytes no image and no upload uses any more (features
-are shared by every dataset with those bytes).
+are shared by every dataset with those bytes). An image blob's cached thumbnails
+(images.thumbnail_keys) go with it, in the same claim: a crash before the commit leaves the entry
+listed, and the next round deletes them again (deleting is idempotent).
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ def _collect_blob(session: Session, store: BlobStore, key: str, listed_before: d
         if claimed is None or _referenced(session, key):  # taken off the list meanwhile, or in use again
             session.commit()
             return False
+        sha = key.rsplit("/", 1)[-1] if key.startswith(_IMAGES) else None
+        for thumb in images.thumbnail_keys(sha) if sha else []:  # derived bytes, never listed on their own
+            store.delete(thumb)
         store.delete(key)
-        if key.startswith(_IMAGES):
-            sha = key.rsplit("/", 1)[-1]
+        if sha:
             session.execute(delete(ImageFeature).where(ImageFeature.sha256 == sha)
                             .execution_options(synchronize_session=False))
         session.commit()

@@ -1,19 +1,25 @@
-"""Stored images of a dataset: list, read, relabel, delete. Uploads live in uploads.py."""
+"""Stored images of a dataset: list, read, thumbnails, relabel, delete. Uploads live in uploads.py."""
 
 from __future__ import annotations
 
+import io
+import logging
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.images import decode_rgb
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
 from service.domain.uploads import orphan_blobs, validate_label
-from service.errors import NotFound
-from service.store.blobs import BlobStore, image_key
+from service.errors import InvalidRequest, NotFound, StorageFull
+from service.store.blobs import BlobStore, image_key, thumbnail_key
 from service.store.tables import Dataset, Image
+
+log = logging.getLogger("felis.images")
 
 
 def describe(image: Image) -> dict[str, Any]:
@@ -78,6 +84,55 @@ def get(session: Session, dataset: Dataset, image_id: str) -> Image:
 
 def content(store: BlobStore, image: Image) -> bytes:
     return store.get(image_key(image.sha256))
+
+
+# The longest sides (pixels) a thumbnail may have: a fixed few, so the cache holds at most this many
+# per image and cleanup.collect knows every key to remove with the image blob. Removing a size
+# here would leave its cached files behind: keep it listed, or remove them first.
+THUMBNAIL_SIZES = (96, 160, 320)
+THUMBNAIL_SIZE = 160  # the default
+_THUMBNAIL_QUALITY = 85  # JPEG quality
+
+
+def thumbnail_keys(sha256: str) -> list[str]:
+    """Every cached thumbnail an image blob may have."""
+    return [thumbnail_key(sha256, size) for size in THUMBNAIL_SIZES]
+
+
+def thumbnail(store: BlobStore, image: Image, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of the image: upright (EXIF orientation applied), RGB (transparency on white),
+    longest side ``size`` (never enlarged). Made on the first request and kept in the blob store
+    beside the image, content-addressed like it; concurrent first requests each write the same
+    bytes atomically. Memory is bounded as for training: the stored image passed
+    FELIS_MAX_IMAGE_PIXELS at upload, and a JPEG is decoded at the smallest DCT scale that still
+    covers ``size``."""
+    _check_thumbnail_size(size)
+    key = thumbnail_key(image.sha256, size)
+    try:
+        return store.get(key)
+    except NotFound:
+        pass
+    data = _make_thumbnail(content(store, image), size)
+    try:
+        store.put(key, data)
+    except StorageFull:  # a read must not fail for want of room to cache: made again next time
+        log.warning("no room to cache thumbnail %s", key)
+    return data
+
+
+def _check_thumbnail_size(size: int) -> int:
+    if size not in THUMBNAIL_SIZES:
+        raise InvalidRequest(f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}, not {size}",
+                             code="invalid_thumbnail_size", details={"sizes": list(THUMBNAIL_SIZES)})
+    return size
+
+
+def _make_thumbnail(data: bytes, size: int) -> bytes:
+    img = decode_rgb(data, size_hint=size)
+    img.thumbnail((size, size), PILImage.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=_THUMBNAIL_QUALITY, optimize=True)
+    return out.getvalue()
 
 
 def relabel(session: Session, dataset: Dataset, image_id: str, label: str) -> Image:

@@ -34,6 +34,12 @@ def image_key(sha256: str) -> str:
     return f"images/{sha256[:2]}/{sha256}"
 
 
+def thumbnail_key(sha256: str, size: int) -> str:
+    """A cached thumbnail of the image blob ``image_key(sha256)``: ``thumbs/<size>/ab/abcdef....jpg``
+    (size: the longest side in pixels). Derived bytes: collecting the image blob removes them."""
+    return f"thumbs/{int(size)}/{sha256[:2]}/{sha256}.jpg"
+
+
 def model_keys(dataset_id: int, training_id: str, run: str) -> tuple[str, str]:
     """The checkpoint's and the ONNX graph's keys for what one run (claim) of a training produced."""
     prefix = _model_prefix(dataset_id, training_id, run)

@@ -1,6 +1,8 @@
 """The web console end to end: a real `felis up` (API keys required), Debian's Chromium driven by
 Playwright. Create a dataset, upload a folder and loose files, train with live progress, look at
-the evaluation, train again, promote, and classify an image through the page.
+the evaluation, train again, promote, and classify an image through the page. Then the
+label-error report: photos with a few deliberately wrong labels, a default (linear) training, the
+flagged images with their thumbnails, relabel and delete from the page.
 
 Screenshots go to test-artifacts/console/. Without Chromium the test is skipped, unless CI is set:
 then it must run (CI installs it: `apt-get install -y chromium`).
@@ -20,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ASSETS, ROOT, asset_images
+from tests.conftest import ASSETS, DATASETS, ROOT, asset_images, needs_datasets
 from tests.utils.processes import Proc, felis_env, free_port, wait_ready
 
 pytestmark = pytest.mark.timeout(900)
@@ -182,6 +184,8 @@ def test_console_walkthrough(page, server, tmp_path):
     assert evaluation.locator(f'{_tid("confusion-matrix")} rect').count() == 4  # 2 labels x 2
     assert evaluation.locator(f'{_tid("pr-curve")} polyline').count() >= 1
     evaluation.locator(_tid("reliability")).wait_for()
+    # a fine-tuned simple_cnn keeps no label-error report: the view says so (409 label_issues_unavailable)
+    page.locator(_tid("label-issues-note")).filter(has_text="no label-error report").wait_for()
     _shot(page, "03-trained")
 
     # a second version, promoted from the versions table
@@ -209,6 +213,95 @@ def test_console_walkthrough(page, server, tmp_path):
     for label, p in api["predictions"][0]["probabilities"].items():
         assert abs(shown[label] - p) < 0.001
     _shot(page, "04-promoted-and-tried")
+
+
+def _kaggle(folder: str, n: int) -> list[Path]:
+    return sorted((DATASETS / "photos" / "train" / folder).glob("kaggle_*"))[:n]
+
+
+@needs_datasets()
+def test_console_label_issues(page, server):
+    """30 cats, 30 dogs and three dogs uploaded as cats; the default training (linear) flags them,
+    the view shows them with thumbnails, and one click relabels or deletes, as the API then says."""
+    from playwright.sync_api import expect
+
+    wrong = _kaggle("noncat", 33)[30:]
+    headers = {"Authorization": f"Bearer {server['key']}"}
+    api = httpx.Client(base_url=f"{server['url']}v1", headers=headers, timeout=120)
+    assert api.post("/datasets", json={"name": "console-issues"}).status_code == 201
+    for label, paths in (("cat", _kaggle("cat", 30) + wrong), ("dog", _kaggle("noncat", 30))):
+        r = api.post("/datasets/console-issues/images", data={"label": label},
+                     files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
+        assert r.status_code == 201, r.text
+    images_requested: list[str] = []
+    page.on("request", lambda r: images_requested.append(r.url) if "/images/" in r.url else None)
+
+    page.goto(server["url"])
+    page.locator(_tid("api-key")).fill(server["key"])
+    page.get_by_role("button", name="Save").click()
+    page.goto(f"{server['url']}#/d/console-issues")
+    card = page.locator(_tid("label-issues-card"))
+    card.locator(_tid("label-issues-note")).filter(has_text="Train a model").wait_for()
+    expect(page.locator(f'{_tid("thumbnails")} img[src^="blob:"]')).to_have_count(48)  # a page of thumbnails
+
+    assert page.locator(_tid("train-architecture")).input_value() == "efficientnet_lite0"
+    page.locator(_tid("train-start")).click()  # every option at its default: a linear head
+    page.locator(_tid("training-live")).wait_for()
+    assert _watch_training(page)[-1][0] == "succeeded"
+    card.locator(_tid("label-issues-count")).filter(has_text="v1:").wait_for()
+    report = api.get("/datasets/console-issues/label-issues").json()
+    assert report["version"] == 1 and report["count"] >= 1
+    rows = card.locator(f'{_tid("label-issues")} tbody tr')
+    expect(rows).to_have_count(min(report["count"], 50))
+    flagged = [item for item in report["data"] if item["filename"] in {p.name for p in wrong}]
+    assert flagged, report  # at least one of the wrong labels is found
+    target = flagged[0]
+    row = card.locator(_tid(f"label-issue-{target['image_id']}"))
+    expect(row.locator('img[src^="blob:"]')).to_have_count(1)
+    assert row.locator(_tid(f"issue-labels-{target['image_id']}")).inner_text().startswith("cat → dog")
+    assert target["filename"] in row.inner_text()
+    _shot(page, "05-label-issues")
+
+    # relabel: the row changes in place, and the API has the new label
+    row.locator(_tid(f"issue-relabel-{target['image_id']}")).click()
+    row.locator(_tid(f"issue-state-{target['image_id']}")).filter(has_text="now dog").wait_for()
+    expect(row.locator(_tid(f"issue-relabel-{target['image_id']}"))).to_be_hidden()
+    assert api.get(f"/datasets/console-issues/images/{target['image_id']}").json()["label"] == "dog"
+    expect(rows).to_have_count(min(report["count"], 50))  # in place: no reload, the row stays
+
+    # delete another flagged image the same way
+    other = next(item for item in report["data"] if item["image_id"] != target["image_id"]) if report["count"] > 1 else None
+    if other is not None:
+        row = card.locator(_tid(f"label-issue-{other['image_id']}"))
+        row.locator(_tid(f"issue-delete-{other['image_id']}")).click()
+        row.locator(_tid(f"issue-state-{other['image_id']}")).filter(has_text="deleted").wait_for()
+        r = api.get(f"/datasets/console-issues/images/{other['image_id']}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found"
+    _shot(page, "06-label-issues-fixed")
+
+    # thumbnails everywhere: the small cached JPEGs, never the uploaded bytes
+    grid = page.locator(_tid("thumbnails"))
+    grid.scroll_into_view_if_needed()
+    expect(grid.locator('img[src^="blob:"]')).to_have_count(48)
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="thumbnails"] img')]
+        .every((i) => i.complete && i.naturalWidth > 0)""")
+    sides = page.evaluate("""() => [...document.querySelectorAll('[data-testid="thumbnails"] img')]
+        .map((i) => Math.max(i.naturalWidth, i.naturalHeight))""")
+    assert max(sides) == 160, sides  # kaggle photos are 300-500 px a side
+    assert any("/thumbnail" in u for u in images_requested)
+    assert not any(u.split("?")[0].endswith("/content") for u in images_requested), images_requested
+
+    # two reloads of the grid at once (relabels in a row each reload it; the filter changed twice):
+    # the last one shows, once, not both one after the other
+    listing = "/v1/datasets/console-issues/images?"
+    with page.expect_response(lambda r: listing in r.url and "label=cat" in r.url), \
+            page.expect_response(lambda r: listing in r.url and "label=" not in r.url):
+        page.evaluate("""() => { const f = document.querySelector('[aria-label="label filter"]');
+            f.value = "cat"; f.dispatchEvent(new Event("change")); f.value = ""; f.dispatchEvent(new Event("change")); }""")
+    page.wait_for_timeout(300)  # both answers read and shown
+    assert grid.locator("figure").count() == 48
+    assert "dog" in grid.inner_text()  # the unfiltered page, not the cats
+    api.close()
 
 
 def test_console_assets_are_served_with_a_strict_policy(server):

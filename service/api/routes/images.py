@@ -1,4 +1,4 @@
-"""/v1/datasets/{name}/images: upload (files or a zip), list, read, relabel, delete."""
+"""/v1/datasets/{name}/images: upload (files or a zip), list, read, thumbnails, relabel, delete."""
 
 from __future__ import annotations
 
@@ -118,6 +118,18 @@ def get_image_content(name: str, image_id: str, session: SessionDep, store: Stor
     return Response(images.content(store, image), media_type=_MEDIA.get(image.format, "application/octet-stream"),
                     headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
                              "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/{image_id}/thumbnail", response_class=Response, dependencies=[Requires(Scope.READ)],
+            responses={200: {"content": {"image/jpeg": {}}, "description": "a small upright RGB JPEG, cached"}})
+def get_image_thumbnail(name: str, image_id: str, session: SessionDep, store: StoreDep,
+                        size: int = Query(images.THUMBNAIL_SIZE, description="longest side in pixels: "
+                                          + ", ".join(map(str, images.THUMBNAIL_SIZES)))) -> Response:
+    """A small JPEG of the image (longest side `size`, EXIF orientation applied), made once and cached."""
+    image = images.get(session, datasets.get(session, name), image_id)
+    return Response(images.thumbnail(store, image, size), media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=31536000, immutable",
+                             "ETag": f'"{image.sha256}-{size}"', "X-Content-Type-Options": "nosniff"})
 
 
 class ImagePatch(BaseModel):

@@ -24,6 +24,8 @@ CONTRACT: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/datasets/{name}/images"): R,
     ("GET", "/v1/datasets/{name}/images/{image_id}"): R,
     ("GET", "/v1/datasets/{name}/images/{image_id}/content"): R,
+    ("GET", "/v1/datasets/{name}/images/{image_id}/thumbnail"): R,
+    ("GET", "/v1/datasets/{name}/label-issues"): R,
     ("GET", "/v1/datasets/{name}/images/near-duplicates"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/evaluation"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/download"): R,

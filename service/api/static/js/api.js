@@ -76,10 +76,15 @@ export function upload(path, form, onProgress) {
 }
 
 /** An object URL for an image that needs the API key (an <img src> cannot send headers). */
-export async function blobUrl(path) {
-  const response = await fetch(url(path), { headers: authHeaders() });
+export async function blobUrl(path, params) {
+  const response = await fetch(url(path, params), { headers: authHeaders() });
   if (!response.ok) throw await errorFrom(response);
   return URL.createObjectURL(await response.blob());
+}
+
+/** An object URL for a stored image's thumbnail: a small cached JPEG (size: 96, 160 or 320; default 160). */
+export function thumbnailUrl(dataset, imageId, size) {
+  return blobUrl(`v1/datasets/${encodeURIComponent(dataset)}/images/${encodeURIComponent(imageId)}/thumbnail`, { size });
 }
 
 /**

@@ -126,8 +126,9 @@ async function showDataset(name) {
   const upload = uploadCard(ctx);
   const train = trainCard(ctx);
   const models = modelsCard(ctx);
+  const issues = labelIssuesCard(ctx);
   const tryIt = tryCard(ctx);
-  main.append(overview.el, upload.el, images.el, train.el, models.el, tryIt.el);
+  main.append(overview.el, upload.el, images.el, train.el, models.el, issues.el, tryIt.el);
   ctx.refresh = async () => {
     await Promise.all([overview.load(), images.load()]);
     refreshDatasets();
@@ -136,6 +137,7 @@ async function showDataset(name) {
     ctx.versions = await models.load();
     tryIt.setVersions(ctx.versions);
     await overview.load();
+    await issues.setVersions(ctx.versions);
   };
   try {
     await overview.load();
@@ -194,11 +196,14 @@ function imagesCard(ctx) {
   const c = card("Images", "images-card", grid, h("div", { class: "row" }, more));
   c.head.append(total, h("span", { class: "spacer" }), filter);
   let offset = 0;
+  let generation = 0; // a reload (the filter, an upload, a relabel) makes the answers of older loads stale
 
   async function loadPage(reset) {
-    if (reset) { offset = 0; clear(grid); }
+    const mine = reset ? ++generation : generation;
     const body = await api.request("GET", `v1/datasets/${encodeURIComponent(ctx.name)}/images`,
-      { params: { label: filter.value, limit: THUMBS_PER_PAGE, offset } });
+      { params: { label: filter.value, limit: THUMBS_PER_PAGE, offset: reset ? 0 : offset } });
+    if (mine !== generation) return;
+    if (reset) { offset = 0; clear(grid); }
     offset += body.data.length;
     total.textContent = `${body.count} image${body.count === 1 ? "" : "s"}`;
     more.hidden = offset >= body.count;
@@ -210,7 +215,7 @@ function imagesCard(ctx) {
     });
     await withLimit(figures, 6, async ([pic, img]) => {
       if (ctx.signal.aborted) return;
-      const u = await api.blobUrl(`v1/datasets/${encodeURIComponent(ctx.name)}/images/${img.id}/content`);
+      const u = await api.thumbnailUrl(ctx.name, img.id);
       page.objectUrls.push(u);
       pic.src = u;
     });
@@ -651,6 +656,127 @@ function renderEvaluation(el, ev, version) {
       h("tbody", {}, ...perLabel.map((r) => h("tr", {}, h("td", {}, r.label),
         ...["precision", "recall", "f1", "support"].map((k) => h("td", { class: "num" }, fmt(r[k])))))))) : null,
     h("div", { class: "grid2" }, ...plots.map((svg) => h("div", { class: "plot" }, svg))));
+}
+
+// --- label issues: the images a version's training says are probably mislabelled -------------------
+
+const ISSUES_PER_PAGE = 50;
+
+function labelIssuesCard(ctx) {
+  const version = h("select", { "aria-label": "model version", "data-testid": "label-issues-version" },
+    h("option", { value: "" }, "default version"));
+  const total = h("span", { class: "muted", "data-testid": "label-issues-count" });
+  const note = h("p", { class: "muted", "data-testid": "label-issues-note" },
+    "Train a model to see which images its held-out predictions say are probably mislabelled.");
+  const tbody = h("tbody");
+  const table = h("div", { class: "table-wrap issues", hidden: true }, h("table", { "data-testid": "label-issues" },
+    h("thead", {}, h("tr", {}, ...["", "file", "label → suggested", "score", ""].map((t, i) => h("th", { class: i === 3 ? "num" : null }, t)))),
+    tbody));
+  const more = h("button", { class: "secondary", type: "button", hidden: true }, "Show more");
+  const c = card("Label issues", "label-issues-card", note, table, h("div", { class: "row" }, more));
+  c.head.append(total, h("span", { class: "spacer" }), version);
+  let offset = 0;
+  let generation = 0; // a reload (another version, new models) makes the answers of older loads stale
+
+  async function loadPage(reset) {
+    const mine = reset ? ++generation : generation;
+    let body;
+    try {
+      body = await api.request("GET", `v1/datasets/${encodeURIComponent(ctx.name)}/label-issues`,
+        { params: { version: version.value, limit: ISSUES_PER_PAGE, offset: reset ? 0 : offset } });
+    } catch (e) {
+      if (mine !== generation) return;
+      if (!["label_issues_unavailable", "no_model", "version_not_found"].includes(e.code)) throw e;
+      clear(tbody);
+      table.hidden = true;
+      more.hidden = true;
+      total.textContent = "";
+      note.textContent = e.code === "label_issues_unavailable" ? e.message :
+        "Train a model to see which images its held-out predictions say are probably mislabelled.";
+      note.hidden = false;
+      return;
+    }
+    if (mine !== generation) return;
+    if (reset) { offset = 0; clear(tbody); }
+    offset += body.data.length;
+    total.textContent = `v${body.version}: ${body.count} flagged image${body.count === 1 ? "" : "s"}`;
+    note.textContent = body.count ? "" : `v${body.version}'s training found no image that looks mislabelled.`;
+    note.hidden = Boolean(body.count);
+    table.hidden = !body.count;
+    more.hidden = offset >= body.count;
+    const pics = body.data.map((item) => {
+      const pic = h("img", { alt: `${item.label} ${item.filename || item.image_id}`, loading: "lazy" });
+      tbody.append(issueRow(item, pic));
+      return [pic, item];
+    });
+    await withLimit(pics, 6, async ([pic, item]) => {
+      if (ctx.signal.aborted) return;
+      const u = await api.thumbnailUrl(ctx.name, item.image_id, 96);
+      page.objectUrls.push(u);
+      pic.src = u;
+    });
+  }
+
+  function issueRow(item, pic) {
+    const id = item.image_id;
+    const path = `v1/datasets/${encodeURIComponent(ctx.name)}/images/${encodeURIComponent(id)}`;
+    const labels = h("td", { "data-testid": `issue-labels-${id}` });
+    const actions = h("td", { class: "row" });
+    const row = h("tr", { "data-testid": `label-issue-${id}` },
+      h("td", { class: "issue-thumb" }, pic),
+      h("td", { class: "mono", title: id }, item.filename || id.slice(0, 8)),
+      labels,
+      h("td", { class: "num mono", "data-testid": `issue-score-${id}` }, fmt(item.score)),
+      actions);
+
+    function show(current, deleted) {
+      const fixed = current === item.suggested_label;
+      row.classList.toggle("done", fixed || deleted);
+      fill(labels,
+        h("span", { class: deleted || current !== item.label ? "struck" : null }, item.label), " → ",
+        h("b", { class: fixed ? "status-succeeded" : null }, item.suggested_label),
+        deleted ? h("span", { class: "status-rejected", "data-testid": `issue-state-${id}` }, " deleted") :
+          current !== item.label ? h("span", { class: "muted", "data-testid": `issue-state-${id}` }, ` now ${current}`) : null);
+      const relabel = h("button", { type: "button", hidden: deleted || fixed, "data-testid": `issue-relabel-${id}`,
+        title: `PATCH the label to ${item.suggested_label}` }, `Relabel ${item.suggested_label}`);
+      const del = h("button", { class: "danger", type: "button", hidden: deleted, "data-testid": `issue-delete-${id}` }, "Delete");
+      relabel.addEventListener("click", () => act(relabel, async () => {
+        const image = await api.request("PATCH", path, { json: { label: item.suggested_label } });
+        show(image.label, false);
+      }));
+      del.addEventListener("click", () => act(del, async () => {
+        await api.request("DELETE", path, { okStatuses: [404] });
+        show(current, true);
+      }));
+      fill(actions, relabel, del);
+    }
+
+    async function act(button, fn) {
+      for (const b of actions.querySelectorAll("button")) b.disabled = true;
+      try {
+        await fn();
+        ctx.refresh().catch(report); // counts and the image grid
+      } catch (e) {
+        report(e);
+        for (const b of actions.querySelectorAll("button")) b.disabled = false;
+      }
+    }
+
+    show(item.current_label, false);
+    return row;
+  }
+
+  const load = (reset) => loadPage(reset).catch(report);
+  version.addEventListener("change", () => load(true));
+  more.addEventListener("click", () => load(false));
+  c.setVersions = (versions) => {
+    const chosen = version.value;
+    fill(version, h("option", { value: "" }, "default version"),
+      ...[...versions].reverse().map((m) => h("option", { value: m.version, selected: String(m.version) === chosen },
+        `v${m.version}${m.default ? " (default)" : ""}`)));
+    return versions.length ? load(true) : Promise.resolve();
+  };
+  return c;
 }
 
 // --- try it -------------------------------------------------------------------------------------
