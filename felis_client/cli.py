@@ -43,6 +43,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dataset")
     p.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or image files")
     p.add_argument("--label", default=None, help="the label of the image files (or of every image in a folder)")
+    p.add_argument("--unlabeled", action="store_true", help="store the images without a label (the service suggests one)")
     p.add_argument("--show", type=int, default=20, metavar="N", help="list at most N rejected files (default 20)")
 
     p = add("train", _train, "start a training (and follow it with --wait)")
@@ -66,6 +67,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=None, help="a model version (default: the dataset's default)")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
     p.add_argument("--fix", action="store_true", help="relabel every listed image with its suggested label")
+
+    p = add("suggestions", _suggestions, "list the labels the default version suggests for unlabeled images")
+    p.add_argument("dataset")
+    p.add_argument("--order", choices=("uncertain", "certain"), default="uncertain",
+                   help="uncertain (default): what to label by hand first; certain: what to accept")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
+    p.add_argument("--accept", action="store_true", help="label every listed image with its suggestion")
 
     p = add("predict", _predict, "classify images")
     p.add_argument("dataset")
@@ -109,7 +117,7 @@ def _upload(args: argparse.Namespace) -> int:
     bar = _Bar("uploading", unit="B")
     with _client(args) as felis:
         try:
-            report = felis.upload(args.dataset, source, label=args.label, on_progress=bar.update)
+            report = felis.upload(args.dataset, source, label=args.label, on_progress=bar.update, unlabeled=args.unlabeled)
         finally:
             bar.close()
     print(f"{report['created']} created, {report['duplicates']} duplicates, {report['rejected']} rejected "
@@ -189,6 +197,24 @@ def _label_issues(args: argparse.Namespace) -> int:
                 felis.relabel(args.dataset, r["image_id"], r["suggested_label"])
             print(f"relabelled {len(todo)}; train again to use them: {_prog(args)} train {args.dataset} --wait")
     return 0
+
+
+def _suggestions(args: argparse.Namespace) -> int:
+    with _client(args) as felis:
+        page = felis.suggestions(args.dataset, order=args.order, limit=max(1, min(args.limit, 1000)))
+        rows = page["data"]
+        note = f" ({page['pending']} not suggested yet)" if page["pending"] else ""
+        if not rows:
+            print(f"{args.dataset}: no unlabeled image has a suggestion from v{page['version']}{note}")
+            return 0
+        _table(["image", "filename", "suggested", "probability", "ood"],
+               [[r["image_id"], r["filename"], r["suggested_label"], _fmt(r["probability"]), "ood" if r["ood"] else ""]
+                for r in rows])
+        print(f"{len(rows)} of {page['count']} suggestions of v{page['version']}{note}")
+        if args.accept:
+            done = felis.label_images(args.dataset, [(r["image_id"], r["suggested_label"]) for r in rows])
+            print(f"accepted {done['applied']}" + (f", {done['rejected']} rejected" if done["rejected"] else ""))
+    return 0 if not args.accept or not done["rejected"] else 1
 
 
 def _promote(args: argparse.Namespace) -> int:

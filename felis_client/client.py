@@ -98,13 +98,14 @@ class Client:
     # --- images ----------------------------------------------------------------------
 
     def upload(self, dataset: str, path: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None) -> dict:
-        """Upload a folder with a folder per label, a zip, or image files (these need ``label``).
+               on_progress: Callable[[int, int], None] | None = None, *, unlabeled: bool = False) -> dict:
+        """Upload a folder with a folder per label, a zip, or image files (these need ``label``, or
+        ``unlabeled=True``: stored without a label, the service suggests one).
 
         Returns the merged per-file report ``{"results", "created", "duplicates", "rejected"}``,
         also when nothing new was stored (all duplicates or rejected), which the API answers with
         422. ``on_progress(sent_bytes, total_bytes)`` is called as the bytes go out."""
-        batches = list(_upload.plan(path, label))
+        batches = list(_upload.plan(path, label, unlabeled=unlabeled))
         try:
             total = sum(b.size for b in batches)
             sent = 0
@@ -129,7 +130,7 @@ class Client:
             data = None
         else:
             files = [("files", (p.name, _upload.ProgressFile(p, advance), _media_type(p))) for p in batch.files]
-            data = {"label": batch.label}
+            data = {"label": batch.label} if batch.label else None
         response = self._request("POST", f"/v1/datasets/{dataset}/images", files=files, data=data, ok=(422,),
                                  timeout=httpx.Timeout(600.0, connect=10.0))
         body = response.json()
@@ -137,10 +138,13 @@ class Client:
             raise _error(response)
         return body
 
-    def images(self, dataset: str, label: str | None = None, limit: int = 100, offset: int = 0) -> dict:
+    def images(self, dataset: str, label: str | None = None, limit: int = 100, offset: int = 0,
+               labeled: bool | None = None) -> dict:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if label is not None:
             params["label"] = label
+        if labeled is not None:
+            params["labeled"] = "true" if labeled else "false"
         return self._json("GET", f"/v1/datasets/{dataset}/images", params=params)
 
     def image(self, dataset: str, image_id: str) -> dict:
@@ -149,8 +153,28 @@ class Client:
     def image_content(self, dataset: str, image_id: str) -> bytes:
         return self._request("GET", f"/v1/datasets/{dataset}/images/{image_id}/content").content
 
-    def relabel(self, dataset: str, image_id: str, label: str) -> dict:
+    def relabel(self, dataset: str, image_id: str, label: str | None) -> dict:
+        """A new label (None: unlabeled again)."""
         return self._json("PATCH", f"/v1/datasets/{dataset}/images/{image_id}", json={"label": label})
+
+    def label_images(self, dataset: str, labels: Iterable[tuple[str, str | None]] | dict[str, str | None]) -> dict:
+        """Label many images at once: (image id, label or None) pairs, or a dict; 1,000 a request at
+        most (more go as several). ``{"results": [...], "applied", "rejected"}``, a result per item."""
+        items = list(labels.items()) if isinstance(labels, dict) else list(labels)
+        out: dict[str, Any] = {"results": [], "applied": 0, "rejected": 0}
+        for start in range(0, len(items), 1000):
+            body = [{"image_id": i, "label": label} for i, label in items[start:start + 1000]]
+            part = self._json("POST", f"/v1/datasets/{dataset}/images/labels", json=body)
+            out["results"] += part["results"]
+            out["applied"] += part["applied"]
+            out["rejected"] += part["rejected"]
+        return out
+
+    def suggestions(self, dataset: str, order: str = "uncertain", limit: int = 100, offset: int = 0) -> dict:
+        """The labels the default version suggests for the unlabeled images: ``order`` "uncertain"
+        (what to label by hand first) or "certain" (what to accept); ``pending``: not suggested yet."""
+        return self._json("GET", f"/v1/datasets/{dataset}/suggestions",
+                          params={"order": order, "limit": limit, "offset": offset})
 
     def delete_image(self, dataset: str, image_id: str) -> None:
         self._request("DELETE", f"/v1/datasets/{dataset}/images/{image_id}")

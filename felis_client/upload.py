@@ -80,14 +80,20 @@ def _zip(members: list[tuple[Path, str]]) -> Path:
 
 
 def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None, *,
-         max_files: int = MAX_FILES_PER_REQUEST, max_bytes: int = MAX_BYTES_PER_REQUEST) -> Iterator[Batch]:
+         unlabeled: bool = False, max_files: int = MAX_FILES_PER_REQUEST,
+         max_bytes: int = MAX_BYTES_PER_REQUEST) -> Iterator[Batch]:
     """The requests that upload ``source``; zips are built lazily, one batch at a time.
 
     - a folder with one subfolder per label (``cat/1.jpg``, ``dog/2.jpg``): archives;
     - a folder of images with ``label``: archives with every image under that label;
-    - a ``.zip`` file: sent as it is (its top-level folders are the labels);
+    - a ``.zip`` file: sent as it is (its top-level folders are the labels, its top-level images
+      and its ``unlabeled/`` folder unlabeled);
     - one or more image files: sent as ``files`` with ``label``.
+    ``unlabeled``: a folder's images (every one, whatever its subfolder) or the image files are
+    stored without a label, for the service to suggest one; not with ``label``.
     """
+    if unlabeled and label:
+        raise ValueError("pass a label or unlabeled, not both")
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     if not paths:
         raise ValueError("nothing to upload")
@@ -95,7 +101,7 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
     if missing:
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     if len(paths) == 1 and paths[0].is_dir():
-        yield from _plan_folder(paths[0], label, max_files, max_bytes)
+        yield from _plan_folder(paths[0], "unlabeled" if unlabeled else label, max_files, max_bytes)
         return
     if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         if label:
@@ -104,10 +110,10 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
         return
     if any(p.is_dir() or p.suffix.lower() == ".zip" for p in paths):
         raise ValueError("upload one folder, one zip, or image files (not a mix)")
-    if not label:
-        raise ValueError("image files need a label (--label / label=)")
+    if not label and not unlabeled:
+        raise ValueError("image files need a label (--label / label=), or --unlabeled / unlabeled=True")
     for chunk in _chunks(paths, max_files, max_bytes):
-        yield Batch(files=chunk, label=label)
+        yield Batch(files=chunk, label=label or None)
 
 
 def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int) -> Iterator[Batch]:
@@ -119,7 +125,7 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
     else:
         if all(p.parent == folder for p in files):
             raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
-                             "the label, or pass a label for all of them")
+                             "the label, pass a label for all of them, or upload them unlabeled")
         members = [(p, p.relative_to(folder).as_posix()) for p in files]
     by_path = dict(members)
     for chunk in _chunks([p for p, _ in members], max_files, max_bytes):

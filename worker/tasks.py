@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters that take ids and call the domain (service.domain.pipeline, service.domain.trainings)."""
+"""Celery tasks: thin adapters that take ids and call the domain (service.domain.pipeline, .suggesting, .trainings)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from celery import signals
 from service.config import get_settings
 from service.logs import configure_logging, log_context
 from service.store.db import init_db, session_scope
-from service.store.queue import TRAIN_TASK
+from service.store.queue import SUGGEST_TASK, TRAIN_TASK
 from worker.app import celery_app
 from worker.metrics import install_worker_metrics
 
@@ -38,6 +38,16 @@ def train(self, training_id: str) -> str:
             log.exception("training %s could not run", training_id)
             trainings.fail(training_id, "worker_error", f"{type(e).__name__}: {e}")
             return trainings.status_of(training_id)
+
+
+@celery_app.task(name=SUGGEST_TASK, acks_late=True, reject_on_worker_lost=True)
+def suggest(dataset_id: int) -> int:
+    """Suggest labels for a dataset's unlabeled images from its default version. Safe to deliver
+    twice and to run beside another: each run computes only what is still missing."""
+    from service.domain.suggesting import run_suggestions
+
+    with log_context(dataset_id=dataset_id):
+        return run_suggestions(int(dataset_id))
 
 
 @signals.setup_logging.connect

@@ -28,6 +28,7 @@ from service.api.routes import (
     label_issues,
     models,
     predict,
+    suggestions,
     trainings,
 )
 from service.config import get_settings
@@ -62,8 +63,8 @@ def create_app() -> FastAPI:
     app.state.limiters = make_limiters(settings)  # rate limits: through Redis when configured, else per process
     # what each route requires (scope, rate limit, metrics) is declared on the route: service.api.auth
     v1 = APIRouter(prefix="/v1", responses=errors.ERROR_RESPONSES)
-    for router in (datasets.router, images.router, label_issues.router, trainings.router, events.router, models.router,
-                   predict.router, keys.router):
+    for router in (datasets.router, images.router, label_issues.router, suggestions.router, trainings.router, events.router,
+                   models.router, predict.router, keys.router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health.router)

@@ -13,7 +13,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser, parse_opt
 
 from service.api.auth import Caller, current_caller
 from service.config import Settings, get_settings
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, TooLarge
 from service.serving.cache import ModelCache
 from service.store.blobs import BlobStore, get_store
 from service.store.db import new_session
@@ -64,6 +64,18 @@ async def read_form(request: Request, max_files: int, max_fields: int,
         raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
     except (AssertionError, ValueError) as e:  # not multipart/form-data at all
         raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, never more than max_bytes + 1 of it read: 413 request_too_large past it
+    (for JSON routes whose bodies are small: the global cap, FELIS_MAX_REQUEST_BYTES, is for uploads)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"the body exceeds {max_bytes} bytes for this route", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _session() -> Iterator[Session]:

@@ -62,22 +62,29 @@ def list_all(session: Session, *, limit: int = 100, offset: int = 0) -> tuple[li
 
 
 def label_counts(session: Session, dataset: Dataset) -> dict[str, int]:
+    """Images per label, the unlabeled ones aside (unlabeled_count)."""
     rows = session.execute(
         select(Image.label, func.count(Image.id))
-        .where(Image.dataset_id == dataset.id)
+        .where(Image.dataset_id == dataset.id, Image.label.is_not(None))
         .group_by(Image.label)
         .order_by(Image.label)
     ).all()
     return {label: count for label, count in rows}
 
 
+def unlabeled_count(session: Session, dataset: Dataset) -> int:
+    return session.scalar(select(func.count(Image.id)).where(Image.dataset_id == dataset.id, Image.label.is_(None))) or 0
+
+
 def describe(session: Session, dataset: Dataset) -> dict[str, Any]:
     counts = label_counts(session, dataset)
+    unlabeled = unlabeled_count(session, dataset)
     return {
         "name": dataset.name,
         "labels": list(counts),
-        "image_count": sum(counts.values()),
+        "image_count": sum(counts.values()) + unlabeled,
         "label_counts": counts,
+        "unlabeled_count": unlabeled,
         "default_version": dataset.default_version,
         "created_at": dataset.created_at,
     }

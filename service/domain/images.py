@@ -38,11 +38,16 @@ def describe(image: Image) -> dict[str, Any]:
 
 
 def list_images(
-    session: Session, dataset: Dataset, *, label: str | None = None, limit: int = 100, offset: int = 0
+    session: Session, dataset: Dataset, *, label: str | None = None, labeled: bool | None = None, limit: int = 100,
+    offset: int = 0,
 ) -> tuple[list[Image], int]:
+    """A page of the dataset's images, oldest first: those with `label`, or (labeled) only the
+    labelled or only the unlabeled ones."""
     where = [Image.dataset_id == dataset.id]
     if label is not None:
         where.append(Image.label == label)
+    if labeled is not None:
+        where.append(Image.label.is_not(None) if labeled else Image.label.is_(None))
     total = session.scalar(select(func.count(Image.id)).where(*where)) or 0
     rows = session.scalars(
         select(Image).where(*where).order_by(Image.created_at, Image.id).limit(limit).offset(offset)
@@ -65,7 +70,7 @@ def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR
         groups.setdefault(int(roots[i]), []).append(i)
     summary = []
     for idx in groups.values():
-        labels = sorted({rows[i].label for i in idx})
+        labels = sorted({rows[i].label for i in idx if rows[i].label is not None})  # an unlabeled copy conflicts with none
         summary.append((len(labels) > 1, len(idx), idx, labels))
     summary.sort(key=lambda g: (not g[0], -g[1], g[2][0]))
     page = [{"images": [{"id": rows[i].id, "filename": rows[i].filename, "label": rows[i].label,
@@ -135,11 +140,41 @@ def _make_thumbnail(data: bytes, size: int) -> bytes:
     return out.getvalue()
 
 
-def relabel(session: Session, dataset: Dataset, image_id: str, label: str) -> Image:
+def relabel(session: Session, dataset: Dataset, image_id: str, label: str | None) -> Image:
+    """A new label, or None: unlabeled again (trainings skip it; it gets a suggestion)."""
     image = get(session, dataset, image_id)
-    image.label = validate_label(label)
+    image.label = validate_label(label) if label is not None else None
     session.commit()
     return image
+
+
+MAX_LABELS_PER_REQUEST = 1000
+
+
+def label_many(session: Session, dataset: Dataset, items: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+    """Label (or, with None, unlabel) many images in one commit: one result per item, in order,
+    {"image_id", "label", "status": "labeled" | "unlabeled" | "rejected", "error": {code, message} | None}.
+    An item that fails (unknown image, invalid or reserved label) changes nothing; the others apply."""
+    if len(items) > MAX_LABELS_PER_REQUEST:
+        raise InvalidRequest(f"{len(items)} items; at most {MAX_LABELS_PER_REQUEST} a request", code="too_many_items")
+    ids = sorted({image_id for image_id, _ in items})
+    found: dict[str, Image] = {}
+    for start in range(0, len(ids), 500):
+        found.update((i.id, i) for i in session.scalars(
+            select(Image).where(Image.dataset_id == dataset.id, Image.id.in_(ids[start:start + 500]))))
+    results = []
+    for image_id, label in items:
+        result: dict[str, Any] = {"image_id": image_id, "label": label, "status": "rejected", "error": None}
+        try:
+            if image_id not in found:
+                raise NotFound(f"image {image_id!r} is not in dataset {dataset.name!r}", code="image_not_found")
+            found[image_id].label = validate_label(label) if label is not None else None
+            result["status"] = "labeled" if label is not None else "unlabeled"
+        except (InvalidRequest, NotFound) as e:
+            result["error"] = {"code": e.code, "message": e.message}
+        results.append(result)
+    session.commit()
+    return results
 
 
 def delete(session: Session, store: BlobStore, dataset: Dataset, image_id: str) -> None:

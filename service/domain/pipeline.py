@@ -71,7 +71,8 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         training = s.get(Training, training_id)
         dataset = s.get(Dataset, training.dataset_id)
         # content order, not id order: the same images give the same splits whenever they were uploaded
-        images = s.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.sha256)).all()
+        images = s.scalars(select(Image).where(Image.dataset_id == dataset.id, Image.label.is_not(None))  # unlabeled: not trained on
+                           .order_by(Image.sha256)).all()
         options, dataset_id, dataset_name = dict(training.options), dataset.id, dataset.name
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
     snapshot = _snapshot(rows)
@@ -113,7 +114,23 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
     ), "recording the version")
     if settings.keep_versions:
         _apply_retention(store, dataset_id, settings.keep_versions)
+    _suggest(dataset_id, training_id, settings, store)
     return Status.SUCCEEDED
+
+
+def _suggest(dataset_id: int, training_id: str, settings: Settings, store: BlobStore) -> None:
+    """After the version is recorded: its suggestions for the dataset's unlabeled images (a
+    failure here leaves them to the next request; the training has succeeded)."""
+    from service.domain.suggesting import run_suggestions
+
+    try:
+        with session_scope() as s:
+            version = s.scalar(select(Training.model_version).where(Training.id == training_id))
+        if version:
+            run_suggestions(dataset_id, version, settings=settings, store=store)
+    except Exception:
+        log.warning("suggestions after training %s failed; the next upload or training computes them", training_id,
+                    exc_info=True)
 
 
 def _apply_retention(store: BlobStore, dataset_id: int, keep: int) -> None:

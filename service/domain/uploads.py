@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session
 from models.images import InvalidImage, inspect_image, perceptual_hash
 from service.config import Settings
 from service.limits import cpu_budget
+from service.domain import suggestions
 from service.errors import InvalidRequest, NotFound, TooLarge, Unavailable
 from service.store.blobs import BlobStore, image_key
 from service.store.tables import BlobOrphan, Dataset, Image, ImageStage, new_id, utcnow
@@ -53,6 +54,7 @@ from service.store.tables import BlobOrphan, Dataset, Image, ImageStage, new_id,
 log = logging.getLogger("felis.uploads")
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UNLABELED = "unlabeled"  # reserved: a zip's `unlabeled/` folder holds images without a label; no image carries it
 _CHUNK = 64  # files checked, then staged and stored, per step
 _ENTRY_BYTES = 46 + 2048  # a central directory entry: its header, and room for name, extra and comment on average
 _ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
@@ -64,6 +66,8 @@ def validate_label(label: str) -> str:
             "labels are 1-64 characters of letters, digits, '_', '.' and '-', starting with a letter or digit",
             code="invalid_label",
         )
+    if label.lower() == UNLABELED:
+        raise InvalidRequest(f"{label!r} is reserved: it means no label (send no label instead)", code="reserved_label")
     return label
 
 
@@ -72,7 +76,7 @@ class Candidate:
     """One file offered for storage: its bytes are read lazily, or it is already rejected."""
 
     filename: str
-    label: str | None
+    label: str | None  # None: stored unlabeled
     read: Callable[[], bytes] | None = None
     reason: str | None = None  # set when rejected before reading
 
@@ -104,14 +108,14 @@ def file_reader(fileobj: IO[bytes], settings: Settings) -> Callable[[], bytes]:
 
 
 def files_candidates(files: list[tuple[str, Callable[[], bytes]]], label: str | None) -> list[Candidate]:
-    if not label:
-        raise InvalidRequest("a 'label' form field is required with 'files'", code="label_required")
-    validate_label(label)
+    """Loose files, all with `label`; without one (None or empty) they are stored unlabeled."""
+    label = validate_label(label) if label else None
     return [Candidate(filename=name, label=label, read=read) for name, read in files]
 
 
 def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate]:
-    """Members of a zip with one top-level folder per label (an extra wrapping folder is allowed)."""
+    """Members of a zip with one top-level folder per label (an extra wrapping folder is allowed);
+    images at its top level or in an `unlabeled/` folder are stored unlabeled."""
     try:
         _count_entries(fileobj, settings)
         zf = zipfile.ZipFile(fileobj)
@@ -136,18 +140,13 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
         parts = PurePosixPath(info.filename).parts[strip:]
         name = info.filename
         reason = _member_problem(info, parts, settings)
-        label = parts[0] if len(parts) >= 2 else None
-        if reason is None and not LABEL_RE.fullmatch(label or ""):
+        label = parts[0] if len(parts) >= 2 and parts[0].lower() != UNLABELED else None
+        if reason is None and label is not None and not LABEL_RE.fullmatch(label):
             reason = "invalid_label"
         if reason:
             out.append(Candidate(filename=name, label=label, reason=reason))
         else:
             out.append(Candidate(filename=name, label=label, read=_member_reader(zf, info)))
-    if not any(c.label and c.reason != "no_label_folder" for c in out):
-        raise InvalidRequest(
-            "the archive has no label folders: put each label's images in a top-level folder named after it",
-            code="no_label_folders",
-        )
     return out
 
 
@@ -213,8 +212,6 @@ def _member_problem(info: zipfile.ZipInfo, parts: tuple[str, ...], settings: Set
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "symlink"
-    if len(parts) < 2:
-        return "no_label_folder"
     if PurePosixPath(raw).suffix.lower() in _ARCHIVE_SUFFIXES:
         return "nested_archive"
     if info.file_size > settings.max_file_bytes:
@@ -335,6 +332,8 @@ def ingest(
             report.results[index] |= {"status": "created", "image_id": image_id, "reason": None}
         else:
             report.results[index] |= _duplicate(image_id)
+    if dataset.default_version is not None and any(r["status"] == "created" and r["label"] is None for r in report.results):
+        suggestions.request(dataset.id)  # committed: the worker suggests labels for the new unlabeled images
     return report
 
 
@@ -358,7 +357,7 @@ def _stage(session: Session, upload_id: str, dataset_id: int, new: list[_Checked
     """One chunk's new rows, in a transaction of their own; their blobs leave the orphan list."""
     rows = []
     for c in new:
-        assert c.sha256 and c.candidate.label
+        assert c.sha256
         rows.append({
             "id": staged[c.sha256], "upload_id": upload_id, "dataset_id": dataset_id, "sha256": c.sha256,
             "label": c.candidate.label, "filename": PurePosixPath(c.candidate.filename).name[:255] or "upload",

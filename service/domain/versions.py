@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
 from models.ood import MAX_DISTANCE, QUANTILE_GRID
-from service.domain import datasets, trainings, uploads
+from service.domain import datasets, suggestions, trainings, uploads
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
@@ -80,6 +80,7 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
                            "or delete with ?force=true", code="version_is_default")
         dataset.default_version = None
     keys = blob_keys(row)
+    suggestions.delete_for_version(session, dataset.id, row.version)
     session.delete(row)
     uploads.orphan_blobs(session, keys)  # listed in the same commit: a crash before the deletes below is repaired by the sweep
     session.commit()
@@ -168,6 +169,8 @@ def promote(session: Session, dataset_name: str, version: int) -> ModelVersion:
     row = get(session, dataset, version)
     dataset.default_version = row.version
     session.commit()
+    if datasets.unlabeled_count(session, dataset):  # the new default's suggestions, where it has none yet
+        suggestions.request(dataset.id)
     return row
 
 

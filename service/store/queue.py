@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("felis.queue")
 
 TRAIN_TASK = "felis.train"  # runs one training to a final state (worker.tasks.train)
+SUGGEST_TASK = "felis.suggest"  # suggests labels for a dataset's unlabeled images (worker.tasks.suggest)
 GPU_QUEUE = "gpu"  # the training workers' queue: `felis worker --queues gpu`
 
 
@@ -56,7 +57,7 @@ def celery_app(settings: Settings | None = None, include: Iterable[str] = ()) ->
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(GPU_QUEUE, routing_key=GPU_QUEUE)],
         task_default_queue=GPU_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, SUGGEST_TASK: {"queue": GPU_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # state lives in the metadata store, not in a result backend
@@ -69,6 +70,15 @@ def celery_app(settings: Settings | None = None, include: Iterable[str] = ()) ->
 def get_producer() -> Celery:
     """The Celery app this process sends with, configured from the current settings."""
     return celery_app()
+
+
+def enqueue_suggestions(dataset_id: int) -> None:
+    """Unavailable when the broker is down (the caller decides whether that matters)."""
+    try:
+        get_producer().send_task(SUGGEST_TASK, args=[int(dataset_id)], queue=GPU_QUEUE, retry=True,
+                                 retry_policy={"max_retries": 1, "interval_start": 0.2})
+    except Exception as e:
+        raise Unavailable(f"the job queue is unreachable: {e}", code="broker_unavailable") from e
 
 
 def enqueue_training(training_id: str) -> None:

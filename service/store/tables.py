@@ -1,6 +1,6 @@
 """The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
 service.domain.uploads and .images (Image), service.domain.trainings (Training),
-service.domain.versions (ModelVersion), service.store.features (ImageFeature; service.domain.cleanup
+service.domain.versions (ModelVersion), service.domain.suggestions (Suggestion), service.store.features (ImageFeature; service.domain.cleanup
 removes those no image uses any more), service.domain.keys (ApiKey, ApiKeyDataset), service.domain.uploads
 (ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects)."""
 
@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -72,7 +73,7 @@ class Image(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)  # blob key: the content's hash
-    label: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)  # None: unlabeled (trainings skip it)
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     width: Mapped[int] = mapped_column(Integer)
@@ -134,6 +135,22 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Suggestion(Base):
+    """The label a version suggests for an unlabeled image (service.domain.suggestions; computed by
+    the worker: service.domain.suggesting)."""
+
+    __tablename__ = "suggestions"
+    __table_args__ = (Index("ix_suggestions_dataset_version_probability", "dataset_id", "version", "probability"),)
+
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # ood when above the version's threshold as it is now
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class ImageFeature(Base):
     """Frozen-backbone features cached per image content, so retraining skips the backbone."""
 
@@ -180,7 +197,7 @@ class ImageStage(Base):
     upload_id: Mapped[str] = mapped_column(String(32), index=True)
     dataset_id: Mapped[int] = mapped_column(Integer)  # no foreign key: a purged dataset leaves it to the sweep
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    label: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True)
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     width: Mapped[int] = mapped_column(Integer)

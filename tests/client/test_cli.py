@@ -190,3 +190,30 @@ def test_label_issues_lists_and_fixes(felis, felis_url, tmp_path):
         assert all(c.image("clinoisy", r[0])["label"] == r[4] for r in rows)
     code, out, err = felis("label-issues", "clinoisy", "--version", "7")
     assert code == 1 and "version_not_found" in err
+
+
+def test_upload_unlabeled_then_accept_suggestions(felis, felis_url):
+    import time
+
+    from felis_client import Client
+
+    felis("create", "cliunl")
+    assert felis("upload", "cliunl", str(TRAIN))[0] == 0
+    code, _, err = felis("upload", "cliunl", *map(str, asset_images("test", "cat")))
+    assert code == 2 and "--unlabeled" in err
+    code, out, err = felis("train", "cliunl", "--option", "image_size=64", "--option", "cv_folds=2", "--wait")
+    assert code == 0, err
+    code, out, err = felis("upload", "cliunl", *map(str, asset_images("test", "cat")), "--unlabeled")
+    assert code == 0 and "4 created" in out, err
+    with Client(felis_url) as c:
+        deadline = time.monotonic() + 120
+        while c.suggestions("cliunl")["pending"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    code, out, err = felis("suggestions", "cliunl", "--order", "certain", "--limit", "3", "--accept")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["image", "filename", "suggested", "probability", "ood"]
+    assert "3 of 4 suggestions of v1" in out and "accepted 3" in out
+    with Client(felis_url) as c:
+        assert c.dataset("cliunl")["unlabeled_count"] == 1

@@ -116,6 +116,11 @@ def test_a_flat_folder_needs_a_label_and_then_gets_it(tmp_path):
     (batch,) = list(up.plan(tmp_path, label="cat"))
     assert all(n.startswith("cat/") for n in _members(batch)) and len(_members(batch)) == 3
     batch.cleanup()
+    (batch,) = list(up.plan(tmp_path, unlabeled=True))  # or unlabeled: the zip's unlabeled/ folder
+    assert all(n.startswith("unlabeled/") for n in _members(batch)) and len(_members(batch)) == 3
+    batch.cleanup()
+    with pytest.raises(ValueError, match="not both"):
+        list(up.plan(tmp_path, label="cat", unlabeled=True))
 
 
 def test_big_folders_and_many_files_are_split(tmp_path):
@@ -136,6 +141,7 @@ def test_zips_pass_through_and_files_need_a_label(tmp_path):
         list(up.plan(archive, label="cat"))
     with pytest.raises(ValueError, match="need a label"):
         list(up.plan(asset_images("test", "cat")))
+    assert [b.label for b in up.plan(asset_images("test", "cat"), unlabeled=True)] == [None]
     with pytest.raises(FileNotFoundError):
         list(up.plan(tmp_path / "missing"))
 
@@ -352,3 +358,34 @@ def test_wait_gives_up_after_its_timeout():
     with pytest.raises(FelisError) as e:
         _mock(handler).wait("t1", poll_interval=0.01, max_reconnects=2)
     assert e.value.code == "database_unavailable"
+
+
+def test_unlabeled_images_get_suggestions_from_the_worker(felis):
+    """Against the real `felis up` (API + worker): images uploaded without a label after a training
+    get a suggestion from the worker's felis.suggest task; accepting and unlabelling go through
+    label_images."""
+    import time
+
+    felis.create_dataset("suggest")
+    with pytest.raises(FelisError) as e:
+        felis.suggestions("suggest")
+    assert e.value.code == "dataset_not_found" or e.value.code == "no_model"
+    felis.upload("suggest", TRAIN)
+    training = felis.train("suggest", image_size=64, cv_folds=2)
+    assert felis.wait(training["id"])["status"] == "succeeded"
+    later = asset_images("test", "cat") + asset_images("test", "noncat")
+    report = felis.upload("suggest", later, unlabeled=True)
+    assert report["created"] == len(later) and all(r["label"] is None for r in report["results"])
+    assert felis.images("suggest", labeled=False)["count"] == len(later)
+    assert felis.dataset("suggest")["unlabeled_count"] == len(later)
+    deadline = time.monotonic() + 120
+    while (page := felis.suggestions("suggest", order="certain"))["pending"]:
+        assert time.monotonic() < deadline, page
+        time.sleep(0.5)
+    assert page["count"] == len(later) and page["version"] == 1
+    first, second = page["data"][:2]
+    done = felis.label_images("suggest", {first["image_id"]: first["suggested_label"], "nope": "cat"})
+    assert (done["applied"], done["rejected"]) == (1, 1) and done["results"][1]["error"]["code"] == "image_not_found"
+    assert felis.image("suggest", first["image_id"])["label"] == first["suggested_label"]
+    assert felis.relabel("suggest", first["image_id"], None)["label"] is None
+    assert felis.suggestions("suggest")["count"] == len(later)  # unlabeled again: its suggestion is listed again

@@ -144,7 +144,7 @@ def test_upload_files_with_a_label_and_duplicates(felis, trained):
     ("post", "/v1/datasets/cats/trainings", {"json": {"architecture": "vgg99"}}, 422, "invalid_training_option"),
     ("post", "/v1/datasets/cats/trainings", {"json": {"epochs": -1}}, 422, "invalid_training_option"),
     ("post", "/v1/datasets/cats/images", {"files": {"archive": ("x.zip", b"no zip")}}, 422, "invalid_archive"),
-    ("post", "/v1/datasets/cats/images", {"files": {"files": ("a.jpg", b"x")}}, 422, "label_required"),
+    ("post", "/v1/datasets/cats/images", {"files": {"files": ("a.jpg", b"x")}, "data": {"label": "unlabeled"}}, 422, "reserved_label"),
     ("post", "/v1/datasets/cats/images", {"data": {"label": "cat"}}, 422, "empty_upload"),
     ("post", "/v1/datasets/cats/predict", {"files": {"files": ("a.jpg", b"garbage")}}, 422, "not_an_image"),
     ("post", "/v1/datasets/cats/predict?version=99", {"files": {"files": ("a.jpg", b"x")}}, 404, "version_not_found"),

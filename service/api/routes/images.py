@@ -1,16 +1,17 @@
-"""/v1/datasets/{name}/images: upload (files or a zip), list, read, thumbnails, relabel, delete."""
+"""/v1/datasets/{name}/images: upload (files or a zip), list, read, thumbnails, relabel (one or many), delete."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from models.split import MAX_NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_BITS
 from service.api.auth import InDataset, Requires
-from service.api.deps import SessionDep, SettingsDep, StoreDep, read_form
+from service.api.deps import SessionDep, SettingsDep, StoreDep, read_body, read_form
 from service.api.errors import error_body
 from service.api.metrics import Counts, count_uploads
 from service.api.middleware import Capped, InFlight
@@ -52,7 +53,8 @@ _FORM_MEMORY_BYTES = 8 * 1024 * 1024
                         422: {"description": "no file was stored"}})
 async def upload_images(name: str, request: Request, session: SessionDep, store: StoreDep,
                         settings: SettingsDep) -> JSONResponse:
-    """Upload images: `files` (repeatable) with one `label`, or one `archive` zip with a folder per label."""
+    """Upload images: `files` (repeatable) with one `label` (none: stored unlabeled), or one `archive`
+    zip with a folder per label (its top-level images and its `unlabeled/` folder: unlabeled)."""
     dataset = await run_in_threadpool(datasets.get, session, name)
     form = await read_form(request, max_files=settings.max_files_per_request + 1, max_fields=100,
                            max_memory_bytes=_FORM_MEMORY_BYTES)
@@ -86,9 +88,10 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
 
 @router.get("", dependencies=[Requires(Scope.READ)])
 def list_images(name: str, session: SessionDep, label: str | None = None,
+                labeled: bool | None = Query(None, description="true: only labelled images; false: only unlabeled ones"),
                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
     dataset = datasets.get(session, name)
-    rows, total = images.list_images(session, dataset, label=label, limit=limit, offset=offset)
+    rows, total = images.list_images(session, dataset, label=label, labeled=labeled, limit=limit, offset=offset)
     return {"data": [images.describe(i) for i in rows], "count": total}
 
 
@@ -133,7 +136,33 @@ def get_image_thumbnail(name: str, image_id: str, session: SessionDep, store: St
 
 
 class ImagePatch(BaseModel):
-    label: str
+    label: str | None = Field(description="the new label; null: unlabeled again")
+
+
+class ImageLabel(BaseModel):
+    image_id: str = Field(max_length=64)
+    label: str | None = Field(max_length=64, description="null: unlabeled")
+
+
+_LABELS = TypeAdapter(list[ImageLabel])
+_LABELS_BODY_BYTES = 256 * 1024  # 1,000 items of ~100 bytes, with room: read no more than this
+
+
+@router.post("/labels", dependencies=[Requires(Scope.WRITE)],
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _LABELS.json_schema()}}}},
+             responses={207: {"description": "some items were rejected: a result per item"}})
+async def label_images(name: str, request: Request, session: SessionDep) -> JSONResponse:
+    """Label many images at once: `[{"image_id", "label"}]` (label null: unlabeled again), at most
+    1,000. 200 when every item applied, 207 otherwise; a result per item, in order."""
+    try:
+        items = _LABELS.validate_json(await read_body(request, _LABELS_BODY_BYTES))
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
+    dataset = await run_in_threadpool(datasets.get, session, name)
+    results = await run_in_threadpool(images.label_many, session, dataset, [(i.image_id, i.label) for i in items])
+    rejected = sum(r["status"] == "rejected" for r in results)
+    return JSONResponse({"results": results, "applied": len(results) - rejected, "rejected": rejected},
+                        status_code=207 if rejected else 200)
 
 
 @router.patch("/{image_id}", dependencies=[Requires(Scope.WRITE)])

@@ -26,6 +26,8 @@ CONTRACT: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/datasets/{name}/images/{image_id}/content"): R,
     ("GET", "/v1/datasets/{name}/images/{image_id}/thumbnail"): R,
     ("GET", "/v1/datasets/{name}/label-issues"): R,
+    ("GET", "/v1/datasets/{name}/suggestions"): R,
+    ("POST", "/v1/datasets/{name}/images/labels"): W,
     ("GET", "/v1/datasets/{name}/images/near-duplicates"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/evaluation"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/download"): R,

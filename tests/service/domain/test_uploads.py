@@ -79,13 +79,36 @@ def test_file_over_the_size_limit_is_rejected(session, store, settings):
     assert report.results[0]["reason"] == "file_too_large"
 
 
-def test_label_is_required_and_validated():
-    with pytest.raises(InvalidRequest) as e:
-        uploads.files_candidates([], None)
-    assert e.value.code == "label_required"
+def test_label_is_validated_and_files_without_one_are_unlabeled():
+    assert [c.label for c in uploads.files_candidates([("a.jpg", bytes)], None)] == [None]
+    assert [c.label for c in uploads.files_candidates([("a.jpg", bytes)], "")] == [None]
     with pytest.raises(InvalidRequest) as e:
         uploads.files_candidates([], "../etc")
     assert e.value.code == "invalid_label"
+    for reserved in ("unlabeled", "Unlabeled"):
+        with pytest.raises(InvalidRequest) as e:
+            uploads.files_candidates([], reserved)
+        assert e.value.code == "reserved_label"
+
+
+def test_unlabeled_uploads_are_stored_without_a_label(session, store, settings):
+    """Loose files without a label, a zip's top-level images and its unlabeled/ folder: stored with
+    no label, counted apart, and a duplicate of a labelled image stays labelled."""
+    ds = datasets.create(session, "pets")
+    cats, noncats = asset_images("train", "cat"), asset_images("train", "noncat")
+    report = uploads.ingest(session, store, ds, uploads.files_candidates([(p.name, p.read_bytes) for p in cats[:2]], None), settings)
+    assert report.count("created") == 2 and all(r["label"] is None for r in report.results)
+    buf = _zip({"cat/a.jpg": cats[2].read_bytes(), "top.jpg": cats[3].read_bytes(), "unlabeled/b.jpg": noncats[0].read_bytes(),
+                "UNLABELED/c.jpg": noncats[1].read_bytes(), "set/unlabeled/d.jpg": noncats[2].read_bytes()})
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(buf, settings), settings)
+    labels = {r["filename"]: r["label"] for r in report.results}
+    assert labels == {"cat/a.jpg": "cat", "top.jpg": None, "unlabeled/b.jpg": None, "UNLABELED/c.jpg": None,
+                      "set/unlabeled/d.jpg": "set"}  # a folder's first part is its label, as before
+    assert report.count("created") == 5
+    assert datasets.label_counts(session, ds) == {"cat": 1, "set": 1}
+    assert datasets.describe(session, ds)["unlabeled_count"] == 5 and datasets.describe(session, ds)["image_count"] == 7
+    again = uploads.ingest(session, store, ds, uploads.files_candidates([("x.jpg", cats[2].read_bytes)], None), settings)
+    assert again.results[0]["status"] == "duplicate" and datasets.label_counts(session, ds)["cat"] == 1
 
 
 @pytest.mark.parametrize("wrapper", [None, "train"])
@@ -119,18 +142,18 @@ def test_zip_members_that_are_unsafe_are_rejected_each_with_its_reason(session, 
         "/abs/cat.jpg": "absolute_path",
         "cat/link.jpg": "symlink",
         "cat/inner.zip": "nested_archive",
-        "loose.jpg": "no_label_folder",
+        "loose.jpg": "duplicate_in_dataset",  # a top-level image would be stored unlabeled: these bytes are cat/good.jpg's
         "cat/bomb.bmp": "compression_ratio_too_high",
         "bad label!/x.jpg": "invalid_label",
     }
     assert session.query(Image).count() == 1
 
 
-def test_zip_without_label_folders_is_refused(settings):
+def test_zip_without_label_folders_is_all_unlabeled(session, store, settings):
+    ds = datasets.create(session, "pets")
     buf = _zip({"a.jpg": asset_images()[0].read_bytes()})
-    with pytest.raises(InvalidRequest) as e:
-        uploads.archive_candidates(buf, settings)
-    assert e.value.code == "no_label_folders"
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(buf, settings), settings)
+    assert report.count("created") == 1 and session.query(Image).one().label is None
 
 
 def test_not_a_zip_is_refused(settings):

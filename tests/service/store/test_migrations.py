@@ -428,6 +428,34 @@ def test_0007_adds_the_version_ood_and_downgrades_without_losing_versions(new_db
     assert model_diff(engine) == []
 
 
+def test_0009_reserves_unlabeled_and_lets_images_have_no_label(new_db, caplog):
+    """images labelled exactly `unlabeled` get the first free `unlabeled_N` (logged); afterwards
+    an image may have no label and a suggestion per version; the downgrade gives unlabeled images
+    the label `unlabeled` back and keeps every image."""
+    engine = new_db()
+    upgrade_to(engine, "0008_version_heldout")
+    fill_release_database(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE images SET label = 'unlabeled' WHERE label = 'dog'"))
+        conn.execute(text("UPDATE images SET label = 'unlabeled_1' WHERE id = :id"), {"id": f"{1:032x}"})
+    with caplog.at_level("WARNING", logger="alembic.runtime.migration"):
+        upgrade_to(engine, "0009_unlabeled_images")
+    assert "now labelled 'unlabeled_2'" in caplog.text
+    with engine.begin() as conn:
+        labels = dict(conn.execute(text("SELECT id, label FROM images")).all())
+        assert sorted(labels.values()) == ["cat", "cat", "unlabeled_1", "unlabeled_2", "unlabeled_2", "unlabeled_2"]
+        conn.execute(text("UPDATE images SET label = NULL WHERE label = 'unlabeled_1'"))
+        conn.execute(text("INSERT INTO suggestions (image_id, version, dataset_id, label, probability, ood_score, created_at) "
+                          "SELECT id, 1, dataset_id, 'cat', 0.75, 0.125, created_at FROM images WHERE label IS NULL"))
+    with migrate.migration_connection(engine) as conn:
+        command.downgrade(migrate.alembic_config(conn), "0008_version_heldout")
+    with engine.begin() as conn:
+        after = dict(conn.execute(text("SELECT id, label FROM images")).all())
+    assert after == {**labels, f"{1:032x}": "unlabeled"} and "suggestions" not in inspect(engine).get_table_names()
+    migrate.upgrade(engine)
+    assert model_diff(engine) == []
+
+
 def test_a_revision_that_rebuilds_a_parent_table_keeps_the_rows_that_reference_it(new_db, extra_revision):
     """SQLite's ALTER is a copy, drop and rename (batch mode). With foreign keys on, as felis's
     connections have them, dropping `datasets` would cascade to every image and training."""
