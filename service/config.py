@@ -97,7 +97,16 @@ class Settings(BaseSettings):
     predict_max_wait_ms: float = 2.0  # micro-batch: longest a lone request waits for company
     predict_backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime on CPU
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", mode="before")
+    # --- Custom Vision compatibility (service/api/customvision, docs/migrating-from-custom-vision.md) ---
+    # the key that signs image URLs (HMAC-SHA256 over path and expiry); empty: a random one per
+    # process, so set it (32+ characters) when more than one API process serves
+    customvision_url_secret: SecretStr = SecretStr("")
+    customvision_url_ttl_seconds: int = 3600  # how long a signed image URL stays valid
+    # classify_image_url: the hosts felis may fetch an image from (names, "*.example.com", "*": any
+    # public host; comma-separated); empty: off. Private, loopback and link-local addresses never
+    customvision_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "customvision_url_hosts", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):

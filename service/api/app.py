@@ -10,6 +10,9 @@ from fastapi import APIRouter, FastAPI
 from models.malloc import keep_freed_memory
 from service.api import errors
 from service.api.auth import bootstrap_admin_key, make_limiters
+from service.api.customvision import content as cv_content
+from service.api.customvision import prediction as cv_prediction
+from service.api.customvision import training as cv_training
 from service.api.guards import RequestGuardMiddleware
 from service.api.metrics import MetricsMiddleware
 from service.api.metrics import router as metrics_router
@@ -67,6 +70,8 @@ def create_app() -> FastAPI:
                    models.router, predict.router, keys.router):
         v1.include_router(router)
     app.include_router(v1)
+    for router in (cv_training.router, cv_prediction.router, cv_content.router):  # /customvision: Azure Custom Vision's API
+        app.include_router(router)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(console.router)

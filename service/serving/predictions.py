@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.images import InvalidImage
 from service.config import Settings
-from service.domain import versions
+from service.domain import customvision, versions
 from service.errors import InvalidRequest, TooLarge, Unavailable
 from service.limits import cpu_budget
 from service.serving.cache import LoadedModel, ModelCache
@@ -97,13 +97,15 @@ async def _predict_batched(model: LoadedModel, files: list[Upload], settings: Se
     return [x if isinstance(x, InvalidImage) else next(probs) for x in prepared]
 
 
-def _lookup(cache: ModelCache, dataset_name: str, version: int | None) -> versions.Serving:
+def _lookup(cache: ModelCache, dataset_name: str, version: int | None, alias: str | None = None) -> versions.Serving:
     """The version to serve, from the database; its last answer when the database is unreachable."""
     try:
         with get_engine().connect() as conn:
+            if alias is not None:  # a publish name (service.domain.customvision): the version it aliases now
+                version = customvision.alias_version(conn, dataset_name, alias)
             serving = versions.for_serving(conn, dataset_name, version)
     except DBAPIError as e:
-        known = cache.last_lookup(dataset_name, version)
+        known = cache.last_lookup(dataset_name, version) if alias is None else None
         if known is None:
             raise Unavailable("the metadata store is unavailable and this version is not loaded here",
                               code="database_unavailable") from e
@@ -136,13 +138,14 @@ def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
 
 
 async def predict(cache: ModelCache, dataset_name: str, version: int | None,
-                  files: list[Upload], settings: Settings) -> dict[str, Any]:
+                  files: list[Upload], settings: Settings, *, alias: str | None = None) -> dict[str, Any]:
+    """``version``, or the version the publish name ``alias`` names, else the dataset's default."""
     if not files:
         raise InvalidRequest("send at least one image as 'files'", code="empty_upload")
     if len(files) > settings.max_predict_files:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.max_predict_files}",
                        code="too_many_files")
-    serving = await run_in_threadpool(_lookup, cache, dataset_name, version)
+    serving = await run_in_threadpool(_lookup, cache, dataset_name, version, alias)
     key, number, thresholds, ood_threshold = serving.checkpoint_key, serving.version, serving.thresholds, serving.ood_threshold
     model = cache.acquire_loaded(key) or await _acquire(cache, key, number, serving.onnx_key)
     try:  # held until answered: an eviction meanwhile closes it only after the last holder

@@ -2,7 +2,8 @@
 service.domain.uploads and .images (Image), service.domain.trainings (Training),
 service.domain.versions (ModelVersion), service.domain.suggestions (Suggestion), service.store.features (ImageFeature; service.domain.cleanup
 removes those no image uses any more), service.domain.keys (ApiKey, ApiKeyDataset), service.domain.uploads
-(ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects)."""
+(ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects), service.domain.customvision
+(CvProject, CvTag, CvIteration, CvPublishAlias: the Custom Vision ids mapped onto datasets, labels, trainings)."""
 
 from __future__ import annotations
 
@@ -217,3 +218,64 @@ class BlobOrphan(Base):
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)  # service.store.blobs key
     since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+# --- Custom Vision compatibility (service.domain.customvision, service.api.customvision) --------------
+
+
+class CvProject(Base):
+    """A Custom Vision project: one dataset, under a dashed UUID, with the app's free-text name."""
+
+    __tablename__ = "cv_projects"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # dashed UUID, as Custom Vision's
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), unique=True)
+    name: Mapped[str] = mapped_column(String(255))  # free text ("Japanese Cherry"); the dataset's name is a slug of it
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    domain_id: Mapped[str] = mapped_column(String(36))
+    classification_type: Mapped[str] = mapped_column(String(16))  # Multiclass
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_modified: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CvTag(Base):
+    """A Custom Vision tag: a label of its project's dataset (a slug of the free-text name). It
+    exists before any image carries it."""
+
+    __tablename__ = "cv_tags"
+    __table_args__ = (UniqueConstraint("project_id", "label", name="uq_cv_tag_label"),
+                      UniqueConstraint("project_id", "name", name="uq_cv_tag_name"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("cv_projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    label: Mapped[str] = mapped_column(String(64))  # the felis label (uploads.LABEL_RE)
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CvIteration(Base):
+    """A Custom Vision iteration: one training of the project's dataset (and the version it made)."""
+
+    __tablename__ = "cv_iterations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("cv_projects.id", ondelete="CASCADE"), index=True)
+    training_id: Mapped[str] = mapped_column(String(32), unique=True)  # trainings.id (no foreign key: purged apart)
+    name: Mapped[str] = mapped_column(String(255))  # "Iteration 1"
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_modified: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CvPublishAlias(Base):
+    """A publish name: a named alias of one model version of a dataset, set by publishing an
+    iteration; /v1 predict takes it as ?alias=. One per iteration, one version per name."""
+
+    __tablename__ = "cv_publish_aliases"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)  # model_versions.version of the dataset
+    iteration_id: Mapped[str] = mapped_column(ForeignKey("cv_iterations.id", ondelete="CASCADE"), unique=True)
+    prediction_id: Mapped[str] = mapped_column(String(1024), default="")  # the prediction resource id the app gave
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -56,6 +56,34 @@ COUNTED = {("POST", "/v1/datasets/{name}/predict"): metrics.count_predictions,
 EVERY_DATASET = {("POST", "/v1/datasets"), ("POST", "/v1/keys"), ("GET", "/v1/keys"), ("DELETE", "/v1/keys/{key_id}"),
                  ("GET", "/metrics")}
 
+# Custom Vision's API (service/api/customvision): the same Requirement, declared with its own key headers
+# (TrainingRequires, PredictionRequires); its signed image URLs need no key (the signature is the permission)
+_CVT, _CVP = "/customvision/{api_version}/training", "/customvision/{api_version}/prediction/{projectId}"
+_CV_ITERATION = f"{_CVT}/projects/{{projectId}}/iterations/{{iterationId}}"
+OPEN |= {"/customvision/content/images/{image_id}/{kind}"}
+CONTRACT.update({
+    ("GET", f"{_CVT}/domains"): R, ("GET", f"{_CVT}/domains/{{domainId}}"): R,
+    ("POST", f"{_CVT}/projects"): W, ("GET", f"{_CVT}/projects"): R,
+    ("GET", f"{_CVT}/projects/{{projectId}}"): R, ("DELETE", f"{_CVT}/projects/{{projectId}}"): W,
+    ("POST", f"{_CVT}/projects/{{projectId}}/tags"): W, ("GET", f"{_CVT}/projects/{{projectId}}/tags"): R,
+    ("GET", f"{_CVT}/projects/{{projectId}}/tags/{{tagId}}"): R,
+    ("POST", f"{_CVT}/projects/{{projectId}}/images/files"): W, ("POST", f"{_CVT}/projects/{{projectId}}/images"): W,
+    ("GET", f"{_CVT}/projects/{{projectId}}/images/tagged"): R,
+    ("GET", f"{_CVT}/projects/{{projectId}}/images/tagged/count"): R,
+    ("POST", f"{_CVT}/projects/{{projectId}}/train"): W, ("GET", f"{_CVT}/projects/{{projectId}}/iterations"): R,
+    ("GET", _CV_ITERATION): R, ("DELETE", _CV_ITERATION): W, ("GET", f"{_CV_ITERATION}/performance"): R,
+    ("POST", f"{_CV_ITERATION}/publish"): W, ("DELETE", f"{_CV_ITERATION}/publish"): W,
+    ("POST", f"{_CVP}/classify/iterations/{{publishedName}}/image"): P,
+    ("POST", f"{_CVP}/classify/iterations/{{publishedName}}/image/nostore"): P,
+    ("POST", f"{_CVP}/classify/iterations/{{publishedName}}/url"): P,
+    ("POST", f"{_CVP}/classify/iterations/{{publishedName}}/url/nostore"): P,
+})
+RATE_LIMITED.update({("POST", f"{_CVP}/classify/iterations/{{publishedName}}/{path}"): "predict"
+                     for path in ("image", "image/nostore", "url", "url/nostore")})
+RATE_LIMITED.update({("POST", f"{_CVT}/projects/{{projectId}}/images/files"): "upload",
+                     ("POST", f"{_CVT}/projects/{{projectId}}/images"): "upload"})
+EVERY_DATASET.add(("POST", f"{_CVT}/projects"))
+
 
 def _calls(dependant) -> list:
     """Every dependency callable of a route, sub-dependencies included, in the order FastAPI solves them."""
@@ -116,10 +144,13 @@ def test_routes_of_a_dataset_or_training_check_a_limited_key(routes):
 
 
 def test_the_caller_is_checked_once_however_many_declarations(routes):
-    """Each declaration depends on auth.current_caller; FastAPI solves it once per request."""
+    """Each declaration depends on auth.current_caller (Custom Vision's: on the caller of its key
+    headers); FastAPI solves it once per request."""
+    from service.api.customvision.auth import CALLERS
+
     for route, calls in routes.items():
         if route[1] not in OPEN:
-            assert auth.current_caller in calls, route
+            assert {auth.current_caller, *CALLERS} & set(calls), route
 
 
 def test_the_predict_route_declares_nothing_that_needs_a_thread(routes):
