@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                      # train a model in a temporary felis, then measure
     .venv/bin/python bench/serve.py --data-dir /tmp/fb   # the same, keeping felis's data; a second run reuses the model
     .venv/bin/python bench/serve.py --checkpoint v1.pt   # serve a downloaded felis checkpoint instead of training
+    .venv/bin/python bench/serve.py --oip --torchserve none  # felis's /v1 predict against its /v2 (KServe v2) infer
 
 Steps:
 1. A trained felis version: trained here through felis's own HTTP API (`felis up` in a temporary
@@ -486,6 +487,30 @@ def torchserve_request(host: str, model: str, photo: Photo) -> bytes:
     return head.encode() + photo.data
 
 
+def oip_request(host: str, photo: Photo) -> bytes:
+    """POST /v2/models/{name}/infer as tritonclient sends it: the binary tensor data extension (one
+    BYTES element: a 4-byte little-endian length, the file), no outputs named so all come back binary."""
+    data = len(photo.data).to_bytes(4, "little") + photo.data
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(data)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    request = (f"POST /v2/models/{DATASET}/infer HTTP/1.1\r\nHost: {host}\r\n"
+               f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(head) + len(data)}\r\n\r\n")
+    return request.encode() + head + data
+
+
+def oip_top(body: bytes) -> str:
+    """The `label` output of a binary OIP answer (its JSON header first, then each output's bytes)."""
+    head, offset = json.JSONDecoder().raw_decode(body.decode("latin-1"))  # the header is ASCII JSON
+    for out in head["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        if out["name"] == "label":
+            n = int.from_bytes(body[offset:offset + 4], "little")
+            return body[offset + 4:offset + 4 + n].decode()
+        offset += size
+    raise ValueError("no label output")
+
+
 def felis_top(body: bytes) -> str:
     return json.loads(body)["predictions"][0]["label"]
 
@@ -699,7 +724,7 @@ def table(runs: list[ServerRun]) -> str:
 
 def check_targets(runs: list[ServerRun]) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met); met is None for a figure that is reported, not judged."""
-    felis, others = runs[0], runs[1:]
+    felis, others = runs[0], [r for r in runs[1:] if not r.title.startswith("felis")]  # TorchServe's runs
     c32 = felis.phases["c32"].img_s
     stock = [o.phases["c32"].img_s for o in others if o.title == TORCHSERVE_CONFIGS["stock"].title]
     best_ts = max((o.phases["c32"].img_s for o in others), default=float("nan"))
@@ -816,6 +841,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "a dataset 'bench' with a default version there is reused")
     p.add_argument("--felis-env", action="append", default=[], metavar="FELIS_X=V",
                    help="a setting for the measured felis API (repeatable), e.g. FELIS_PREDICT_MAX_WAIT_MS=0")
+    p.add_argument("--oip", nargs="?", const="after", choices=("after", "before"),
+                   help="also measure felis's Open Inference Protocol route (/v2/models/{name}/infer, binary tensor "
+                   "data) on the same process, after /v1 predict (or before: alternate to pair rounds)")
     p.add_argument("--torchserve", default="stock,batch32,tuned",
                    help=f"TorchServe configurations, comma-separated, from {', '.join(TORCHSERVE_CONFIGS)} "
                    "(default: all); 'none' for felis alone")
@@ -870,13 +898,25 @@ def main(argv: list[str] | None = None) -> int:
         host = f"127.0.0.1:{felis.port}"
         target = Target("felis", felis.port, [felis_request(host, p) for p in photos], felis_top,
                         lambda: [felis.popen.pid])
+        oip_target = Target("felis v2 (OIP)", felis.port, [oip_request(host, p) for p in photos], oip_top,
+                            lambda: [felis.popen.pid])
+        if args.oip == "before":  # the same process and model: the Open Inference Protocol route first
+            oip_phases = measure(oip_target, photos, args)
+            oip_rss, oip_hwm = _rss_mb([felis.popen.pid])
         phases = measure(target, photos, args)
         rss, hwm = _rss_mb([felis.popen.pid])
+        if args.oip == "after":  # or right after /v1
+            oip_phases = measure(oip_target, photos, args)
+            oip_rss, oip_hwm = _rss_mb([felis.popen.pid])
         runs.append(ServerRun("felis", phases, rss, hwm,
                               f"`felis api` (1 uvicorn process), ONNX Runtime, micro-batching "
                               f"({' '.join(args.felis_env) or 'FELIS_PREDICT_MAX_BATCH/MAX_WAIT_MS defaults'}), "
                               f"API process VmRSS {rss:.0f} MiB "
                               f"(peak {hwm:.0f} MiB), rate limit off"))
+        if args.oip:
+            runs.append(ServerRun("felis v2 (OIP)", oip_phases, oip_rss, oip_hwm,
+                                  f"the same `felis api` process, measured {args.oip} /v1, POST /v2/models/{{name}}/infer "
+                                  f"with the binary tensor data extension (as tritonclient sends it), all outputs binary"))
         felis.stop()
         running.remove(felis)
 

@@ -30,6 +30,7 @@ from service.api.routes import (
     keys,
     label_issues,
     models,
+    oip,
     predict,
     suggestions,
     trainings,
@@ -70,6 +71,7 @@ def create_app() -> FastAPI:
                    models.router, predict.router, keys.router):
         v1.include_router(router)
     app.include_router(v1)
+    app.include_router(oip.router)  # /v2: the Open Inference Protocol (KServe v2), beside /v1
     for router in (cv_training.router, cv_prediction.router, cv_content.router):  # /customvision: Azure Custom Vision's API
         app.include_router(router)
     app.include_router(health.router)

@@ -66,13 +66,19 @@ def status_for(exc: e.FelisError) -> int:
     return 400
 
 
-async def _felis_error(_: Request, exc: e.FelisError) -> JSONResponse:
+def headers_for(exc: e.FelisError) -> dict[str, str]:
+    """The headers that go with a domain error's status (also for the OIP routes' error bodies)."""
     headers = {}
     if isinstance(exc, e.RateLimited):
         headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
     if isinstance(exc, e.Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_for(exc), headers=headers)
+    return headers
+
+
+async def _felis_error(_: Request, exc: e.FelisError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status_for(exc),
+                        headers=headers_for(exc))
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -71,12 +71,15 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status, streaming = 500, False
         captured: list[bytes] | None = None
+        json_length: int | None = None  # an Open Inference Protocol answer with binary data: its JSON's length
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status, streaming, captured
+            nonlocal status, streaming, captured, json_length
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = dict(message.get("headers") or [])
+                value = headers.get(b"inference-header-content-length", b"")
+                json_length = int(value) if value.isdigit() else None
                 streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
                 if _counter(scope) is not None:
                     captured = []
@@ -92,7 +95,7 @@ class MetricsMiddleware:
                 HTTP_LATENCY.labels(scope["method"], route, str(status)).observe(time.perf_counter() - start)
             counter = _counter(scope)
             if captured is not None and counter is not None:
-                answer = _json_object(b"".join(captured))
+                answer = _json_object(b"".join(captured)[:json_length])
                 if answer is not None:
                     counter(scope, status, answer)
 

@@ -9,6 +9,7 @@ from fastapi.routing import iter_route_contexts
 
 from service.api import auth, metrics
 from service.api.auth import Requirement
+from service.api.routes import oip
 from service.domain.keys import Scope
 
 # no scope: probes, the console shell (its page asks for a key, then calls the API) and the docs
@@ -83,6 +84,17 @@ RATE_LIMITED.update({("POST", f"{_CVP}/classify/iterations/{{publishedName}}/{pa
 RATE_LIMITED.update({("POST", f"{_CVT}/projects/{{projectId}}/images/files"): "upload",
                      ("POST", f"{_CVT}/projects/{{projectId}}/images"): "upload"})
 EVERY_DATASET.add(("POST", f"{_CVT}/projects"))
+
+# The Open Inference Protocol (service/api/routes/oip.py): /v1 predict's declarations on every /v2
+# route that takes a key; its two health probes need none
+_V2 = "/v2/models/{name}"
+_OIP = [("GET", "/v2"), ("GET", _V2), ("GET", f"{_V2}/versions/{{version}}"), ("GET", f"{_V2}/ready"),
+        ("GET", f"{_V2}/versions/{{version}}/ready")]
+_OIP_INFER = [("POST", f"{_V2}/infer"), ("POST", f"{_V2}/versions/{{version}}/infer")]
+OPEN |= {"/v2/health/live", "/v2/health/ready"}
+CONTRACT.update(dict.fromkeys(_OIP + _OIP_INFER, P))
+RATE_LIMITED.update(dict.fromkeys(_OIP + _OIP_INFER, "predict"))
+COUNTED.update(dict.fromkeys(_OIP_INFER, oip.count_inferences))
 
 
 def _calls(dependant) -> list:
@@ -161,5 +173,6 @@ def test_the_predict_route_declares_nothing_that_needs_a_thread(routes):
     def is_async(call) -> bool:
         return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(getattr(call, "__call__", None))
 
-    sync = [c for c in routes[("POST", "/v1/datasets/{name}/predict")] if not is_async(c)]
-    assert not sync
+    for route in [("POST", "/v1/datasets/{name}/predict"), *_OIP_INFER]:
+        sync = [c for c in routes[route] if not is_async(c)]
+        assert not sync, route
