@@ -2,7 +2,8 @@
 Playwright. Create a dataset, upload a folder and loose files, train with live progress, look at
 the evaluation, train again, promote, and classify an image through the page. Then the
 label-error report: photos with a few deliberately wrong labels, a default (linear) training, the
-flagged images with their thumbnails, relabel and delete from the page.
+flagged images with their thumbnails, relabel and delete from the page. And the labeling view:
+images uploaded without a label, the model's suggestions, labelled from the keyboard.
 
 Screenshots go to test-artifacts/console/. Without Chromium the test is skipped, unless CI is set:
 then it must run (CI installs it: `apt-get install -y chromium`).
@@ -301,6 +302,173 @@ def test_console_label_issues(page, server):
     page.wait_for_timeout(300)  # both answers read and shown
     assert grid.locator("figure").count() == 48
     assert "dog" in grid.inner_text()  # the unfiltered page, not the cats
+    api.close()
+
+
+def _until(fn, timeout: float = 300, every: float = 0.5):
+    """fn()'s first truthy answer, polling."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = fn()
+        if answer:
+            return answer
+        time.sleep(every)
+    raise TimeoutError(f"still not there after {timeout} s")
+
+
+@needs_datasets()
+def test_console_labeling(page, server):
+    """20 cats and 20 dogs labelled, 10 more dropped without a label; a default (linear) training
+    suggests a label for each; the Label card takes them one at a time from the keyboard (accept,
+    a number key, skip, undo, an error), then "accept all" in the certain order, as the API then says."""
+    from playwright.sync_api import expect
+
+    name = "console-labeling"
+    api = httpx.Client(base_url=f"{server['url']}v1", headers={"Authorization": f"Bearer {server['key']}"}, timeout=120)
+    assert api.post("/datasets", json={"name": name}).status_code == 201
+    for label, paths in (("cat", _kaggle("cat", 20)), ("dog", _kaggle("noncat", 20))):
+        r = api.post(f"/datasets/{name}/images", data={"label": label},
+                     files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
+        assert r.status_code == 201, r.text
+    unlabeled = _kaggle("cat", 25)[20:] + _kaggle("noncat", 25)[20:]
+
+    # loose files and an empty label field: stored unlabeled; the card waits for a model
+    page.goto(server["url"])
+    page.locator(_tid("api-key")).fill(server["key"])
+    page.get_by_role("button", name="Save").click()
+    page.goto(f"{server['url']}#/d/{name}")
+    card = page.locator(_tid("labeling-card"))
+    card.locator(_tid("labeling-note")).filter(has_text="No unlabeled images").wait_for()
+    assert page.locator(_tid("upload-label")).input_value() == ""
+    page.locator(_tid("upload-files")).set_input_files([str(p) for p in unlabeled])
+    page.locator(_tid("upload-summary")).filter(has_text="10 created").wait_for()
+    page.locator(_tid("unlabeled-count")).filter(has_text="10").wait_for()
+    page.locator(_tid("image-count")).filter(has_text="50").wait_for()
+    card.locator(_tid("labeling-note")).filter(has_text="Train a model: its suggestions for the 10 unlabeled").wait_for()
+    listed = api.get(f"/datasets/{name}/images", params={"labeled": "false"}).json()
+    assert listed["count"] == 10 and all(i["label"] is None for i in listed["data"])
+    assert {i["filename"] for i in listed["data"]} == {p.name for p in unlabeled}
+    assert api.get(f"/datasets/{name}/suggestions").json()["error"]["code"] == "no_model"
+
+    # train through the API (every option at its default: a linear head), until every image has a suggestion
+    training = api.post(f"/datasets/{name}/trainings", json={}).json()
+
+    def finished() -> dict | None:
+        t = api.get(f"/trainings/{training['id']}").json()
+        return t if t["status"] in ("succeeded", "failed", "cancelled") else None
+
+    def suggested() -> dict | None:
+        q = api.get(f"/datasets/{name}/suggestions").json()
+        return q if q.get("pending") == 0 and q.get("count") == 10 else None
+
+    done = _until(finished, timeout=600, every=1)
+    assert done["status"] == "succeeded", done
+    queue = _until(suggested)
+    assert queue["order"] == "uncertain" and queue["version"] == 1
+    items = queue["data"]
+    other = {"cat": "dog", "dog": "cat"}
+
+    page.reload()
+    card.locator(_tid("labeling-count")).filter(has_text="v1: 10 to label").wait_for()
+    tiles = card.locator(f'{_tid("labeling-queue")} [role="option"]')
+    expect(tiles).to_have_count(10)
+    expect(card.locator(f'{_tid("labeling-queue")} img[src^="blob:"]')).to_have_count(10)
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="labeling-queue"] img')]
+        .every((i) => i.complete && i.naturalWidth > 0)""")
+    sides = page.evaluate("""() => [...document.querySelectorAll('[data-testid="labeling-queue"] img')]
+        .map((i) => Math.max(i.naturalWidth, i.naturalHeight))""")
+    assert max(sides) == 160, sides
+    expect(card.locator(_tid("labeling-pending"))).to_be_hidden()
+    # in the API's order, each with its suggestion; the legend numbers the dataset's labels
+    assert [t.get_attribute("data-testid") for t in tiles.all()] == [f"labeling-item-{i['image_id']}" for i in items]
+    for i in items:
+        assert card.locator(_tid(f"labeling-suggested-{i['image_id']}")).inner_text() == i["suggested_label"]
+        tile = card.locator(_tid(f"labeling-item-{i['image_id']}"))
+        assert (tile.get_by_text("unlike the training images").count() == 1) == i["ood"]
+    legend = card.locator(_tid("labeling-legend"))
+    assert "1 cat" in legend.locator(_tid("labeling-key-1")).inner_text().replace("\n", " ")
+    assert "2 dog" in legend.locator(_tid("labeling-key-2")).inner_text().replace("\n", " ")
+    expect(card.locator(_tid("labeling-accept-all"))).to_be_hidden()  # for the certain order
+    _shot(page, "07-labeling")
+
+    def state(item) -> str:
+        return card.locator(_tid(f"labeling-item-{item['image_id']}")).get_attribute("data-state")
+
+    def settled() -> None:
+        expect(card).to_have_attribute("data-busy", "0")
+
+    def label_of(item) -> str | None:
+        return api.get(f"/datasets/{name}/images/{item['image_id']}").json()["label"]
+
+    # the keyboard: Enter accepts items[0]; a number key gives items[1] the other label; s skips
+    # items[2]; 1 labels items[3] cat, and u takes that back
+    card.locator(_tid(f"labeling-item-{items[0]['image_id']}")).click()
+    expect(card.locator(_tid(f"labeling-item-{items[0]['image_id']}"))).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(card.locator(_tid(f"labeling-outcome-{items[0]['image_id']}"))).to_have_text(f"→ {items[0]['suggested_label']}")
+    expect(card.locator(_tid(f"labeling-item-{items[1]['image_id']}"))).to_be_focused()
+    picked = other[items[1]["suggested_label"]]
+    page.keyboard.press("1" if picked == "cat" else "2")
+    expect(card.locator(_tid(f"labeling-outcome-{items[1]['image_id']}"))).to_have_text(f"→ {picked}")
+    page.keyboard.press("s")
+    expect(card.locator(_tid(f"labeling-outcome-{items[2]['image_id']}"))).to_have_text("skipped")
+    expect(card.locator(_tid(f"labeling-item-{items[3]['image_id']}"))).to_be_focused()
+    page.keyboard.press("1")
+    expect(card.locator(_tid(f"labeling-outcome-{items[3]['image_id']}"))).to_have_text("→ cat")
+    settled()
+    assert api.get(f"/datasets/{name}/images/{items[3]['image_id']}").json()["label"] == "cat"
+    page.keyboard.press("u")
+    settled()
+    assert state(items[3]) == "pending"
+    expect(card.locator(_tid(f"labeling-item-{items[3]['image_id']}"))).to_be_focused()
+    card.locator(_tid("labeling-count")).filter(has_text="v1: 8 to label").wait_for()
+    page.locator(_tid("unlabeled-count")).filter(has_text="8").wait_for()  # the overview follows
+    assert label_of(items[0]) == items[0]["suggested_label"]
+    assert label_of(items[1]) == picked
+    assert label_of(items[2]) is None and label_of(items[3]) is None
+
+    # an image deleted meanwhile: the card shows the server's message, and the focus stays on it
+    assert api.delete(f"/datasets/{name}/images/{items[4]['image_id']}").status_code == 204
+    page.keyboard.press("ArrowRight")  # skip items[3]
+    gone = card.locator(_tid(f"labeling-item-{items[4]['image_id']}"))
+    expect(gone).to_be_focused()
+    with page.expect_response(lambda r: r.url.endswith("/images/labels")) as answer:
+        page.keyboard.press("a")
+    assert answer.value.status == 207
+    expect(card.locator(_tid("labeling-error"))).to_contain_text(f"'{items[4]['image_id']}' is not in dataset")
+    expect(card.locator(_tid(f"labeling-outcome-{items[4]['image_id']}"))).to_contain_text("is not in dataset")
+    settled()
+    expect(gone).to_be_focused()
+    assert state(items[4]) == "pending"
+    page.locator(_tid("unlabeled-count")).filter(has_text="7").wait_for()
+    _shot(page, "08-labeling-keyboard")
+
+    # the certain order, and one POST for the page: every image left gets its suggestion
+    card.locator(_tid("labeling-order")).select_option("certain")
+    certain = api.get(f"/datasets/{name}/suggestions", params={"order": "certain"}).json()
+    assert certain["count"] == 7
+    card.locator(_tid("labeling-count")).filter(has_text="v1: 7 to label").wait_for()
+    expect(tiles).to_have_count(7)
+    assert [t.get_attribute("data-testid") for t in tiles.all()] == [f"labeling-item-{i['image_id']}" for i in certain["data"]]
+    accept_all = card.locator(_tid("labeling-accept-all"))
+    expect(card.locator(_tid("labeling-error"))).to_be_hidden()
+    expect(accept_all).to_have_text("Accept all 7 shown")
+    with page.expect_request(lambda r: r.url.endswith("/images/labels") and r.method == "POST") as posted:
+        accept_all.click()
+    assert len(posted.value.post_data_json) == 7
+    settled()
+    card.locator(_tid("labeling-count")).filter(has_text="v1: 0 to label").wait_for()
+    expect(accept_all).to_have_text("Accept all 0 shown")
+    page.locator(_tid("unlabeled-count")).filter(has_text="0").wait_for()
+    page.locator(_tid("image-count")).filter(has_text="49").wait_for()
+    for i in certain["data"]:
+        assert label_of(i) == i["suggested_label"], i
+    assert label_of(items[0]) == items[0]["suggested_label"] and label_of(items[1]) == picked
+    dataset = api.get(f"/datasets/{name}").json()
+    assert dataset["unlabeled_count"] == 0 and sum(dataset["label_counts"].values()) == 49
+    after = api.get(f"/datasets/{name}/suggestions").json()
+    assert after["count"] == 0 and after["pending"] == 0
+    _shot(page, "09-labeling-accepted")
     api.close()
 
 

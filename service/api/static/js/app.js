@@ -1,15 +1,18 @@
-// The felis console: datasets, uploads, trainings with live curves, versions, evaluation, try-it.
+// The felis console: datasets, uploads, labeling, trainings with live curves, versions, evaluation, try-it.
 // Plain ES modules; every request goes through api.js (same API and errors as any other client).
 
 import * as api from "./api.js";
 import * as charts from "./charts.js";
 import { bytes, clear, fill, fmt, h, pct, when } from "./dom.js";
+import { labelingCard } from "./labeling.js";
 
 const FINAL = ["succeeded", "failed", "cancelled"];
 const ARCHITECTURES = ["efficientnet_lite0", "simple_cnn"];
 const THUMBS_PER_PAGE = 48;
 const FILES_PER_REQUEST = 200; // loose files per upload request (the server allows more)
 const IMAGE_RE = /\.(jpe?g|png|webp|gif|bmp|tiff?)$/i;
+const UNLABELED = "unlabeled"; // a folder of that name holds images without a label (the server's reserved name)
+const ONLY_UNLABELED = ":unlabeled"; // the images filter's value for them (no label contains ':')
 
 const $ = (sel) => document.querySelector(sel);
 const page = { name: null, abort: new AbortController(), objectUrls: [] };
@@ -79,7 +82,8 @@ function route() {
 function showHome() {
   clear($("#main")).append(h("section", { class: "card intro" },
     h("h1", {}, "felis console"),
-    h("p", {}, "Create a dataset on the left, drop labeled images on it, train a model and try it here."),
+    h("p", {}, "Create a dataset on the left, drop labeled images on it, train a model and try it here. " +
+      "Images dropped without a label wait in its Label card, with the model's suggestions."),
     h("p", { class: "muted" }, "Everything here uses the public HTTP API (",
       h("a", { href: "docs" }, "/docs"), "); Prometheus metrics are at ", h("a", { href: "metrics" }, "/metrics"), ".")));
 }
@@ -128,16 +132,27 @@ async function showDataset(name) {
   const models = modelsCard(ctx);
   const issues = labelIssuesCard(ctx);
   const tryIt = tryCard(ctx);
-  main.append(overview.el, upload.el, images.el, train.el, models.el, issues.el, tryIt.el);
+  const labeling = labelingCard(ctx, { card, report, withLimit, keepUrl: (u) => page.objectUrls.push(u) });
+  main.append(overview.el, upload.el, images.el, labeling.el, train.el, models.el, issues.el, tryIt.el);
   ctx.refresh = async () => {
-    await Promise.all([overview.load(), images.load()]);
+    await overview.load(); // first: the images filter lists the dataset's labels as it now is
+    await images.load();
     refreshDatasets();
+  };
+  ctx.uploaded = async () => {
+    await ctx.refresh();
+    await labeling.load(); // new unlabeled images: a fresh queue
+  };
+  let countsTimer = null;
+  ctx.countsChanged = () => { // labels set from the labeling view: the counts and the grid follow, once keys pause
+    clearTimeout(countsTimer);
+    countsTimer = setTimeout(() => ctx.refresh().catch(report), 400);
   };
   ctx.refreshModels = async () => {
     ctx.versions = await models.load();
     tryIt.setVersions(ctx.versions);
     await overview.load();
-    await issues.setVersions(ctx.versions);
+    await Promise.all([issues.setVersions(ctx.versions), labeling.load()]);
   };
   try {
     await overview.load();
@@ -168,13 +183,14 @@ function overviewCard(ctx) {
     ctx.dataset = d;
     fill(stats, 
       stat(d.image_count ?? 0, "images", "image-count"),
+      stat(d.unlabeled_count ?? 0, "unlabeled", "unlabeled-count"),
       stat((d.labels || []).length, "labels"),
       stat(d.default_version ? `v${d.default_version}` : "–", "default model", "default-version"),
       stat(when(d.created_at), "created"));
     const counts = Object.entries(d.label_counts || {});
     const most = Math.max(1, ...counts.map(([, n]) => n));
     clear(bars);
-    if (!counts.length) bars.append(h("span", { class: "empty" }, "no images yet: drop some below"));
+    if (!counts.length) bars.append(h("span", { class: "empty" }, d.unlabeled_count ? "no labeled images yet" : "no images yet: drop some below"));
     for (const [label, n] of counts) {
       const fill = h("div");
       fill.style.width = `${(100 * n) / most}%`;
@@ -197,26 +213,36 @@ function imagesCard(ctx) {
   c.head.append(total, h("span", { class: "spacer" }), filter);
   let offset = 0;
   let generation = 0; // a reload (the filter, an upload, a relabel) makes the answers of older loads stale
+  let shownUrls = []; // the grid's thumbnails: let go at each reload (labeling reloads it often)
 
   async function loadPage(reset) {
     const mine = reset ? ++generation : generation;
+    const unlabeled = filter.value === ONLY_UNLABELED;
     const body = await api.request("GET", `v1/datasets/${encodeURIComponent(ctx.name)}/images`,
-      { params: { label: filter.value, limit: THUMBS_PER_PAGE, offset: reset ? 0 : offset } });
+      { params: { label: unlabeled ? null : filter.value, labeled: unlabeled ? "false" : null,
+        limit: THUMBS_PER_PAGE, offset: reset ? 0 : offset } });
     if (mine !== generation) return;
-    if (reset) { offset = 0; clear(grid); }
+    if (reset) {
+      offset = 0;
+      clear(grid);
+      for (const u of shownUrls.splice(0)) URL.revokeObjectURL(u);
+    }
     offset += body.data.length;
     total.textContent = `${body.count} image${body.count === 1 ? "" : "s"}`;
     more.hidden = offset >= body.count;
     const figures = body.data.map((img) => {
-      const pic = h("img", { alt: `${img.label} ${img.filename || img.id}`, loading: "lazy" });
-      grid.append(h("figure", { class: "thumb", title: `${img.filename || ""} (${img.label})` }, pic,
-        h("figcaption", {}, img.label)));
+      const label = img.label ?? UNLABELED;
+      const pic = h("img", { alt: `${label} ${img.filename || img.id}`, loading: "lazy" });
+      grid.append(h("figure", { class: "thumb", title: `${img.filename || ""} (${label})` }, pic,
+        h("figcaption", { class: img.label == null ? "unlabeled" : null }, label)));
       return [pic, img];
     });
     await withLimit(figures, 6, async ([pic, img]) => {
-      if (ctx.signal.aborted) return;
+      if (ctx.signal.aborted || mine !== generation) return;
       const u = await api.thumbnailUrl(ctx.name, img.id);
-      page.objectUrls.push(u);
+      if (mine !== generation) { URL.revokeObjectURL(u); return; }
+      shownUrls.push(u);
+      page.objectUrls.push(u); // and at the next route
       pic.src = u;
     });
   }
@@ -226,7 +252,9 @@ function imagesCard(ctx) {
     const labels = ctx.dataset?.labels || [];
     const chosen = filter.value;
     fill(filter, h("option", { value: "" }, "all labels"),
-      ...labels.map((l) => h("option", { value: l, selected: l === chosen }, l)));
+      ...labels.map((l) => h("option", { value: l, selected: l === chosen }, l)),
+      ctx.dataset?.unlabeled_count || chosen === ONLY_UNLABELED ?
+        h("option", { value: ONLY_UNLABELED, selected: chosen === ONLY_UNLABELED }, "unlabeled") : null);
     await loadPage(true);
   };
   return c;
@@ -245,12 +273,13 @@ async function withLimit(items, limit, fn) {
 // --- upload -------------------------------------------------------------------------------------
 
 function uploadCard(ctx) {
-  const label = h("input", { placeholder: "label for loose images", "data-testid": "upload-label",
+  const label = h("input", { placeholder: "label (none: unlabeled)", "aria-label": "label for loose images",
+    "data-testid": "upload-label",
     pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
   const pickFiles = h("input", { type: "file", multiple: true, accept: "image/*,.zip", "data-testid": "upload-files" });
   const pickFolder = h("input", { type: "file", webkitdirectory: true, "data-testid": "upload-folder" });
   const drop = h("div", { class: "drop", "data-testid": "drop-zone" },
-    h("div", {}, "Drop images, a zip, or a folder with a folder per label"),
+    h("div", {}, "Drop images, a zip, or a folder with a folder per label (images without one are stored unlabeled)"),
     h("div", { class: "row" }, label,
       h("span", { class: "file-button" }, h("button", { type: "button", class: "secondary", tabindex: -1 }, "Choose files…"), pickFiles),
       h("span", { class: "file-button" }, h("button", { type: "button", class: "secondary", tabindex: -1 }, "Choose folder…"), pickFolder)));
@@ -285,7 +314,7 @@ function uploadCard(ctx) {
     }
     progress.value = 1;
     showResults(results);
-    await ctx.refresh();
+    await ctx.uploaded();
   }
 
   function showResults(results) {
@@ -318,9 +347,13 @@ function uploadCard(ctx) {
     const loose = [];
     for (const e of rest) {
       const parts = e.path.split("/").filter(Boolean);
-      // a dropped folder: set/cat/x.jpg -> cat; cat/x.jpg -> cat; a loose file -> the label field
+      // a dropped folder: set/cat/x.jpg -> cat; cat/x.jpg -> cat; a loose file -> the label field;
+      // a folder named unlabeled -> no label
       const folderLabel = parts.length >= 3 ? parts[parts.length - 2] : parts.length === 2 ? parts[0] : null;
-      if (folderLabel) {
+      if (folderLabel?.toLowerCase() === UNLABELED) {
+        if (!byLabel.has(null)) byLabel.set(null, []);
+        byLabel.get(null).push(e.file);
+      } else if (folderLabel) {
         if (!byLabel.has(folderLabel)) byLabel.set(folderLabel, []);
         byLabel.get(folderLabel).push(e.file);
       } else {
@@ -328,18 +361,13 @@ function uploadCard(ctx) {
       }
     }
     if (loose.length) {
-      const l = label.value.trim();
-      if (!l) {
-        showBanner("Loose images need a label: type it in the label field, or drop a folder per label.");
-        label.focus();
-        return;
-      }
+      const l = label.value.trim() || null; // no label: stored unlabeled, to label in the Label card
       byLabel.set(l, [...(byLabel.get(l) || []), ...loose]);
     }
     for (const [l, files] of byLabel) {
       for (let i = 0; i < files.length; i += FILES_PER_REQUEST) {
         const form = new FormData();
-        form.append("label", l);
+        if (l) form.append("label", l);
         let size = 0;
         for (const f of files.slice(i, i + FILES_PER_REQUEST)) { form.append("files", f, f.name); size += f.size; }
         batches.push({ form, size });
