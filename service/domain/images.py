@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from models.images import decode_rgb
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
+from service.domain import suggestions
 from service.domain.uploads import orphan_blobs, validate_label
 from service.errors import InvalidRequest, NotFound, StorageFull
 from service.store.blobs import BlobStore, image_key, thumbnail_key
@@ -145,7 +146,16 @@ def relabel(session: Session, dataset: Dataset, image_id: str, label: str | None
     image = get(session, dataset, image_id)
     image.label = validate_label(label) if label is not None else None
     session.commit()
+    if label is None:
+        _ask_for_suggestions(dataset)
     return image
+
+
+def _ask_for_suggestions(dataset: Dataset) -> None:
+    """After the commit that made images unlabeled: those labelled when the default version trained
+    have no suggestion from it yet."""
+    if dataset.default_version is not None:
+        suggestions.request(dataset.id)
 
 
 MAX_LABELS_PER_REQUEST = 1000
@@ -174,6 +184,8 @@ def label_many(session: Session, dataset: Dataset, items: list[tuple[str, str | 
             result["error"] = {"code": e.code, "message": e.message}
         results.append(result)
     session.commit()
+    if any(r["status"] == "unlabeled" for r in results):
+        _ask_for_suggestions(dataset)
     return results
 
 

@@ -178,3 +178,20 @@ def test_a_deleted_version_takes_its_suggestions(served):
 
     with new_session() as s:
         assert s.query(Suggestion).filter_by(version=2).count() == 0 and s.query(Suggestion).filter_by(version=1).count() > 0
+
+
+def test_unlabelling_asks_for_a_suggestion(served, monkeypatch):
+    """An image labelled when the version trained has no suggestion: made unlabeled again (PATCH
+    or POST .../labels with null), it must be asked for, or `pending` stays up until the next
+    upload, promotion or training (before: neither asked)."""
+    from service.domain import suggestions
+
+    asked = []
+    monkeypatch.setattr(suggestions, "request", asked.append)
+    labelled = served.get("/v1/datasets/pets/images", params={"labeled": "true", "limit": 2}).json()["data"]
+    assert served.patch(f"/v1/datasets/pets/images/{labelled[0]['id']}", json={"label": None}).status_code == 200
+    assert len(asked) == 1
+    r = served.post("/v1/datasets/pets/images/labels", json=[{"image_id": labelled[1]["id"], "label": None}])
+    assert r.status_code == 200 and len(asked) == 2
+    assert served.patch(f"/v1/datasets/pets/images/{labelled[0]['id']}", json={"label": "cat"}).status_code == 200
+    assert len(asked) == 2  # labelling asks for nothing
