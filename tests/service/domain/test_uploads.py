@@ -163,12 +163,17 @@ def test_not_a_zip_is_refused(settings):
 
 
 def test_zip_over_member_and_size_limits_is_refused(settings):
+    """A zip's members are bounded by FELIS_MAX_ARCHIVE_MEMBERS (100,000), not by the loose files'
+    FELIS_MAX_FILES_PER_REQUEST (5,000), which refused a 10,000-image zip before."""
     buf = _zip({f"cat/{i}.jpg": b"x" for i in range(5)})
     settings.max_files_per_request = 4
+    assert len(uploads.archive_candidates(buf, settings)) == 5
+    settings.max_archive_members = 4
+    buf.seek(0)
     with pytest.raises(TooLarge) as e:
         uploads.archive_candidates(buf, settings)
-    assert e.value.code == "too_many_files"
-    settings.max_files_per_request = 100
+    assert e.value.code == "too_many_archive_members"
+    settings.max_archive_members = 100
     settings.max_archive_bytes = 4
     buf.seek(0)
     with pytest.raises(TooLarge) as e:
@@ -196,6 +201,10 @@ class HookedStore(LocalBlobStore):
         self.puts += 1
         if self.on:
             self.on("put", key)
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:  # one at a time here, so the hooks see each
+        for key, data in items:
+            self.put(key, data)
 
     def exists(self, key: str) -> bool:
         found = super().exists(key)
@@ -329,7 +338,7 @@ def _crash_at_put(n: int, monkeypatch) -> None:
     import signal
 
     count = [0]
-    real = LocalBlobStore.put
+    real, real_many = LocalBlobStore.put, LocalBlobStore.put_many
 
     def put(self, key, data):
         count[0] += 1
@@ -337,7 +346,15 @@ def _crash_at_put(n: int, monkeypatch) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         real(self, key, data)
 
+    def put_many(self, items):  # a batch is durable only as a whole: killed within it, none of it is stored
+        for _ in items:
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        real_many(self, items)
+
     monkeypatch.setattr(LocalBlobStore, "put", put)
+    monkeypatch.setattr(LocalBlobStore, "put_many", put_many)
 
 
 def test_the_stage_of_a_dead_upload_is_removed_by_the_sweep_after_its_ttl(felis, monkeypatch):

@@ -50,6 +50,13 @@ def test_put_get_exists_delete_round_trip(moto_server, s3_bucket):
     store.check()
 
 
+def test_put_many_puts_every_object(moto_server, s3_bucket):
+    store = s3_store(moto_server, s3_bucket)
+    items = [(f"images/{i:02x}/{i:064x}", bytes([i]) * (i + 1)) for i in range(20)]
+    store.put_many(items)
+    assert all(store.get(k) == v for k, v in items)
+
+
 def test_a_missing_key_is_not_found_blob_missing(moto_server, s3_bucket):
     with pytest.raises(NotFound) as exc:
         s3_store(moto_server, s3_bucket).get(KEY)
