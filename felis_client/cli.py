@@ -120,8 +120,9 @@ def _upload(args: argparse.Namespace) -> int:
             report = felis.upload(args.dataset, source, label=args.label, on_progress=bar.update, unlabeled=args.unlabeled)
         finally:
             bar.close()
-    print(f"{report['created']} created, {report['duplicates']} duplicates, {report['rejected']} rejected "
-          f"({len(report['results'])} files)")
+    skipped = f"{report['skipped']} already there, " if report.get("skipped") else ""
+    print(f"{skipped}{report['created']} created, {report['duplicates']} duplicates, {report['rejected']} rejected "
+          f"({len(report['results'])} files sent)")
     rejected = [r for r in report["results"] if r["status"] == "rejected"]
     if rejected:
         reasons = Counter(r.get("reason") or "unknown" for r in rejected)
@@ -130,7 +131,7 @@ def _upload(args: argparse.Namespace) -> int:
             print(f"  {r['filename']}: {r.get('reason')}")
         if len(rejected) > args.show:
             print(f"  ... and {len(rejected) - args.show} more")
-    return 0 if report["created"] or report["duplicates"] else 1
+    return 0 if report["created"] or report["duplicates"] or report.get("skipped") else 1
 
 
 def _train(args: argparse.Namespace) -> int:

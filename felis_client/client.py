@@ -102,10 +102,19 @@ class Client:
         """Upload a folder with a folder per label, a zip, or image files (these need ``label``, or
         ``unlabeled=True``: stored without a label, the service suggests one).
 
-        Returns the merged per-file report ``{"results", "created", "duplicates", "rejected"}``,
-        also when nothing new was stored (all duplicates or rejected), which the API answers with
-        422. ``on_progress(sent_bytes, total_bytes)`` is called as the bytes go out."""
-        batches = list(_upload.plan(path, label, unlabeled=unlabeled))
+        Files whose bytes the dataset holds already are not sent (``skipped``): an upload that was
+        interrupted resumes where it stopped when run again. Returns the merged per-file report
+        ``{"results", "skipped", "created", "duplicates", "rejected"}``, also when nothing new was
+        stored (all duplicates or rejected), which the API answers with 422.
+        ``on_progress(sent_bytes, total_bytes)`` is called as the bytes go out, over every request."""
+        skipped: list[Path] = []
+
+        def known(paths: list[Path]) -> set[Path]:  # what a previous, interrupted upload stored already
+            found = self._known(dataset, paths)
+            skipped.extend(found)
+            return found
+
+        batches = list(_upload.plan(path, label, unlabeled=unlabeled, skip=known))
         try:
             total = sum(b.size for b in batches)
             sent = 0
@@ -122,7 +131,19 @@ class Client:
         finally:
             for b in batches:
                 b.cleanup()
-        return _upload.merge_reports(reports)
+        return _upload.merge_reports([*reports, {"skipped": len(skipped)}])
+
+    def _known(self, dataset: str, paths: list[Path]) -> set[Path]:
+        """The files whose bytes the dataset holds already (POST .../images/known, 5,000 hashes a request)."""
+        by_sha: dict[str, list[Path]] = {}
+        for p in paths:
+            by_sha.setdefault(_upload.sha256_of(p), []).append(p)
+        shas, found = list(by_sha), set()
+        for start in range(0, len(shas), 5000):
+            answer = self._json("POST", f"/v1/datasets/{dataset}/images/known", json={"sha256": shas[start:start + 5000]})
+            for sha in answer["known"]:
+                found.update(by_sha[sha])
+        return found
 
     def _upload_batch(self, dataset: str, batch: _upload.Batch, advance: Callable[[int], None]) -> dict:
         if batch.archive is not None:
@@ -139,8 +160,12 @@ class Client:
         return body
 
     def images(self, dataset: str, label: str | None = None, limit: int = 100, offset: int = 0,
-               labeled: bool | None = None) -> dict:
+               labeled: bool | None = None, cursor: str | None = None) -> dict:
+        """A page, oldest first: ``{"data", "count", "next_cursor"}``; pass ``next_cursor`` back as
+        ``cursor`` for the next one (every page the same cost), or see iter_images."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if cursor is not None:
+            params["cursor"] = cursor
         if label is not None:
             params["label"] = label
         if labeled is not None:
@@ -194,8 +219,23 @@ class Client:
         """Queue a training; ``options`` are the training options (architecture, epochs, seed, ...)."""
         return self._json("POST", f"/v1/datasets/{dataset}/trainings", json=options)
 
-    def trainings(self, dataset: str) -> dict:
-        return self._json("GET", f"/v1/datasets/{dataset}/trainings")
+    def iter_images(self, dataset: str, label: str | None = None, labeled: bool | None = None,
+                    page_size: int = 1000) -> Iterator[dict]:
+        """Every image of the dataset, a page at a time (keyset cursors: none repeated or skipped)."""
+        cursor = None
+        while True:
+            page = self.images(dataset, label=label, labeled=labeled, limit=page_size, cursor=cursor)
+            yield from page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def trainings(self, dataset: str, limit: int = 50, offset: int = 0, cursor: str | None = None) -> dict:
+        """Newest first: ``{"data", "count", "next_cursor"}``."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return self._json("GET", f"/v1/datasets/{dataset}/trainings", params=params)
 
     def training(self, training_id: str) -> dict:
         return self._json("GET", f"/v1/trainings/{training_id}")

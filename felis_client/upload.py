@@ -81,7 +81,7 @@ def _zip(members: list[tuple[Path, str]]) -> Path:
 
 def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None, *,
          unlabeled: bool = False, max_files: int = MAX_FILES_PER_REQUEST,
-         max_bytes: int = MAX_BYTES_PER_REQUEST) -> Iterator[Batch]:
+         max_bytes: int = MAX_BYTES_PER_REQUEST, skip: Callable[[list[Path]], set[Path]] | None = None) -> Iterator[Batch]:
     """The requests that upload ``source``; zips are built lazily, one batch at a time.
 
     - a folder with one subfolder per label (``cat/1.jpg``, ``dog/2.jpg``): archives;
@@ -91,6 +91,8 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
     - one or more image files: sent as ``files`` with ``label``.
     ``unlabeled``: a folder's images (every one, whatever its subfolder) or the image files are
     stored without a label, for the service to suggest one; not with ``label``.
+    ``skip(paths)``: the files of a folder or the image files to leave out (those the dataset
+    holds already, when an upload resumes); a zip is sent as it is.
     """
     if unlabeled and label:
         raise ValueError("pass a label or unlabeled, not both")
@@ -101,7 +103,7 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
     if missing:
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     if len(paths) == 1 and paths[0].is_dir():
-        yield from _plan_folder(paths[0], "unlabeled" if unlabeled else label, max_files, max_bytes)
+        yield from _plan_folder(paths[0], "unlabeled" if unlabeled else label, max_files, max_bytes, skip)
         return
     if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         if label:
@@ -112,11 +114,15 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
         raise ValueError("upload one folder, one zip, or image files (not a mix)")
     if not label and not unlabeled:
         raise ValueError("image files need a label (--label / label=), or --unlabeled / unlabeled=True")
+    if skip is not None:
+        left = skip(paths)
+        paths = [p for p in paths if p not in left]
     for chunk in _chunks(paths, max_files, max_bytes):
         yield Batch(files=chunk, label=label or None)
 
 
-def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int) -> Iterator[Batch]:
+def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int,
+                 skip: Callable[[list[Path]], set[Path]] | None = None) -> Iterator[Batch]:
     files = _visible_files(folder)
     if not files:
         raise ValueError(f"{folder} holds no files")
@@ -127,6 +133,9 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
             raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
                              "the label, pass a label for all of them, or upload them unlabeled")
         members = [(p, p.relative_to(folder).as_posix()) for p in files]
+    if skip is not None:
+        left = skip([p for p, _ in members])
+        members = [(p, name) for p, name in members if p not in left]
     by_path = dict(members)
     for chunk in _chunks([p for p, _ in members], max_files, max_bytes):
         yield Batch(archive=_zip([(p, by_path[p]) for p in chunk]), temporary=True)
@@ -172,11 +181,22 @@ class ProgressFile:
             self._fh = None
 
 
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report for several upload requests, in the server's shape."""
     results = [r for rep in reports for r in rep.get("results", [])]
     return {
         "results": results,
+        "skipped": sum(rep.get("skipped", 0) for rep in reports),  # already in the dataset: not sent
         "created": sum(1 for r in results if r.get("status") == "created"),
         "duplicates": sum(1 for r in results if r.get("status") == "duplicate"),
         "rejected": sum(1 for r in results if r.get("status") == "rejected"),

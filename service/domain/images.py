@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.images import decode_rgb
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
-from service.domain import suggestions
+from service.domain import paging, suggestions
 from service.domain.uploads import orphan_blobs, validate_label
 from service.errors import InvalidRequest, NotFound, StorageFull
 from service.store.blobs import BlobStore, image_key, thumbnail_key
@@ -40,20 +40,25 @@ def describe(image: Image) -> dict[str, Any]:
 
 def list_images(
     session: Session, dataset: Dataset, *, label: str | None = None, labeled: bool | None = None, limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[Image], int]:
+    offset: int = 0, cursor: str | None = None,
+) -> tuple[list[Image], int, str | None]:
     """A page of the dataset's images, oldest first: those with `label`, or (labeled) only the
-    labelled or only the unlabeled ones."""
+    labelled or only the unlabeled ones; after `cursor` (paging.py) or `offset`. Returns the
+    rows, how many match, and the cursor of the next page (None after the last)."""
     where = [Image.dataset_id == dataset.id]
     if label is not None:
         where.append(Image.label == label)
     if labeled is not None:
         where.append(Image.label.is_not(None) if labeled else Image.label.is_(None))
     total = session.scalar(select(func.count(Image.id)).where(*where)) or 0
-    rows = session.scalars(
-        select(Image).where(*where).order_by(Image.created_at, Image.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    page = select(Image).where(*where)
+    if cursor is not None:
+        at, last = paging.decode("images", cursor)
+        page = page.where(or_(Image.created_at > at, and_(Image.created_at == at, Image.id > last)))
+    rows = list(session.scalars(page.order_by(Image.created_at, Image.id).limit(limit + 1).offset(offset)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, total, paging.encode("images", rows[-1].created_at, rows[-1].id) if more else None
 
 
 def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR_DUPLICATE_BITS, *,
@@ -79,6 +84,24 @@ def near_duplicates(session: Session, dataset: Dataset, max_distance: int = NEAR
              "labels": labels, "conflicting_labels": conflict}
             for conflict, _, idx, labels in summary[offset:offset + limit]]
     return page, len(summary)
+
+
+MAX_KNOWN_PER_REQUEST = 10_000
+
+
+def known(session: Session, dataset: Dataset, sha256s: list[str]) -> list[str]:
+    """Which of these content hashes the dataset holds already (an upload that resumes skips
+    them), in the order asked, each once; at most MAX_KNOWN_PER_REQUEST a call."""
+    if len(sha256s) > MAX_KNOWN_PER_REQUEST:
+        raise InvalidRequest(f"{len(sha256s)} hashes; at most {MAX_KNOWN_PER_REQUEST} a request", code="too_many_items")
+    wanted = list(dict.fromkeys(s.lower() for s in sha256s))
+    if any(len(s) != 64 or s.strip("0123456789abcdef") for s in wanted):
+        raise InvalidRequest("sha256 values are 64 hex digits", code="invalid_sha256")
+    found: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        found.update(session.scalars(select(Image.sha256).where(Image.dataset_id == dataset.id,
+                                                                Image.sha256.in_(wanted[start:start + 500]))))
+    return [s for s in wanted if s in found]
 
 
 def get(session: Session, dataset: Dataset, image_id: str) -> Image:

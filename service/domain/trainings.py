@@ -39,7 +39,7 @@ from models import memory
 from models.config import InvalidTrainConfig, TrainConfig
 from service import limits
 from service.config import Settings
-from service.domain import datasets
+from service.domain import datasets, paging
 from service.errors import Conflict, InvalidRequest, NotFound, TooMany
 from service.store.db import session_scope
 from service.store.tables import ApiKey, Dataset, Image, Training, utcnow
@@ -225,12 +225,20 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
     }
 
 
-def list_for(session: Session, dataset: Dataset, limit: int = 50) -> list[Training]:
-    return list(
-        session.scalars(
-            select(Training).where(Training.dataset_id == dataset.id).order_by(Training.created_at.desc()).limit(limit)
-        )
-    )
+def list_for(session: Session, dataset: Dataset, limit: int = 50, offset: int = 0,
+             cursor: str | None = None) -> tuple[list[Training], int, str | None]:
+    """A page of the dataset's trainings, newest first, after `cursor` (service.domain.paging) or
+    `offset`: the rows, how many there are, the next page's cursor (None after the last)."""
+    where = [Training.dataset_id == dataset.id]
+    total = session.scalar(select(func.count(Training.id)).where(*where)) or 0
+    page = select(Training).where(*where)
+    if cursor is not None:
+        at, last = paging.decode("trainings", cursor)
+        page = page.where(or_(Training.created_at < at, and_(Training.created_at == at, Training.id < last)))
+    rows = list(session.scalars(page.order_by(Training.created_at.desc(), Training.id.desc()).limit(limit + 1).offset(offset)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, total, paging.encode("trainings", rows[-1].created_at, rows[-1].id) if more else None
 
 
 def is_final(status: str) -> bool:

@@ -232,8 +232,8 @@ def test_upload_folder_zip_and_files_then_manage_images(felis, tmp_path):
     report = felis.upload("uploads", TRAIN, on_progress=lambda done, total: progress.append((done, total)))
     assert (report["created"], report["duplicates"], report["rejected"]) == (32, 0, 0)
     assert progress[-1][0] == progress[-1][1] > 0
-    again = felis.upload("uploads", TRAIN)  # all duplicates: a report, not an exception
-    assert again["duplicates"] == 32 and again["created"] == 0
+    again = felis.upload("uploads", TRAIN)  # all there already: not sent again, a report, not an exception
+    assert again["skipped"] == 32 and again["created"] == 0 and again["results"] == []
 
     archive = tmp_path / "test.zip"
     archive.write_bytes(zip_folder(TEST))
@@ -241,8 +241,8 @@ def test_upload_folder_zip_and_files_then_manage_images(felis, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image")
     mixed = felis.upload("uploads", [junk, asset_images("test", "cat")[0]], label="cat")
-    assert [(r["status"], r["reason"]) for r in mixed["results"]] == [("rejected", "not_an_image"),
-                                                                      ("duplicate", "duplicate_in_dataset")]
+    assert [(r["status"], r["reason"]) for r in mixed["results"]] == [("rejected", "not_an_image")]
+    assert mixed["skipped"] == 1  # the cat is in the dataset already: not sent
     d = felis.dataset("uploads")
     assert d["image_count"] == 40 and d["label_counts"] == {"cat": 20, "noncat": 20}
 
@@ -389,3 +389,48 @@ def test_unlabeled_images_get_suggestions_from_the_worker(felis):
     assert felis.image("suggest", first["image_id"])["label"] == first["suggested_label"]
     assert felis.relabel("suggest", first["image_id"], None)["label"] is None
     assert felis.suggestions("suggest")["count"] == len(later)  # unlabeled again: its suggestion is listed again
+
+
+def test_an_interrupted_upload_resumes_without_sending_twice(felis, monkeypatch):
+    """The second of several requests fails (the connection drops); run again, the upload sends
+    only what the dataset does not hold yet: nothing twice, nothing missing, one progress total."""
+    felis.create_dataset("resume")
+    monkeypatch.setitem(up.plan.__kwdefaults__, "max_files", 10)  # four requests: 10, 10, 10, 2
+    real, calls = Client._upload_batch, []
+
+    def flaky(self, dataset, batch, advance):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise FelisError(0, "connection_error", "the connection dropped")
+        return real(self, dataset, batch, advance)
+
+    monkeypatch.setattr(Client, "_upload_batch", flaky)
+    with pytest.raises(FelisError):
+        felis.upload("resume", TRAIN)
+    assert felis.dataset("resume")["image_count"] == 10
+    monkeypatch.setattr(Client, "_upload_batch", real)
+    progress = []
+    report = felis.upload("resume", TRAIN, on_progress=lambda done, total: progress.append((done, total)))
+    assert (report["skipped"], report["created"], report["duplicates"]) == (10, 22, 0)
+    assert progress[-1][0] == progress[-1][1] and len({total for _, total in progress}) == 1
+    assert felis.dataset("resume")["image_count"] == 32
+    again = felis.upload("resume", TRAIN)
+    assert (again["skipped"], again["created"], len(again["results"])) == (32, 0, 0)
+
+
+def test_known_hashes_are_bounded_and_validated(felis):
+    import httpx
+
+    felis.create_dataset("known")
+    felis.upload("known", asset_images("test", "cat"), label="cat")
+    sha = hashlib.sha256(asset_images("test", "cat")[0].read_bytes()).hexdigest()
+    base = felis.base_url
+    r = httpx.post(f"{base}/v1/datasets/known/images/known", json={"sha256": [sha, "0" * 64, sha.upper()]})
+    assert r.status_code == 200 and r.json() == {"known": [sha]}
+    for body, status, code in (({"sha256": ["0" * 64] * 10_001}, 422, "too_many_items"),
+                               ({"sha256": ["xyz"]}, 422, "invalid_sha256"), ({"nope": 1}, 422, "validation_error")):
+        r = httpx.post(f"{base}/v1/datasets/known/images/known", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+    r = httpx.post(f"{base}/v1/datasets/known/images/known", content=b'{"sha256": [' + b" " * 1_100_000 + b"]}",
+                   headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large")

@@ -89,10 +89,34 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
 @router.get("", dependencies=[Requires(Scope.READ)])
 def list_images(name: str, session: SessionDep, label: str | None = None,
                 labeled: bool | None = Query(None, description="true: only labelled images; false: only unlabeled ones"),
-                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
+                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1),
+                cursor: str | None = Query(None, max_length=200, description="next_cursor of the page before")) -> dict:
+    """Oldest first. Page with `cursor` (each page the same cost, however deep) or `offset`."""
     dataset = datasets.get(session, name)
-    rows, total = images.list_images(session, dataset, label=label, labeled=labeled, limit=limit, offset=offset)
-    return {"data": [images.describe(i) for i in rows], "count": total}
+    rows, total, after = images.list_images(session, dataset, label=label, labeled=labeled, limit=limit, offset=offset,
+                                            cursor=cursor)
+    return {"data": [images.describe(i) for i in rows], "count": total, "next_cursor": after}
+
+
+class KnownQuery(BaseModel):
+    sha256: list[str] = Field(description="content hashes (hex) of files about to be uploaded; at most 10,000")
+
+
+_KNOWN = TypeAdapter(KnownQuery)
+_KNOWN_BODY_BYTES = 1024 * 1024  # 10,000 hashes of 66 bytes, with room
+
+
+@router.post("/known", dependencies=[Requires(Scope.READ)],
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _KNOWN.json_schema()}}}})
+async def known_images(name: str, request: Request, session: SessionDep) -> dict:
+    """Which of these sha256s the dataset holds already: `{"known": [...]}`. An upload that
+    resumes after an interruption sends only the others (felis upload does)."""
+    try:
+        body = _KNOWN.validate_json(await read_body(request, _KNOWN_BODY_BYTES))
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
+    dataset = await run_in_threadpool(datasets.get, session, name)
+    return {"known": await run_in_threadpool(images.known, session, dataset, body.sha256)}
 
 
 @router.get("/near-duplicates", dependencies=[Requires(Scope.READ)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 
 from service.api.auth import InDataset, InTraining, Requires
 from service.api.deps import CallerDep, RequestIdDep, SessionDep, SettingsDep
@@ -31,9 +31,12 @@ def request_training(name: str, session: SessionDep, settings: SettingsDep, requ
 
 
 @router.get("/datasets/{name}/trainings", dependencies=[Requires(Scope.READ), InDataset])
-def list_trainings(name: str, session: SessionDep) -> dict:
-    rows = trainings.list_for(session, datasets.get(session, name))
-    return {"data": [trainings.describe(session, t) for t in rows], "count": len(rows)}
+def list_trainings(name: str, session: SessionDep, limit: int = Query(50, ge=1, le=1000),
+                   offset: int = Query(0, ge=0, le=2**31 - 1),
+                   cursor: str | None = Query(None, max_length=200, description="next_cursor of the page before")) -> dict:
+    """Newest first. Page with `cursor` or `offset`; `count` is every training of the dataset."""
+    rows, total, after = trainings.list_for(session, datasets.get(session, name), limit=limit, offset=offset, cursor=cursor)
+    return {"data": [trainings.describe(session, t) for t in rows], "count": total, "next_cursor": after}
 
 
 @router.get("/trainings/{training_id}", dependencies=[Requires(Scope.READ), InTraining])

@@ -29,6 +29,7 @@ CONTRACT: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/datasets/{name}/label-issues"): R,
     ("GET", "/v1/datasets/{name}/suggestions"): R,
     ("POST", "/v1/datasets/{name}/images/labels"): W,
+    ("POST", "/v1/datasets/{name}/images/known"): R,
     ("GET", "/v1/datasets/{name}/images/near-duplicates"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/evaluation"): R,
     ("GET", "/v1/datasets/{name}/models/{version}/download"): R,
