@@ -64,25 +64,54 @@ log = logging.getLogger("felis.cleanup")
 _IMAGES, _MODELS = "images/", "models/"
 
 
-def delete_dataset(session: Session, name: str) -> None:
+def delete_dataset(session: Session, name: str) -> int:
+    """Mark it deleted and cancel its trainings, in one commit; returns its id (for purge_soon)."""
     dataset = datasets.mark_deleted(session, name)
     trainings.cancel_all(session, dataset.id, reason="its dataset was deleted")
     session.commit()
+    return dataset.id
 
 
-def purge(session: Session, store: BlobStore) -> int:
-    """Remove the deleted datasets whose trainings have all stopped; returns how many went. Safe to
-    run anywhere, any number of times, concurrently. Their blobs are listed as orphans in the same
-    commit; the model blobs (which no upload can race for) are deleted at once too."""
+def purge_soon(dataset_id: int) -> None:
+    """Purge one deleted dataset now, on a session of its own (the API runs it after answering the
+    delete). Best effort: a failure, or a training still running, leaves it to the workers' sweep."""
+    from service.store.blobs import get_store
+    from service.store.db import new_session
+
+    try:
+        with new_session() as session:
+            purge(session, get_store(), only=dataset_id)
+    except Exception:
+        log.warning("purging deleted dataset %s failed; the workers' sweep will", dataset_id, exc_info=True)
+
+
+PURGE_BATCH = 2000  # image rows removed a transaction: the write lock is held a fraction of a second
+
+
+def purge(session: Session, store: BlobStore, only: int | None = None) -> int:
+    """Remove the deleted datasets (or just dataset `only`) whose trainings have all stopped;
+    returns how many went. Safe to run anywhere, any number of times, concurrently: the API starts
+    it for a dataset as soon as the delete is answered, the workers' sweep finishes what a process
+    that died left. Images go PURGE_BATCH rows a transaction, their blobs listed as orphans in it
+    (a large dataset never holds the write lock for long: other writers go on between batches);
+    then the versions, trainings and the dataset row in one commit; the model blobs (which no upload
+    can race for) are deleted at once after it."""
     done = 0
     for dataset_id in datasets.deleted_ids(session):
+        if only is not None and dataset_id != only:
+            continue
         if trainings.any_active(session, dataset_id):
             continue  # a running training stops at its next step; the sweep settles a dead worker's
+        shas, removed = images.delete_batch(session, dataset_id, PURGE_BATCH), 0
+        while shas:
+            uploads.orphan_blobs(session, [image_key(sha) for sha in shas])
+            session.commit()
+            removed += len(shas)
+            shas = images.delete_batch(session, dataset_id, PURGE_BATCH)
         model_keys = versions.delete_all(session, dataset_id)
         trainings.delete_all(session, dataset_id)
-        shas = images.delete_all(session, dataset_id)
         datasets.remove(session, dataset_id)
-        uploads.orphan_blobs(session, [image_key(sha) for sha in shas] + model_keys)
+        uploads.orphan_blobs(session, model_keys)
         session.commit()
         for key in model_keys:  # a crash here leaves them listed: collect deletes them
             store.delete(key)
@@ -90,7 +119,7 @@ def purge(session: Session, store: BlobStore) -> int:
             session.execute(delete(BlobOrphan).where(BlobOrphan.key.in_(model_keys))
                             .execution_options(synchronize_session=False))
             session.commit()
-        log.info("removed deleted dataset %s: %d images, %d model blobs", dataset_id, len(shas), len(model_keys))
+        log.info("removed deleted dataset %s: %d images, %d model blobs", dataset_id, removed, len(model_keys))
         done += 1
     return done
 

@@ -223,8 +223,10 @@ def delete(session: Session, store: BlobStore, dataset: Dataset, image_id: str) 
     session.commit()
 
 
-def delete_all(session: Session, dataset_id: int) -> set[str]:
-    """Every image row of a (deleted) dataset; returns their sha256s. The caller commits."""
-    shas = set(session.scalars(select(Image.sha256).where(Image.dataset_id == dataset_id)))
-    session.execute(sa_delete(Image).where(Image.dataset_id == dataset_id))
-    return shas
+def delete_batch(session: Session, dataset_id: int, limit: int) -> list[str]:
+    """Up to `limit` image rows of a (deleted) dataset; returns their sha256s (none: no row was
+    left). The caller lists their blobs as orphans and commits, a batch a transaction."""
+    rows = session.execute(select(Image.id, Image.sha256).where(Image.dataset_id == dataset_id).limit(limit)).all()
+    if rows:
+        session.execute(sa_delete(Image).where(Image.id.in_([r.id for r in rows])).execution_options(synchronize_session=False))
+    return [r.sha256 for r in rows]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 from pydantic import BaseModel, Field
 
 from service.api.auth import InDataset, Requires
@@ -41,8 +41,10 @@ def get_dataset(name: str, session: SessionDep) -> dict:
 
 
 @router.delete("/{name}", status_code=204, dependencies=[Requires(Scope.WRITE), InDataset])
-def delete_dataset(name: str, session: SessionDep) -> Response:
+def delete_dataset(name: str, session: SessionDep, background: BackgroundTasks) -> Response:
     """Answers at once: the dataset is gone from every listing and its name is free; its trainings
-    are cancelled, and its images, versions and blobs are removed in the background."""
-    cleanup.delete_dataset(session, name)
+    are cancelled, and its images, versions and blobs are removed in the background (starting
+    now, in batches that never hold up other requests; the workers' sweep finishes what is left)."""
+    dataset_id = cleanup.delete_dataset(session, name)
+    background.add_task(cleanup.purge_soon, dataset_id)
     return Response(status_code=204)

@@ -105,3 +105,52 @@ def test_deleting_a_dataset_frees_its_name_at_once_and_cancels_its_trainings(ses
     cleanup.collect(session, store, settings)
     assert session.get(Dataset, old_id) is None and not store.exists(image_key(sha))
     assert session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == old_id)) == 0
+
+
+def test_a_purge_goes_in_batches_and_one_that_dies_midway_is_finished_later(session, store, settings, monkeypatch):
+    """Images go PURGE_BATCH rows a transaction, each batch's blobs listed as orphans with it: a purge
+    that dies after two batches has committed exactly those (nothing lost track of), and the next
+    purge removes the rest and the dataset."""
+    from service.store.tables import BlobOrphan, Dataset, Image
+
+    ds = datasets.create(session, "big")
+    paths = asset_images("train", "cat") + asset_images("train", "noncat")
+    _upload(session, store, settings, ds, "cat", paths)
+    dataset_id = ds.id
+    cleanup.delete_dataset(session, "big")
+    monkeypatch.setattr(cleanup, "PURGE_BATCH", 5)
+    real, calls = images.delete_batch, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the process died")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "delete_batch", dies_on_the_third)
+    with pytest.raises(RuntimeError):
+        cleanup.purge(session, store)
+    session.rollback()
+    left = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset_id))
+    listed = session.scalar(select(func.count()).select_from(BlobOrphan).where(BlobOrphan.key.like("images/%")))
+    assert (left, listed) == (len(paths) - 10, 10)
+    monkeypatch.setattr(images, "delete_batch", real)
+    assert cleanup.purge(session, store) == 1
+    assert session.get(Dataset, dataset_id) is None
+    assert session.scalar(select(func.count()).select_from(BlobOrphan).where(BlobOrphan.key.like("images/%"))) == len(paths)
+
+
+def test_deleting_over_http_starts_the_purge_at_once(felis_env):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.store.db import new_session
+    from service.store.tables import Dataset, Image
+
+    with TestClient(create_app()) as client:
+        client.post("/v1/datasets", json={"name": "gone"})
+        client.post("/v1/datasets/gone/images", data={"label": "cat"},
+                    files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in asset_images("train", "cat")])
+        assert client.delete("/v1/datasets/gone").status_code == 204
+    with new_session() as s:  # no worker here: the API's own background task removed the rows
+        assert s.scalar(select(func.count()).select_from(Image)) == 0 and s.scalar(select(func.count()).select_from(Dataset)) == 0
