@@ -75,6 +75,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
     p.add_argument("--accept", action="store_true", help="label every listed image with its suggestion")
 
+    p = add("import-customvision", _import_customvision,
+            "copy an Azure Custom Vision project's tagged images into a dataset (needs felis-client[customvision])")
+    p.add_argument("--endpoint", required=True, help="the Custom Vision resource, e.g. https://NAME.cognitiveservices.azure.com/")
+    p.add_argument("--training-key", required=True, help="its training key")
+    p.add_argument("--project", required=True, help="the project's name or id")
+    p.add_argument("--dataset", default=None, help="the felis dataset (default: a slug of the project's name; created if missing)")
+
     p = add("predict", _predict, "classify images")
     p.add_argument("dataset")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -216,6 +223,23 @@ def _suggestions(args: argparse.Namespace) -> int:
             done = felis.label_images(args.dataset, [(r["image_id"], r["suggested_label"]) for r in rows])
             print(f"accepted {done['applied']}" + (f", {done['rejected']} rejected" if done["rejected"] else ""))
     return 0 if not args.accept or not done["rejected"] else 1
+
+
+def _import_customvision(args: argparse.Namespace) -> int:
+    from felis_client.customvision_import import import_project
+
+    with _client(args) as felis:
+        done = import_project(felis, endpoint=args.endpoint, training_key=args.training_key, project=args.project,
+                              dataset=args.dataset)
+    upload = done["upload"]
+    print(f"{done['dataset']}: {done['listed']} tagged images listed, {done['downloaded']} downloaded, "
+          f"{upload.get('created', 0)} created, {upload.get('skipped', 0)} already there, "
+          f"{upload.get('duplicates', 0)} duplicates, {upload.get('rejected', 0)} rejected")
+    print("labels: " + ", ".join(f"{tag} -> {label}" for tag, label in done["labels"].items()))
+    if done["failed"]:
+        print(f"{len(done['failed'])} could not be copied (no tag, no URL, over 6 MB or unreachable): "
+              + ", ".join(done["failed"][:10]) + (" ..." if len(done["failed"]) > 10 else ""))
+    return 0 if not done["failed"] else 1
 
 
 def _promote(args: argparse.Namespace) -> int:

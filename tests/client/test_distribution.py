@@ -90,8 +90,10 @@ def test_the_wheel_holds_the_package_modules_and_nothing_else(client_venv):
     assert files == sorted(f"felis_client/{p.name}" for p in CLIENT_DIR.glob("*.py")), files
     assert "Name: felis-client" in meta and "Version: 0.1.0" in meta
     requires = sorted(re.split(r"[\s<>=!~;\[]", line.split(":", 1)[1].strip())[0].lower()
-                      for line in meta.splitlines() if line.startswith("Requires-Dist:"))
+                      for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line)
     assert requires == ["httpx", "tqdm"], meta
+    extras = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" in line]
+    assert len(extras) == 1 and "azure-cognitiveservices-vision-customvision" in extras[0] and "customvision" in extras[0], meta
     assert re.search(r"^felis-client\s*=\s*felis_client\.cli:main$", entry_points, re.M), entry_points
 
 
