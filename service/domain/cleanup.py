@@ -32,28 +32,30 @@ collect, since "listed since" is the lister's clock.
 ``collect`` also drops the stages of dead uploads (staged rows untouched for
 FELIS_UPLOAD_STAGE_TTL_SECONDS; a live upload stages a chunk every few seconds, and one that
 outlives the TTL fails whole at publishing, see uploads.py), listing their blobs as orphans, and
-deletes cached features (image_features) of bytes no image and no upload uses any more (features
-are shared by every dataset with those bytes). An image blob's cached thumbnails
-(images.thumbnail_keys) go with it, in the same claim: a crash before the commit leaves the entry
-listed, and the next round deletes them again (deleting is idempotent).
+deletes cached feature blobs (service.store.features, ``features/<extractor>/ab/<sha256>.f16``) of
+bytes no image and no upload uses any more (features are shared by every dataset with those
+bytes). An image blob's cached thumbnails (images.thumbnail_keys) and feature blobs (one per
+extractor that has any: the folders under ``features/``) go with it, in the same claim: a crash
+before the commit leaves the entry listed, and the next round deletes them again (deleting is
+idempotent). A feature blob deleted while a training starts to use it again is only computed again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from itertools import islice
 
-from sqlalchemy import delete, exists, func, or_, select, tuple_
+from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.domain import datasets, images, trainings, uploads, versions
-from service.store.blobs import BlobStore, image_key
+from service.store.blobs import FEATURES_PREFIX, BlobStore, feature_key, image_key, parse_feature_key
 from service.store.tables import (
     BlobOrphan,
     Image,
-    ImageFeature,
     ImageStage,
     ModelVersion,
     utcnow,
@@ -126,7 +128,7 @@ def purge(session: Session, store: BlobStore, only: int | None = None) -> int:
 
 def collect(session: Session, store: BlobStore, settings: Settings, *, limit: int = 1000) -> dict[str, int]:
     """One round of the collection (see the module's docstring): the stages of dead uploads, up
-    to ``limit`` orphan blobs past the grace period, and up to ``limit`` orphan feature rows.
+    to ``limit`` orphan blobs past the grace period, and up to ``limit`` feature blobs looked at.
     Returns how many of each went. Safe to run anywhere, any number of times, concurrently."""
     counts = {"stages": 0, "blobs": 0, "features": 0}
     staged_before = utcnow() - timedelta(seconds=settings.upload_stage_ttl_seconds)
@@ -141,16 +143,18 @@ def collect(session: Session, store: BlobStore, settings: Settings, *, limit: in
     keys = session.scalars(select(BlobOrphan.key).where(BlobOrphan.since <= listed_before)
                            .order_by(BlobOrphan.since).limit(limit)).all()
     session.commit()
+    extractors = _feature_extractors(store) if any(key.startswith(_IMAGES) for key in keys) else []
     for key in keys:
-        counts["blobs"] += _collect_blob(session, store, key, listed_before)
-    counts["features"] = _collect_features(session, limit)
+        counts["blobs"] += _collect_blob(session, store, key, listed_before, extractors)
+    counts["features"] = _collect_features(session, store, limit)
     if any(counts.values()):
-        log.info("collected %d dead upload stages, %d blobs, %d feature rows",
+        log.info("collected %d dead upload stages, %d blobs, %d feature blobs",
                  counts["stages"], counts["blobs"], counts["features"])
     return counts
 
 
-def _collect_blob(session: Session, store: BlobStore, key: str, listed_before: datetime) -> bool:
+def _collect_blob(session: Session, store: BlobStore, key: str, listed_before: datetime,
+                  extractors: Sequence[str] = ()) -> bool:
     """Claim the entry, and delete the blob if nothing refers to it, all before the commit."""
     # First a look outside any transaction: a store that does not answer fails the round here,
     # not while holding the lock (on SQLite the database's write lock) through its timeouts.
@@ -162,12 +166,9 @@ def _collect_blob(session: Session, store: BlobStore, key: str, listed_before: d
             session.commit()
             return False
         sha = key.rsplit("/", 1)[-1] if key.startswith(_IMAGES) else None
-        for thumb in images.thumbnail_keys(sha) if sha else []:  # derived bytes, never listed on their own
-            store.delete(thumb)
+        for derived in _derived_keys(sha, extractors) if sha else []:  # never listed on their own
+            store.delete(derived)
         store.delete(key)
-        if sha:
-            session.execute(delete(ImageFeature).where(ImageFeature.sha256 == sha)
-                            .execution_options(synchronize_session=False))
         session.commit()
         return True
     except BaseException:
@@ -185,36 +186,45 @@ def _referenced(session: Session, key: str) -> bool:
     return True  # no kind of blob this module knows: never delete it
 
 
-def _unused(sha: Any) -> Any:
-    return ~exists().where(Image.sha256 == sha) & ~exists().where(ImageStage.sha256 == sha)
+def _derived_keys(sha: str, extractors: Sequence[str]) -> list[str]:
+    """The blobs made from an image blob's bytes: its thumbnails and its features."""
+    keys = list(images.thumbnail_keys(sha))
+    try:
+        keys += [feature_key(extractor, sha) for extractor in extractors]
+    except ValueError:  # not a sha256 (no upload names a blob so): no features of it either
+        pass
+    return keys
 
 
-_features_scanned_to: tuple[str, str] | None = None  # (extractor, sha256): where the last round stopped
+def _feature_extractors(store: BlobStore) -> list[str]:
+    """The extractors that have feature blobs: the folders under features/ (one listing)."""
+    return [name[len(FEATURES_PREFIX):-1] for name in store.list(FEATURES_PREFIX, recursive=False) if name.endswith("/")]
 
 
-def _collect_features(session: Session, limit: int) -> int:
-    """Feature rows of bytes no image and no upload uses any more. Those of the blobs collected
-    went with them; this finds the rest (a training that cached them after its images were
-    deleted, or rows older than this collection), ``limit`` rows a round, in key order and round
-    again, so a round costs the same whatever the table's size. Found by a read; deleted, if
-    still unused, in a short transaction."""
+_features_scanned_to: str | None = None  # the feature blob key where the last round stopped
+
+
+def _collect_features(session: Session, store: BlobStore, limit: int) -> int:
+    """Feature blobs of bytes no image and no upload uses any more. Those of the image blobs
+    collected went with them; this finds the rest (a training that cached them after its images
+    were deleted, features of an extractor listed after the image blob went), ``limit`` keys a
+    round, in the store's key order and round again, so a round costs the same whatever the
+    number of blobs: one listing, the lookups of their sha256s, the deletes."""
     global _features_scanned_to
-    window = select(ImageFeature.extractor, ImageFeature.sha256).order_by(ImageFeature.extractor, ImageFeature.sha256)
     start = _features_scanned_to
-    after = tuple_(ImageFeature.extractor, ImageFeature.sha256)
-    rows = session.execute((window.where(after > tuple_(*start)) if start else window).limit(limit)).all()
-    if start and len(rows) < limit:  # past the end: on from the beginning, up to where this round began
-        rows += session.execute(window.where(after <= tuple_(*start)).limit(limit - len(rows))).all()
-    _features_scanned_to = tuple(rows[-1]) if len(rows) == limit else None
-    shas = sorted({row.sha256 for row in rows})
-    unused = set()
+    keys = list(islice(store.list(FEATURES_PREFIX, start_after=start or ""), limit))
+    if start and len(keys) < limit:  # past the end: on from the beginning
+        keys = list(dict.fromkeys(keys + list(islice(store.list(FEATURES_PREFIX), limit - len(keys)))))
+    _features_scanned_to = keys[-1] if len(keys) == limit else None
+    owners = {key: parsed[1] for key in keys if (parsed := parse_feature_key(key))}
+    shas = sorted(set(owners.values()))
+    used = set()
     for i in range(0, len(shas), 500):
-        unused.update(session.scalars(select(ImageFeature.sha256).distinct().where(
-            ImageFeature.sha256.in_(shas[i:i + 500]), _unused(ImageFeature.sha256))))
+        chunk = shas[i:i + 500]
+        used.update(session.scalars(select(Image.sha256).where(Image.sha256.in_(chunk)).distinct()))
+        used.update(session.scalars(select(ImageStage.sha256).where(ImageStage.sha256.in_(chunk)).distinct()))
     session.commit()
-    if not unused:
-        return 0
-    gone = session.execute(delete(ImageFeature).where(ImageFeature.sha256.in_(sorted(unused)), _unused(ImageFeature.sha256))
-                           .execution_options(synchronize_session=False)).rowcount
-    session.commit()
-    return gone or 0
+    gone = [key for key, sha in owners.items() if sha not in used]
+    for key in gone:
+        store.delete(key)
+    return len(gone)

@@ -29,7 +29,7 @@ from service.domain.trainings import LostOwnership, Status
 from models.label_issues import pack_heldout
 from service.store.blobs import BlobStore, get_store, heldout_key, image_key, model_keys
 from service.store.db import session_scope
-from service.store.features import DbFeatureCache
+from service.store.features import BlobFeatureCache
 from service.store.tables import Dataset, Image, Training
 
 log = logging.getLogger("felis.trainer")
@@ -82,7 +82,7 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
     ]
     config = TrainConfig.from_stored(options)  # validated and resolved when it was requested
     result = train(
-        samples, config, device=device, feature_cache=DbFeatureCache(),
+        samples, config, device=device, feature_cache=BlobFeatureCache(store, settings),
         progress=run.report, should_stop=run.should_stop,
         pretrained_weights=str(settings.pretrained_weights) if settings.pretrained_weights else None,
         dataset={"name": dataset_name, **snapshot},

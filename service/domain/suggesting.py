@@ -26,7 +26,7 @@ from service.domain import suggestions
 from service.errors import NotFound
 from service.store.blobs import BlobStore, get_store, image_key
 from service.store.db import session_scope
-from service.store.features import DbFeatureCache
+from service.store.features import BlobFeatureCache
 from service.store.tables import Dataset, ModelVersion
 
 log = logging.getLogger("felis.suggestions")
@@ -51,7 +51,7 @@ def run_suggestions(dataset_id: int, version: int | None = None, *, settings: Se
             return 0
     ckpt = load_checkpoint(store.get(checkpoint_key))
     onnx = store.get(onnx_key) if onnx_key and ckpt.get("mode") != "linear" else None
-    labels, cache, after, done = list(ckpt["labels"]), DbFeatureCache(), "", 0
+    labels, cache, after, done = list(ckpt["labels"]), BlobFeatureCache(store, settings), "", 0
     weights = str(settings.pretrained_weights) if settings.pretrained_weights else None
     while True:
         with session_scope() as s:

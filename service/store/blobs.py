@@ -4,13 +4,17 @@ Keys are relative paths, formatted only by the functions below: ``image_key`` gi
 ``images/ab/abcdef...`` (content-addressed by sha256, shared by every dataset) and
 ``model_keys`` gives ``models/<dataset id>/<training id>/<run>/model.pt``, ``.../model.onnx`` and
 ``.../heldout.npz`` (the training images' held-out predictions and label-error report; one folder per claim of a training: a version's files are written before its row exists, and a
-run that lost its claim to another worker never overwrites the files the version points at). Writes are atomic: a reader sees the whole blob or none.
+run that lost its claim to another worker never overwrites the files the version points at).
+``feature_key`` gives ``features/<extractor id>/ab/abcdef....f16``: an image's cached frozen-backbone
+features (service.store.features), shared by every dataset with those bytes. Writes are atomic: a
+reader sees the whole blob or none. ``list(prefix)`` walks the keys under a prefix, in order.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +32,7 @@ class BlobStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def list(self, prefix: str, *, start_after: str = "", recursive: bool = True) -> Iterator[str]: ...
     def check(self) -> None: ...
 
 
@@ -39,6 +44,31 @@ def thumbnail_key(sha256: str, size: int) -> str:
     """A cached thumbnail of the image blob ``image_key(sha256)``: ``thumbs/<size>/ab/abcdef....jpg``
     (size: the longest side in pixels). Derived bytes: collecting the image blob removes them."""
     return f"thumbs/{int(size)}/{sha256[:2]}/{sha256}.jpg"
+
+
+FEATURES_PREFIX = "features/"
+# an extractor id is one safe path component: models.features builds them from the backbone's name,
+# preprocessing, pooling, precision and weights hash (letters, digits, '.', '_', '-')
+_EXTRACTOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FEATURE_KEY = re.compile(r"features/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/([0-9a-f]{2})/([0-9a-f]{64})\.f16")
+
+
+def feature_key(extractor_id: str, sha256: str) -> str:
+    """The cached features of the image blob ``image_key(sha256)`` for one extractor:
+    ``features/<extractor id>/ab/abcdef....f16`` (service.store.features writes and reads them)."""
+    if not isinstance(extractor_id, str) or not _EXTRACTOR_ID.fullmatch(extractor_id):
+        raise ValueError(f"invalid feature extractor id {extractor_id!r}: 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ValueError(f"invalid image sha256 {sha256!r}: 64 lowercase hex digits")
+    return f"{FEATURES_PREFIX}{extractor_id}/{sha256[:2]}/{sha256}.f16"
+
+
+def parse_feature_key(key: str) -> tuple[str, str] | None:
+    """(extractor id, sha256) of a ``feature_key``; None for any other key."""
+    m = _FEATURE_KEY.fullmatch(key)
+    return (m.group(1), m.group(3)) if m and m.group(3)[:2] == m.group(2) else None
 
 
 def model_keys(dataset_id: int, training_id: str, run: str) -> tuple[str, str]:
@@ -174,6 +204,36 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def list(self, prefix: str, *, start_after: str = "", recursive: bool = True) -> Iterator[str]:
+        """The keys that start with ``prefix`` (a folder ``a/b/``, or any start of a key), after
+        ``start_after``, lazily, folder by folder in name order (so a scan can stop anywhere and go
+        on from the last key it saw). ``recursive=False``: only the level just under the prefix's
+        folder, a subfolder as its key plus "/" (as S3's CommonPrefixes). Temp files are never keys."""
+        folder, _, stem = prefix.rpartition("/")
+        base = _safe_key(folder).split("/") if folder else []
+        after = tuple(start_after.split("/")) if start_after else ()
+        yield from self._walk(self.root.joinpath(*base), base, stem, after, recursive)
+
+    def _walk(self, path: Path, parts: list[str], stem: str, after: tuple[str, ...], recursive: bool) -> Iterator[str]:
+        try:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name, is_dir in entries:
+            if not name.startswith(stem) or name.startswith(".tmp-"):
+                continue
+            here = (*parts, name)
+            if is_dir:
+                if here < after[:len(here)]:
+                    continue  # the whole folder is before start_after
+                if not recursive:
+                    if here > after[:len(here)]:
+                        yield "/".join(here) + "/"
+                    continue
+                yield from self._walk(path / name, [*here], "", after, recursive)
+            elif here > after:
+                yield "/".join(here)
+
     def sweep_temp(self, older_than_s: float = 3600) -> int:
         """Remove temp files a crashed writer left behind (a live writer's are younger)."""
         import time
@@ -228,6 +288,8 @@ class S3BlobStore:
     missing key is NotFound (``blob_missing``), a full or over-quota store StorageFull
     (``storage_full``), anything else that keeps the store from answering Unavailable
     (``storage_unavailable``)."""
+
+    list_page_size = 1000  # keys per ListObjectsV2 request (S3's most)
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str = "", region: str = "", *,
                  connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 3,
@@ -358,6 +420,28 @@ class S3BlobStore:
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") not in _S3_MISSING_CODES:
                     raise
+
+    def list(self, prefix: str, *, start_after: str = "", recursive: bool = True) -> Iterator[str]:
+        """The keys that start with ``prefix``, after ``start_after``, in key order, lazily: one
+        ListObjectsV2 page (up to 1,000 keys) at a time, as the caller reads on. ``recursive=False``:
+        only the level under the prefix's folder, a subfolder as its key plus "/" (CommonPrefixes)."""
+        folder = prefix.rpartition("/")[0]
+        if folder:
+            _safe_key(folder)
+        args = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        if start_after:
+            args["StartAfter"] = self.prefix + start_after
+        if not recursive:
+            args["Delimiter"] = "/"
+        cut = len(self.prefix)
+        with self._errors(f"list the keys under {prefix!r} in"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                **args, PaginationConfig={"PageSize": self.list_page_size})
+            for page in pages:
+                names = [o["Key"] for o in page.get("Contents", [])] + [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+                for name in sorted(names):
+                    if not start_after or name[cut:] > start_after:  # a folder equal to start_after's start: already begun
+                        yield name[cut:]
 
     def check(self) -> None:
         """For /readyz: head_bucket, which needs the bucket, the credentials and s3:ListBucket."""

@@ -1,8 +1,7 @@
 """The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
 service.domain.uploads and .images (Image), service.domain.trainings (Training),
-service.domain.versions (ModelVersion), service.domain.suggestions (Suggestion), service.store.features (ImageFeature; service.domain.cleanup
-removes those no image uses any more), service.domain.keys (ApiKey, ApiKeyDataset), service.domain.uploads
-(ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects), service.domain.customvision
+service.domain.versions (ModelVersion), service.domain.suggestions (Suggestion), service.domain.keys (ApiKey,
+ApiKeyDataset), service.domain.uploads (ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects), service.domain.customvision
 (CvProject, CvTag, CvIteration, CvPublishAlias: the Custom Vision ids mapped onto datasets, labels, trainings)."""
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     String,
     UniqueConstraint,
     text,
@@ -150,16 +148,6 @@ class Suggestion(Base):
     probability: Mapped[float] = mapped_column(Float)
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # ood when above the version's threshold as it is now
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-class ImageFeature(Base):
-    """Frozen-backbone features cached per image content, so retraining skips the backbone."""
-
-    __tablename__ = "image_features"
-
-    extractor: Mapped[str] = mapped_column(String(128), primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
 
 
 class ApiKey(Base):

@@ -498,9 +498,15 @@ def test_the_collection_waits_for_the_grace_period_and_keeps_what_is_referenced(
     assert felis.blobs() == {_sha(cats[0])}  # b still uses it
 
 
+def _feature_blobs(felis) -> set[tuple[str, str]]:
+    """(extractor, sha256) of every cached feature blob in the store."""
+    from service.store.blobs import parse_feature_key
+
+    return {parse_feature_key(key) for key in felis.store().list("features/")}
+
+
 def test_the_collection_removes_the_features_no_dataset_uses(felis):
-    from service.store.features import DbFeatureCache
-    from service.store.tables import ImageFeature
+    from service.store.features import BlobFeatureCache
 
     a, b = datasets.create(felis.session, "a"), datasets.create(felis.session, "b")
     felis.session.commit()
@@ -508,16 +514,33 @@ def test_the_collection_removes_the_features_no_dataset_uses(felis):
     _upload(felis, felis.store(), a, cats[:3])
     _upload(felis, felis.store(), b, cats[:1])
     shas = [_sha(p) for p in cats[:3]]
-    DbFeatureCache().put_many("lite0", {sha: np.ones(4, "<f4") for sha in shas})
-    DbFeatureCache().put_many("other", {shas[1]: np.ones(4, "<f4")})
-    DbFeatureCache().put_many("lite0", {"f" * 64: np.ones(4, "<f4")})  # an image deleted long ago
+    cache = BlobFeatureCache(felis.store(), felis.settings)
+    cache.put_many("lite0", {sha: np.ones(4, "<f4") for sha in shas})
+    cache.put_many("other", {shas[1]: np.ones(4, "<f4")})
+    cache.put_many("lite0", {"f" * 64: np.ones(4, "<f4")})  # an image deleted long ago
     cleanup.delete_dataset(felis.session, "a")
     assert cleanup.purge(felis.session, felis.store()) == 1
     felis.settings.blob_grace_seconds = 0
     cleanup.collect(felis.session, felis.store(), felis.settings)
-    with felis.new_session() as s:
-        left = {tuple(row) for row in s.execute(select(ImageFeature.extractor, ImageFeature.sha256))}
-    assert left == {("lite0", shas[0])}  # features are shared by sha: b's image keeps its own
+    assert _feature_blobs(felis) == {("lite0", shas[0])}  # features are shared by sha: b's image keeps its own
+    assert felis.blobs() == {shas[0], f"{shas[0]}.f16"}  # the image blob and its features, nothing else
+
+
+def test_an_image_blob_collected_takes_its_features_of_every_extractor_along(felis):
+    from service.store.features import BlobFeatureCache
+
+    ds = datasets.create(felis.session, "a")
+    felis.session.commit()
+    [path] = asset_images("train", "cat")[:1]
+    [r] = _upload(felis, felis.store(), ds, [path]).results
+    for extractor in ("lite0", "resnet50-224px"):
+        BlobFeatureCache(felis.store(), felis.settings).put_many(extractor, {_sha(path): np.ones(4, "<f4")})
+    images.delete(felis.session, felis.store(), ds, r["image_id"])
+    felis.settings.blob_grace_seconds = 0
+    cleanup._features_scanned_to = None
+    counts = cleanup.collect(felis.session, felis.store(), felis.settings)
+    assert counts["blobs"] == 1 and counts["features"] == 0  # gone with the image blob, not found by the scan
+    assert _feature_blobs(felis) == set() and felis.blobs() == set()
 
 
 def test_model_blobs_of_a_purged_dataset_are_collected_after_a_crash_between_commit_and_delete(felis, monkeypatch):
@@ -551,9 +574,8 @@ def test_model_blobs_of_a_purged_dataset_are_collected_after_a_crash_between_com
     assert not any(felis.store().exists(k) for k in keys)
 
 
-def test_the_features_scan_covers_the_whole_table_a_window_a_round(felis):
-    from service.store.features import DbFeatureCache
-    from service.store.tables import ImageFeature
+def test_the_features_scan_covers_the_whole_store_a_window_a_round(felis):
+    from service.store.features import BlobFeatureCache
 
     ds = datasets.create(felis.session, "pets")
     felis.session.commit()
@@ -561,13 +583,12 @@ def test_the_features_scan_covers_the_whole_table_a_window_a_round(felis):
     _upload(felis, felis.store(), ds, asset_images("train", "cat")[:2])
     orphans = [f"{i:064x}" for i in range(10)]
     for extractor in ("a", "b"):
-        DbFeatureCache().put_many(extractor, {sha: np.ones(2, "<f4") for sha in kept + orphans})
+        BlobFeatureCache(felis.store(), felis.settings).put_many(extractor, {sha: np.ones(2, "<f4") for sha in kept + orphans})
     rounds = 0
     while True:
-        with felis.new_session() as s:
-            left = {tuple(row) for row in s.execute(select(ImageFeature.extractor, ImageFeature.sha256))}
+        left = _feature_blobs(felis)
         if left == {(e, sha) for e in ("a", "b") for sha in kept}:
             break
         rounds += 1
-        assert rounds <= 8, f"still there after {rounds} rounds of 3 rows: {sorted(left)}"
+        assert rounds <= 8, f"still there after {rounds} rounds of 3 keys: {sorted(left)}"
         cleanup.collect(felis.session, felis.store(), felis.settings, limit=3)
