@@ -67,7 +67,9 @@ class Dataset(Base):
 
 class Image(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("dataset_id", "sha256", name="uq_image_dataset_sha"),)
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256", name="uq_image_dataset_sha"),
+                      Index("ix_images_dataset_created", "dataset_id", "created_at", "id"),  # pages: service.domain.paging
+                      Index("ix_images_dataset_label", "dataset_id", "label"))  # label counts, read from the index alone
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -84,6 +86,7 @@ class Image(Base):
 
 class Training(Base):
     __tablename__ = "trainings"
+    __table_args__ = (Index("ix_trainings_dataset_created", "dataset_id", "created_at", "id"),)  # pages, newest first
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
