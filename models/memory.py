@@ -6,9 +6,12 @@ size, without torch: the API refuses options that cannot fit before anything is 
 - runtime: the worker's libraries (PyTorch, ONNX Runtime), the ONNX export at the end, and in
   fine-tuning autograd's and oneDNN's workspaces.
 - network: the parameters (float32), and in fine-tuning their gradients and AdamW's two moments.
-- data: linear mode keeps n_images x feature_dim float32 features, in several copies at the head's
-  fit (the cache's, the stacked matrix, the train split, float64 standardising temporaries);
-  fine-tuning keeps every image decoded as uint8 (3 x S^2 bytes), twice (all, and the splits).
+- data: linear mode keeps n_images x feature_dim float16 features, once (models/features.py
+  fills them from the cache CACHE_CHUNK images at a time; the head's solver reads them by row, in
+  chunks: models/linear.py), a few KB per image besides (the samples, their ids and hashes, the
+  held-out logits and probabilities), and a fixed working set: the solver's preconditioner
+  (feature_dim^2 float32, with one Cholesky factor per l2 tried), the cache's and the
+  extractor's float32 chunk; fine-tuning keeps every image decoded as uint8 (3 x S^2 bytes), twice (all, and the splits).
 - batch: fine-tuning keeps, per image of a batch, what autograd saves for the backward pass
   (per architecture, measured at 224 px, scaling with the pixels: S^2); linear mode's feature
   batches need the float32 input and the network's activations, without the backward pass.
@@ -92,7 +95,10 @@ RUNTIME_BYTES = 900 * MIB  # the libraries (~700 MiB alone) and the ONNX export'
 FINETUNE_RUNTIME_BYTES = 512 * MIB  # finetune, besides: autograd's and oneDNN's workspaces (intercept: ~1360 MiB in all)
 FINETUNE_BYTES_PER_PARAM = 24  # float32 weights, gradients, AdamW's two moments, its temporaries (measured: ~21)
 LINEAR_BYTES_PER_PARAM = 48  # float32 weights, the ONNX graph, ONNX Runtime's session, the export (measured: ~40)
-FEATURE_BYTES = 28  # linear: per feature element; 6 float32 copies measured at the head's fit (24 bytes)
+FEATURE_BYTES = 2  # linear: per feature element: float16, held once (issue 17; 24 bytes before: 6 float32 copies)
+LINEAR_IMAGE_BYTES = 6144  # linear, per image besides its features: samples, ids, hashes, held-out logits (measured ~3,800)
+SOLVER_MATRICES = 7  # linear: feature_dim^2 float32 matrices: the preconditioner's covariance, <= 5 factors, a temporary
+CACHE_CHUNK_IMAGES = 4096 * 3  # linear: float32 feature rows in flight: the cache's chunk, its conversion, the extractor's
 RESIDENT_IMAGE_COPIES = 2  # finetune: every decoded image, and its split's (train or val) copy
 SAVED_FACTOR = 1.0  # finetune, per image of a batch: the architecture's saved_mb, plus...
 GRADIENT_ACTIVATIONS = 9  # ...this many of its largest activation (the backward pass's buffers); measured
@@ -137,7 +143,7 @@ def estimate_training_memory(config: TrainConfig, n_images: int, *, largest_imag
     else:
         network = a.params * LINEAR_BYTES_PER_PARAM
         dim = a.channels * (2 if config.pooling == "avgmax" else 1)
-        data = n_images * dim * FEATURE_BYTES
+        data = n_images * (dim * FEATURE_BYTES + LINEAR_IMAGE_BYTES) + dim * dim * 4 * SOLVER_MATRICES + CACHE_CHUNK_IMAGES * dim * 4
         batch_bytes = batch * (3 * pixels * 4 + a.largest_mb * 1e6 * area * INFERENCE_FACTOR)
     parts = {"runtime": runtime, "network": int(network), "data": int(data), "batch": int(batch_bytes),
              "decode": int(max(0, largest_image_pixels) * DECODE_BYTES_PER_PIXEL)}

@@ -90,7 +90,7 @@ class OodIndex:
 
 def fit_ood(features: np.ndarray, labels, *, max_index: int = 2048, seed: int = 0, flagged_fraction: float = 0.01,
             k: int = 5, dims: int | None = None, groups: np.ndarray | None = None, held_out: np.ndarray | None = None,
-            max_calibration: int = 16384) -> OodIndex:
+            max_calibration: int = 16384, rows: np.ndarray | None = None, should_stop=lambda: None) -> OodIndex:
     """The index of at most max_index training vectors and its threshold (see the module docstring).
 
     features (N, D) as the version computes them; labels (N,) any hashable values; dims: use the
@@ -98,25 +98,35 @@ def fit_ood(features: np.ndarray, labels, *, max_index: int = 2048, seed: int = 
     groups (N,) ints: near-duplicate groups, kept out of each other's leave-one-out scores;
     held_out (H, D): features of images the model never trained on (a fine-tuned network's
     validation split, whose training images' features it has fitted): their scores set the
-    threshold instead of the leave-one-out ones.
+    threshold instead of the leave-one-out ones. rows: use only these rows of features, labels
+    and groups (no copy of the features is made); should_stop is called every _CHUNK scored rows.
     """
     features = np.asarray(features)
-    n = len(features)
+    if rows is not None:  # positions into the subset; `at` maps them to rows of `features`
+        at = np.asarray(rows, dtype=np.int64)
+        labels = np.asarray(labels)[at]
+        groups = None if groups is None else np.asarray(groups)[at]
+    else:
+        at = None
+    n = len(features) if at is None else len(at)
     if n < 2 or (held_out is not None and len(held_out) == 0):
         raise ValueError("need at least 2 training images (and 1 held-out image, when held_out is given)")
     dims = int(dims or features.shape[1])
     rng = np.random.default_rng(seed)
     members = _water_filled_sample(np.asarray(labels), max_index, rng)
-    codes, scales = _quantise(_unit(np.asarray(features[members, :dims], dtype=np.float32)))
+    codes, scales = _quantise(_unit(np.asarray(features[members if at is None else at[members], :dims], dtype=np.float32)))
     k = max(1, min(int(k), len(members) - 1))  # a tiny dataset: the farthest neighbour there is
     vectors = _dequantise(codes, scales)
     source = features if held_out is None else np.asarray(held_out)
     groups = np.arange(n) if groups is None else np.asarray(groups)
-    calib = np.sort(rng.permutation(len(source))[:max_calibration]) if len(source) > max_calibration else np.arange(len(source))
+    n_source = n if held_out is None else len(source)
+    calib = np.sort(rng.permutation(n_source)[:max_calibration]) if n_source > max_calibration else np.arange(n_source)
     scores = np.empty(len(calib), np.float32)
     for start in range(0, len(calib), _CHUNK):
+        should_stop()
         rows = calib[start : start + _CHUNK]
-        sims = _unit(np.asarray(source[rows, :dims], dtype=np.float32)) @ vectors.T
+        picked = rows if at is None or held_out is not None else at[rows]
+        sims = _unit(np.asarray(source[picked, :dims], dtype=np.float32)) @ vectors.T
         if held_out is None:
             sims[groups[rows][:, None] == groups[members][None, :]] = -np.inf  # itself and its near-duplicates
         scores[start : start + len(rows)] = _kth_distance(sims, k)

@@ -1,8 +1,10 @@
 """Training entry point for the worker and bench/train.py: labelled samples + config -> model.
 
     samples --pHash--> near-duplicate groups --> stratified train/val split (split.py)
-      linear   (default): frozen pretrained features, cached per image (features.py)
-               -> L2 strength and softmax temperature chosen by k-fold CV on the train split
+      linear   (default): frozen pretrained features, cached per image, held as float16 (features.py)
+               -> L2 strength chosen by k-fold CV on the train split (on a stratified selection of
+                  SELECT_ROWS of its images when it has more), then every train-split image's
+                  out-of-fold logits at that l2 and the softmax temperature fitted on them
                -> head fitted on the train split, scored on val (honest metrics)
                -> every image's held-out probabilities and the label-error report; the flagged
                   images left out of the shipped head when cross-validation says it helps (heldout.py)
@@ -10,6 +12,13 @@
       finetune: the whole network trained end to end on resident uint8 images (finetune.py)
     -> open-set index over the training images' features, threshold at 1% of them flagged (ood.py)
     -> checkpoint (weights + everything to rebuild them) -> ONNX (export.py)
+
+Cost (issue 17; bench/train_scale.py): the linear head's fits run on the cores in parallel
+(linear.fit_many), each warm-started from a head that never saw the rows it will predict, on
+features read by row (no copy of the (N, D) matrix), so a warm retraining costs a fixed number
+of passes over the features: linear in the images, and its memory is the features' float16
+bytes plus a working set that does not grow with them. should_stop is called at least every
+CHUNK_ROWS rows of every pass (cancelling takes well under 2 s at 50,000 images).
 """
 
 from __future__ import annotations
@@ -213,56 +222,107 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
                                   lambda d, n: job.progress({"phase": "features", "done": d, "total": n}), job.stop)
     job.timings["features"] = time.perf_counter() - t
     t = time.perf_counter()
+    job.timings["head_select"] = 0.0
     k_classes = job.arch["num_classes"]
     folds_k = int(min(cfg.cv_folds, np.bincount(y[tr], minlength=k_classes).min()))
     grid = (cfg.l2,) if cfg.l2 else linear.L2_GRID
-    history, temperature, l2, cv, extra, folds = [], 1.0, cfg.l2 or 0.03, None, {}, None
-    if folds_k >= 2:  # out-of-fold logits for every l2: pick the best calibrated log-loss
+    history, temperature, l2, cv, extra, folds, fold_heads = [], 1.0, cfg.l2 or 0.03, None, {}, None, {}
+    pre = linear.Preconditioner(X, tr, seed=cfg.seed, should_stop=job.stop) if len(tr) >= PRECONDITION_ROWS else None  # no labels: shared by every fit below
+    if folds_k >= 2:  # out-of-fold logits for every l2 (on at most SELECT_ROWS images): pick the best calibrated log-loss
         folds = kfold(y[tr], job.groups[tr], folds_k, cfg.seed)
-        cv = linear.cross_val_logits(X[tr], y[tr], k_classes, folds, grid, job.stop,
-                                     lambda d, n: job.progress({"phase": "training", "step": d, "steps": n}))
-        for g in grid:
-            temp = calibrate.fit_temperature(cv[g], y[tr]) if cfg.calibrate else 1.0
-            history.append({"l2": g, "cv_accuracy": float((cv[g].argmax(1) == y[tr]).mean()), "cv_loss": calibrate.log_loss(cv[g], y[tr]),
-                            "cv_loss_calibrated": calibrate.log_loss(cv[g], y[tr], temp), "temperature": temp})
-        best = min(history, key=lambda h: h["cv_loss_calibrated"])
-        l2, temperature = best["l2"], best["temperature"]
-        cv_ece = calibration(calibrate.softmax(cv[l2], temperature), y[tr])["ece"]  # a second honest estimate, on more images
-        extra = {"cv_accuracy": best["cv_accuracy"], "cv_loss": best["cv_loss_calibrated"], "cv_ece": cv_ece}
+        sel = _selection(y[tr], folds, SELECT_ROWS, cfg.seed)
+        heads: dict = {}
+        y_sel, cv_sel, walk = y[tr[sel]], {}, len(sel) < len(tr)
+        # every l2 of the grid at once (a small train split: the whole grid, as ever), or on a
+        # selection one l2 at a time, strongest first, each warm-started from the last, until the
+        # calibrated CV loss rises: the weak l2s cost the most passes (bench/train_scale.py)
+        for part in ([(g,) for g in grid] if walk else [grid]):
+            init = {f: heads[(f, history[-1]["l2"])] for f in range(folds_k)} if history else None
+            cv_sel.update(linear.cross_val_logits(X, y, k_classes, folds[sel], part, job.stop,
+                                                  lambda d, n: job.progress({"phase": "training", "step": d, "steps": n}),
+                                                  rows=tr[sel], heads=heads, init=init, preconditioner=pre))
+            history += [_cv_entry(g, cv_sel[g], y_sel, cfg.calibrate) for g in part]
+            if walk and len(history) >= 2 and history[-1]["cv_loss_calibrated"] > min(h["cv_loss_calibrated"] for h in history[:-1]):
+                break
+        l2 = min(history, key=lambda h: h["cv_loss_calibrated"])["l2"]
+        fold_heads = {f: heads[(f, l2)] for f in range(folds_k)}
+    job.timings["head_select"] = time.perf_counter() - t
     job.progress({"phase": "calibrating"})
-    head = linear.fit(X[tr], y[tr], k_classes, l2)
+    # the train-split head, and (for a selection smaller than the train split) every image's
+    # out-of-fold logits at the chosen l2: each fold's head warm-started from the selection's head
+    # of the same fold (it never saw that fold's images either), all on threads
+    jobs = [lambda stop: linear.fit(X, y, k_classes, l2, init=fold_heads.get(0), rows=tr, should_stop=stop, preconditioner=pre)]
+    full_cv = folds is not None and len(sel) < len(tr)
+    if full_cv:
+        jobs += [(lambda f: lambda stop: linear.fit(X, y, k_classes, l2, init=fold_heads[f], rows=tr[folds != f], should_stop=stop,
+                                                    preconditioner=pre))(f) for f in range(folds_k)]
+    fitted = linear.fit_many(jobs, job.stop)
+    head = fitted[0]
+    if folds is not None:
+        if full_cv:
+            fold_heads = dict(enumerate(fitted[1:]))
+            cv = _out_of_fold(X, tr, folds, fold_heads, k_classes)
+            history.append(_cv_entry(l2, cv, y[tr], cfg.calibrate))
+            # a selection prefers a stronger l2 than all the images would: walk to weaker ones on every
+            # image (each fold's head warm-started from its own at the last l2) while the CV loss falls
+            for g in grid[grid.index(l2) + 1 :]:
+                fitted = linear.fit_many([lambda stop: linear.fit(X, y, k_classes, g, init=head, rows=tr, should_stop=stop, preconditioner=pre)]
+                                         + [(lambda f: lambda stop: linear.fit(X, y, k_classes, g, init=fold_heads[f], rows=tr[folds != f],
+                                                                               should_stop=stop, preconditioner=pre))(f) for f in range(folds_k)], job.stop)
+                cv_g = _out_of_fold(X, tr, folds, dict(enumerate(fitted[1:])), k_classes)
+                history.append(_cv_entry(g, cv_g, y[tr], cfg.calibrate))
+                if history[-1]["cv_loss_calibrated"] >= history[-2]["cv_loss_calibrated"]:
+                    break
+                l2, head, fold_heads, cv = g, fitted[0], dict(enumerate(fitted[1:])), cv_g
+        else:
+            cv = cv_sel[l2]
+        temperature = calibrate.fit_temperature(cv, y[tr]) if cfg.calibrate else 1.0  # on every train-split image
+        cv_ece = calibration(calibrate.softmax(cv, temperature), y[tr])["ece"]  # a second honest estimate, on more images
+        extra = {"cv_accuracy": float((cv.argmax(1) == y[tr]).mean()), "cv_loss": calibrate.log_loss(cv, y[tr], temperature), "cv_ece": cv_ece}
+    job.timings["head_folds"] = time.perf_counter() - t - job.timings["head_select"]
     report, keep = None, np.ones(len(y), bool)
     if cv is not None:  # every image's held-out probabilities; the label errors they reveal
-        report = label_report(X, y, tr, va, folds, cv[l2], head, l2, temperature, num_classes=k_classes,
-                              calibrated=cfg.calibrate, policy=cfg.label_issues, should_stop=job.stop)
+        report = label_report(X, y, tr, va, folds, cv, head, l2, temperature, num_classes=k_classes, calibrated=cfg.calibrate,
+                              policy=cfg.label_issues, should_stop=job.stop, fold_heads=fold_heads, preconditioner=pre)
         if report.dropped is not None:  # the shipped head, and the one scored on val, without them
             keep, temperature = ~report.dropped, report.temperature
-            head = linear.fit(X[tr[keep[tr]]], y[tr[keep[tr]]], k_classes, l2, init=head)
+    job.timings["label_report"] = time.perf_counter() - t - job.timings["head_select"] - job.timings["head_folds"]
+    refit = bool(cfg.refit_full and len(va))
+    # the head scored on val (train split, without the dropped images) and the shipped one (every
+    # image kept), both warm-started from the train-split head, on threads
+    jobs = []
+    if not keep.all():
+        jobs.append(lambda stop: linear.fit(X, y, k_classes, l2, init=head, rows=tr[keep[tr]], should_stop=stop, preconditioner=pre))
+    if refit:
+        jobs.append(lambda stop: linear.fit(X, y, k_classes, l2, init=head, rows=np.flatnonzero(keep), should_stop=stop, preconditioner=pre))
+    fitted = linear.fit_many(jobs, job.stop) if jobs else []
+    if not keep.all():
+        head = fitted.pop(0)
     if len(va):
-        logits, eval_y, idx, source = head.logits(X[va]), y[va], va, "validation"
+        logits, eval_y, idx, source = head.logits(X, va), y[va], va, "validation"
     elif cv is not None:
-        logits, eval_y, idx, source = cv[l2], y[tr], tr, "cross_validation"
+        logits, eval_y, idx, source = cv, y[tr], tr, "cross_validation"
     else:
         logits, eval_y, idx, source = np.zeros((0, k_classes)), np.zeros(0, np.int64), [], "none"
-    refit = bool(cfg.refit_full and len(va))
     if refit:  # the shipped head sees every image; its metrics are those of the train-split head
-        job.stop()
-        head = linear.fit(X[keep], y[keep], k_classes, l2, init=head)
+        head = fitted.pop(0)
     net = extractor.model
     with torch.no_grad():
         w, b = head.folded()
         net.head.weight.copy_(w)
         net.head.bias.copy_(b)
     job.timings["head"] = time.perf_counter() - t
+    job.timings["head_refit"] = job.timings["head"] - job.timings["head_select"] - job.timings["head_folds"] - job.timings["label_report"]
     t = time.perf_counter()
     # open set: the index holds every image the shipped head saw, its threshold from their leave-one-out
     # scores (near-duplicates kept out of each other's); the validation images' flagged share is
     # measured with an index of the train split alone, which never saw them
     dims = _ood_dims(cfg, X.shape[1])
-    ood = fit_ood(X, y, seed=cfg.seed, dims=dims, groups=job.groups)
+    job.stop()
+    ood = fit_ood(X, y, seed=cfg.seed, dims=dims, groups=job.groups, should_stop=job.stop)
     ood_report = {"calibration": "leave_one_out"}
     if len(va) and len(tr) >= 2:
-        part = fit_ood(X[tr], y[tr], seed=cfg.seed, dims=dims, groups=job.groups[tr])
+        part = fit_ood(X, y, seed=cfg.seed, dims=dims, groups=job.groups, rows=tr, should_stop=job.stop)
         ood_report.update(validation_flagged=float((part.score(X[va]) > part.threshold).mean()), validation_images=int(len(va)))
     job.timings["ood"] = time.perf_counter() - t
     extra.update(l2=l2, cv_folds=folds_k if folds_k >= 2 else 0, features_computed=computed, feature_extractor=extractor.extractor_id, refit_full=refit)
@@ -309,6 +369,38 @@ def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
     job.timings["ood"] = time.perf_counter() - t
     return _Fitted(net, logits, probs, y[va], [job.samples[i].image_id for i in va], "validation" if len(va) else "none",
                    temperature, history, {"epochs_run": len(history), "best_epoch": best_epoch}, ood=ood, ood_report=report)
+
+
+def _cv_entry(l2: float, logits: np.ndarray, y: np.ndarray, calibrated: bool) -> dict:
+    """One l2's out-of-fold figures (evaluation["history"]), on the images it was cross-validated on."""
+    temp = calibrate.fit_temperature(logits, y) if calibrated else 1.0
+    return {"l2": l2, "cv_accuracy": float((logits.argmax(1) == y).mean()), "cv_loss": calibrate.log_loss(logits, y),
+            "cv_loss_calibrated": calibrate.log_loss(logits, y, temp), "temperature": temp, "cv_images": int(len(y))}
+
+
+def _out_of_fold(X: np.ndarray, tr: np.ndarray, folds: np.ndarray, fold_heads: dict, num_classes: int) -> np.ndarray:
+    """Each train-split image's logits by the head of the fold that left it out."""
+    out = np.zeros((len(tr), num_classes))
+    for f, h in fold_heads.items():
+        out[folds == f] = h.logits(X, tr[folds == f])
+    return out
+
+
+PRECONDITION_ROWS = 4096  # train-split images from which the head's solver is preconditioned (linear.Preconditioner)
+SELECT_ROWS = 4096  # images of the train split the l2 grid is cross-validated on, at most (issue 17)
+
+
+def _selection(y: np.ndarray, folds: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most `cap` rows, the same share of every (fold, label) cell: the
+    stratified subsample on which the regularisation is chosen (all rows when there are few)."""
+    if len(y) <= cap:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    take = []
+    for cell in np.unique(folds * (int(y.max()) + 1) + y):
+        members = np.flatnonzero(folds * (int(y.max()) + 1) + y == cell)
+        take.append(rng.choice(members, max(1, round(len(members) * cap / len(y))), replace=False))
+    return np.sort(np.concatenate(take))
 
 
 def _ood_dims(cfg: TrainConfig, width: int) -> int:

@@ -62,7 +62,10 @@ MEASURED = [
     ("linear default", 300, {}, 1244),
     ("linear batch 128", 300, {"batch_size": 128}, 1873),
     ("linear 512 px", 150, {"image_size": 512}, 1681),
-    ("features 20000", 20000, {}, 2098),
+    ("features 5000", 5000, {}, 1351),  # issue 17: float16 features, held once, the head's solver by row
+    ("features 20000", 20000, {}, 1431),
+    # bench/train_scale.py: 50,000 real CIFAR-10 features, a file-backed cache (no images decoded)
+    ("features 50000", 50000, {}, 1626),
     ("finetune batch 16", 128, {"mode": "finetune", "epochs": 1, "batch_size": 16}, 2972),
     ("finetune batch 32", 128, {"mode": "finetune", "epochs": 1, "batch_size": 32}, 4641),
     ("finetune batch 64", 128, {"mode": "finetune", "epochs": 1, "batch_size": 64}, 7470),
