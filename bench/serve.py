@@ -4,6 +4,16 @@
     .venv/bin/python bench/serve.py --data-dir /tmp/fb   # the same, keeping felis's data; a second run reuses the model
     .venv/bin/python bench/serve.py --checkpoint v1.pt   # serve a downloaded felis checkpoint instead of training
     .venv/bin/python bench/serve.py --oip --torchserve none  # felis's /v1 predict against its /v2 (KServe v2) infer
+    .venv/bin/python bench/serve.py --torchserve none --peers litserve,bentoml,pytriton --rounds 2 --seconds 10
+
+Peers (issue 17): LitServe, BentoML and NVIDIA PyTriton (Triton's C++ HTTP front end and dynamic
+batcher), each a small server under bench/peers/ run by its own venv under --peer-venvs
+(/tmp/peer-venvs/<name>, never in the repo; install commands in bench/peers/README.md), on the
+felis INT8 ONNX graph downloaded from the felis under test (`?format=onnx`) and felis's own
+preprocessing (models.predictor, imported from the repo; no torch). Versions pinned there:
+litserve 0.2.19 (+ python-multipart 0.0.34), bentoml 1.4.40, nvidia-pytriton 0.7.0 (numpy 1.26.4:
+it requires numpy < 2), each with onnxruntime 1.32.0 and pillow 13.0.0 (numpy 2.4.6 where allowed),
+Python 3.11.7. Rounds are interleaved (felis, each peer, felis, ...), one server running at a time.
 
 Steps:
 1. A trained felis version: trained here through felis's own HTTP API (`felis up` in a temporary
@@ -64,6 +74,11 @@ DATASET = "bench"  # felis dataset name
 TS_MODEL = "felis"  # TorchServe model name
 BOUNDARY = "felisbenchboundary7d3f"
 SIZE_500x375 = (500, 375)
+
+PEER_TARGETS = {  # issue 17: felis against the best of LitServe, BentoML, PyTriton, same round
+    "c32_ratio": 1.3,  # felis img/s at c=32 over the best peer's
+    "c1_p50_ratio": 1.0,  # felis c=1 p50 (all test photos) over the best (lowest) peer's
+}
 
 TARGETS = {  # issue 3, this 2-core machine, one run
     "c32_ratio": 3.0,  # felis img/s over TorchServe img/s at concurrency 32 (stock TorchServe, as its users run it)
@@ -237,14 +252,24 @@ def _alive(pid: int) -> bool:
 
 
 def _tree(pid: int) -> list[int]:
-    """pid and all its descendants."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        return [pid] + [c.pid for c in p.children(recursive=True)]
-    except psutil.Error:
+    """pid and all its descendants (from /proc: no psutil in felis's venv)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    if not _alive(pid):
         return []
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -674,6 +699,179 @@ def measure(target: Target, photos: list[Photo], args: argparse.Namespace) -> di
 
 
 # --------------------------------------------------------------------------------------------
+# peers (issue 17): other serving frameworks on felis's own graph and preprocessing
+
+
+@dataclass
+class PeerConfig:
+    name: str  # --peers key, venv folder name
+    title: str
+    script: str  # under bench/peers/
+    ready_path: str  # GET: 200 once the model answers
+    knobs: str  # recorded beside the figures
+    max_batch: int = 32
+    delay_ms: float = 2.0
+    threads: int = 2  # ONNX Runtime intra-op threads: felis's budget on this 2-vCPU machine
+    workers: int = 1
+
+
+PEERS = {
+    "litserve": PeerConfig("litserve", "LitServe", "litserve_server.py", "/health",
+                           "LitServe 0.2.19, LitAPI(max_batch_size=32, batch_timeout=0.002 s), "
+                           "workers_per_device=1, accelerator cpu, ORT 2 intra-op threads; multipart field 'content'"),
+    "bentoml": PeerConfig("bentoml", "BentoML", "bentoml_service.py", "/readyz",
+                          "BentoML 1.4.40, @bentoml.service(workers=1, resources cpu 2), "
+                          "@bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=1000) (adaptive "
+                          "batching: the window is chosen by its dispatcher), ORT 2 intra-op threads; "
+                          "multipart field 'images' (pathlib.Path: felis decodes the bytes)"),
+    "pytriton": PeerConfig("pytriton", "PyTriton", "pytriton_server.py", "/v2/models/felis/ready",
+                           "nvidia-pytriton 0.7.0 (Triton server in its wheel), ModelConfig(max_batch_size=32, "
+                           "batcher=DynamicBatcher(max_queue_delay_microseconds=2000)), 1 model instance, @batch, "
+                           "ORT 2 intra-op threads; KServe v2 infer, binary tensor data (as tritonclient sends)"),
+}
+
+
+def parse_peers(value: str) -> list[PeerConfig]:
+    """`--peers litserve,bentoml,pytriton` (or 'none' / '') -> their configs, in the order given."""
+    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a peer named twice in {value!r}")
+    return [PEERS[n] for n in names]
+
+
+def peer_command(cfg: PeerConfig, venv: Path, model: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment that start a peer from bench/peers/ in its venv."""
+    py = venv / "bin" / "python"
+    env = {"PYTHONUNBUFFERED": "1"}
+    if cfg.name == "bentoml":  # `bentoml serve` takes no script arguments: the service reads its settings here
+        env.update({"FELIS_PEER_MODEL": str(model), "FELIS_PEER_MAX_BATCH": str(cfg.max_batch),
+                    "FELIS_PEER_MAX_LATENCY_MS": "1000", "FELIS_PEER_THREADS": str(cfg.threads),
+                    "FELIS_PEER_WORKERS": str(cfg.workers)})
+        return [str(venv / "bin" / "bentoml"), "serve", "bentoml_service:Felis", "--host", "127.0.0.1",
+                "--port", str(port)], env
+    cmd = [str(py), cfg.script, "--model", str(model), "--port", str(port), "--max-batch", str(cfg.max_batch),
+           "--delay-ms", str(cfg.delay_ms), "--threads", str(cfg.threads), "--workers", str(cfg.workers)]
+    if cfg.name == "pytriton":
+        # Triton's Python-backend stub for 3.11 links libpython3.11.so.1.0; without this it finds the
+        # system's (Debian 3.11.2) and runs the venv's 3.11.7 stdlib on it: "'_thread.RLock' object has no
+        # attribute '_recursion_count'" when the model loads. The venv's own interpreter's library fixes it.
+        base = Path(os.path.realpath(py)).parent.parent / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(base), os.environ.get("LD_LIBRARY_PATH")]))
+        cmd += ["--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    return cmd, env
+
+
+class Peer:
+    """A peer server in its own session (process group), stopped with the whole group."""
+
+    def __init__(self, cfg: PeerConfig, venv: Path, model: Path, workdir: Path):
+        self.cfg, self.port = cfg, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd, extra = peer_command(cfg, venv, model, self.port)
+        env = dict(os.environ)
+        env.update(extra)
+        self.log_path = workdir / f"peer-{cfg.name}.log"
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(cmd, cwd=BENCH / "peers", env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise StartFailed(f"{self.cfg.title} exited ({self.popen.returncode}):\n{_tail(self.log_path)}")
+            try:
+                if httpx.get(self.url + self.cfg.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise StartFailed(f"{self.cfg.title} not ready within {timeout:.0f} s:\n{_tail(self.log_path)}")
+
+    @property
+    def pids(self) -> list[int]:
+        return _tree(self.popen.pid)
+
+    def stop(self) -> None:
+        pids = self.pids
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in pids:  # children that left the group (Triton's stubs) or ignored SIGTERM
+            if _alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.popen.wait(timeout=10)
+        self._log.close()
+
+
+def multipart_request(host: str, path: str, field_name: str, photo: Photo) -> bytes:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field_name}\"; filename=\"{photo.path.name}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo.data + f"\r\n--{BOUNDARY}--\r\n".encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def pytriton_request(host: str, photo: Photo) -> bytes:
+    """KServe v2 infer to Triton as tritonclient (PyTriton's ModelClient) sends it: one BYTES element
+    with a batch dimension ([1, 1]) in the binary tensor data extension, the label output binary."""
+    data = len(photo.data).to_bytes(4, "little") + photo.data
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(data)}}],
+                       "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}).encode()
+    request = (f"POST /v2/models/felis/infer HTTP/1.1\r\nHost: {host}\r\n"
+               f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(head) + len(data)}\r\n\r\n")
+    return request.encode() + head + data
+
+
+def peer_request(cfg: PeerConfig, host: str, photo: Photo) -> bytes:
+    """The request each peer's docs show for one image."""
+    if cfg.name == "litserve":
+        return multipart_request(host, "/predict", "content", photo)
+    if cfg.name == "bentoml":
+        return multipart_request(host, "/predict", "images", photo)
+    return pytriton_request(host, photo)
+
+
+def peer_top(body: bytes) -> str:
+    """LitServe answers {"label": ...}; BentoML a batchable API's list of them; PyTriton binary OIP."""
+    if body[:1] in (b"{", b"[") and b'"outputs"' not in body[:200]:
+        out = json.loads(body)
+        return (out[0] if isinstance(out, list) else out)["label"]
+    return oip_top(body)
+
+
+def check_peer_targets(rounds: list[list[ServerRun]]) -> list[tuple[str, str, bool | None]]:
+    """Issue 17, per round: felis c=32 img/s >= 1.3x the best peer's; felis c=1 p50 <= the best peer's."""
+    out = []
+    for i, runs in enumerate(rounds, 1):
+        felis, peers = runs[0], runs[1:]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r.phases["c32"].img_s)
+        c32 = felis.phases["c32"].img_s
+        ratio = c32 / best.phases["c32"].img_s if best.phases["c32"].img_s else float("inf")
+        out.append((f"round {i}: felis c=32 >= {PEER_TARGETS['c32_ratio']:.1f}x the best peer ({best.title})",
+                    f"{ratio:.2f}x ({c32:.1f} vs {best.phases['c32'].img_s:.1f} img/s)",
+                    ratio >= PEER_TARGETS["c32_ratio"]))
+        fastest = min(peers, key=lambda r: r.phases["c1"].pct(50))
+        p50, q50 = felis.phases["c1"].pct(50), fastest.phases["c1"].pct(50)
+        out.append((f"round {i}: felis c=1 p50 <= the best peer's ({fastest.title})",
+                    f"{p50:.1f} vs {q50:.1f} ms", p50 <= PEER_TARGETS["c1_p50_ratio"] * q50))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -847,6 +1045,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torchserve", default="stock,batch32,tuned",
                    help=f"TorchServe configurations, comma-separated, from {', '.join(TORCHSERVE_CONFIGS)} "
                    "(default: all); 'none' for felis alone")
+    p.add_argument("--peers", type=parse_peers, default=[], metavar="NAMES",
+                   help=f"other serving frameworks, comma-separated, from {', '.join(PEERS)} (issue 17): measured "
+                   "in interleaved rounds with felis instead of the TorchServe comparison")
+    p.add_argument("--peer-venvs", type=Path, default=Path("/tmp/peer-venvs"),
+                   help="folder of the peers' venvs, one per peer name (default /tmp/peer-venvs)")
+    p.add_argument("--rounds", type=int, default=2, help="with --peers: rounds of felis then each peer (default 2)")
     p.add_argument("--torchserve-format", choices=("eager", "torchscript"), default="eager",
                    help="how TorchServe gets the network: eager model file + state_dict (default) or TorchScript")
     p.add_argument("--train-options", default="{}", help="JSON body of the training request (default {}: felis's "
@@ -887,6 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         store, mars, _ = (build_archive(ckpt_bytes, workdir, args.torchserve_format, configs)
                           if configs else (None, {}, []))
         photos = load_photos()
+        if args.peers:
+            return peer_rounds(args, argv, data_dir, workdir, photos, extra_env, model_desc, revision, running)
         busy_before = _wait_quiet(args.max_others, args.quiet_timeout)
         load_before = os.getloadavg()[0]
         runs: list[ServerRun] = []
@@ -969,6 +1175,75 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def download_onnx(url: str, dest: Path) -> Path:
+    """The served graph of the dataset's default version, from the felis under test."""
+    version = _default_version(url)
+    r = httpx.get(f"{url}/v1/datasets/{DATASET}/models/{version}/download", params={"format": "onnx"}, timeout=120)
+    r.raise_for_status()
+    dest.write_bytes(r.content)
+    _log(f"felis version {version}: ONNX graph {len(r.content) / 1e6:.1f} MB -> {dest}")
+    return dest
+
+
+def peer_rounds(args, argv, data_dir: Path, workdir: Path, photos: list[Photo], extra_env: dict, model_desc: str,
+                revision: str, running: list) -> int:
+    """Issue 17: rounds of felis then each peer, one server at a time, the same phases and photos."""
+    venvs = {cfg.name: args.peer_venvs / cfg.name for cfg in args.peers}
+    missing = [n for n, v in venvs.items() if not (v / "bin" / "python").exists()]
+    if missing:
+        raise StartFailed(f"no venv for {', '.join(missing)} under {args.peer_venvs} (see bench/peers/README.md)")
+    busy_before = _wait_quiet(args.max_others, args.quiet_timeout)
+    load_before = os.getloadavg()[0]
+    model = None
+    rounds: list[list[ServerRun]] = []
+    for rnd in range(1, args.rounds + 1):
+        runs: list[ServerRun] = []
+        _log(f"round {rnd}: felis")
+        felis = Felis("api", data_dir, workdir / "felis-api.log", extra_env)
+        running.append(felis)
+        felis.wait_ready()
+        model = model or download_onnx(felis.url, workdir / "felis.onnx")
+        host = f"127.0.0.1:{felis.port}"
+        phases = measure(Target("felis", felis.port, [felis_request(host, p) for p in photos], felis_top,
+                                lambda: [felis.popen.pid]), photos, args)
+        rss, hwm = _rss_mb([felis.popen.pid])
+        runs.append(ServerRun("felis", phases, rss, hwm, "`felis api`, defaults, rate limit off"))
+        felis.stop()
+        running.remove(felis)
+        for cfg in args.peers:
+            _log(f"round {rnd}: {cfg.title}")
+            peer = Peer(cfg, venvs[cfg.name], model, workdir)
+            running.append(peer)
+            peer.wait_ready()
+            host = f"127.0.0.1:{peer.port}"
+            phases = measure(Target(cfg.title, peer.port, [peer_request(cfg, host, p) for p in photos], peer_top,
+                                    lambda peer=peer: peer.pids), photos, args)
+            rss, hwm = _rss_mb(peer.pids)
+            runs.append(ServerRun(cfg.title, phases, rss, hwm, cfg.knobs))
+            peer.stop()
+            running.remove(peer)
+        rounds.append(runs)
+    targets = check_peer_targets(rounds)
+    lines = [
+        f"Run {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} on {_machine()}. Before the first "
+        f"phase other processes used {busy_before:.0f}% of a core (load average {load_before:.2f}); load average "
+        f"{os.getloadavg()[0]:.2f} after the last.",
+        "", f"felis at `{revision}`. Command: `{shlex.join(['.venv/bin/python', 'bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        "", f"Model: {model_desc}. {len(photos)} test photos, {sum(p.size == SIZE_500x375 for p in photos)} of them 500x375; "
+        f"each phase {args.warmup:g} s warm-up then {args.seconds:g} s measured, one image per request.",
+        "", "Peers: " + "; ".join(f"**{c.title}**: {c.knobs}" for c in args.peers) + ".",
+    ]
+    for i, runs in enumerate(rounds, 1):
+        lines += ["", f"Round {i}:", "", table(runs)]
+    lines += ["", "Targets (issue 17):", "",
+              *(f"- {'met' if ok else 'MISSED'}: {what}: {value}" for what, value, ok in targets)]
+    text = "\n".join(lines)
+    print(text)
+    (workdir / "peers-report.md").write_text(text)
+    missed = [t for t in targets if t[2] is False]
+    return 0 if args.no_targets or not missed else 1
 
 
 def describe_checkpoint(ckpt_bytes: bytes) -> str:

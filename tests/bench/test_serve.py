@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -113,3 +114,57 @@ def test_results_section_is_replaced_and_other_sections_kept(serve, tmp_path):
     serve.write_results(path, "third")
     text = path.read_text()
     assert "hand-written notes" in text and "third" in text and text.index("third") > text.index("notes")
+
+
+def test_peers_are_parsed_in_order_and_unknown_names_refused(serve):
+    assert [c.name for c in serve.parse_peers("pytriton,litserve")] == ["pytriton", "litserve"]
+    assert serve.parse_peers("none") == [] and serve.parse_peers("") == []
+    with pytest.raises(Exception, match="unknown peer"):
+        serve.parse_peers("litserve,torchserve")
+    with pytest.raises(Exception, match="twice"):
+        serve.parse_peers("bentoml,bentoml")
+    args = serve.parse_args(["--peers", "litserve,bentoml", "--rounds", "3"])
+    assert [c.name for c in args.peers] == ["litserve", "bentoml"] and args.rounds == 3
+    assert serve.parse_args([]).peers == []
+
+
+def test_each_peer_gets_the_request_its_docs_show(serve):
+    photo = serve.Photo(Path("a.jpg"), "cat", (500, 375), b"\xff\xd8" + bytes(range(256)))
+    for name, field in (("litserve", "content"), ("bentoml", "images")):
+        raw = serve.peer_request(serve.PEERS[name], "h:1", photo)
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"POST /predict HTTP/1.1") and f"Content-Length: {len(body)}".encode() in head
+        assert f'name="{field}"; filename="a.jpg"'.encode() in body and photo.data in body
+    raw = serve.peer_request(serve.PEERS["pytriton"], "h:1", photo)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /v2/models/felis/infer HTTP/1.1")
+    n = int(head.split(b"Inference-Header-Content-Length: ")[1].split(b"\r\n")[0])
+    header = json.loads(body[:n])
+    assert header["inputs"][0]["shape"] == [1, 1] and header["inputs"][0]["datatype"] == "BYTES"
+    assert body[n:] == len(photo.data).to_bytes(4, "little") + photo.data
+
+
+def test_peer_answers_give_the_top_label(serve):
+    assert serve.peer_top(b'{"label": "cat", "probabilities": {"cat": 0.9}}') == "cat"  # LitServe
+    assert serve.peer_top(b'[{"label": "noncat", "probabilities": {}}]') == "noncat"  # BentoML, batchable
+    head = b'{"model_name":"felis","outputs":[{"name":"label","datatype":"BYTES","shape":[1,1],' \
+           b'"parameters":{"binary_data_size":7}}]}'
+    assert serve.peer_top(head + b"\x03\x00\x00\x00cat") == "cat"  # Triton, binary output
+
+
+def test_peer_commands_run_in_their_venv_with_the_thread_budget(serve, tmp_path):
+    cmd, env = serve.peer_command(serve.PEERS["litserve"], tmp_path / "ls", Path("m.onnx"), 9000)
+    assert cmd[0] == str(tmp_path / "ls" / "bin" / "python") and cmd[1] == "litserve_server.py"
+    assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--max-batch") + 1] == "32"
+    cmd, env = serve.peer_command(serve.PEERS["bentoml"], tmp_path / "b", Path("m.onnx"), 9000)
+    assert cmd[1:3] == ["serve", "bentoml_service:Felis"] and env["FELIS_PEER_MODEL"] == "m.onnx"
+    cmd, env = serve.peer_command(serve.PEERS["pytriton"], tmp_path / "t", Path("m.onnx"), 9000)
+    assert "--grpc-port" in cmd and "LD_LIBRARY_PATH" in env
+
+
+def test_peer_targets_per_round(serve):
+    rounds = [[_run(serve, "felis", 10, 9, 150), _run(serve, "LitServe", 12, 11, 100),
+               _run(serve, "PyTriton", 9, 9, 110)]]
+    results = serve.check_peer_targets(rounds)
+    assert [ok for _, _, ok in results] == [True, False]  # 150 >= 1.3 x 110; 10 ms > PyTriton's 9 ms
+    assert "PyTriton" in results[0][0] and results[0][1].startswith("1.36x")
