@@ -188,13 +188,21 @@ def test_the_cap_answers_503_with_retry_after_and_frees_slots():
 
 
 def test_the_api_declares_its_caps_on_predict_upload_and_event_streams():
+    """Every route that decodes images (predict, upload, and their Custom Vision and /v2
+    equivalents) takes a request slot; event streams their own."""
     from service.api.app import create_app
     from service.api.middleware import Capped, capped_routes
 
     declared = {(sorted(route.methods)[0], route.path_format, cap) for route, cap in capped_routes(create_app().routes)}
+    cv_predict = "/customvision/{api_version}/prediction/{projectId}/classify/iterations/{publishedName}"
+    cv_images = "/customvision/{api_version}/training/projects/{projectId}/images"
     assert declared == {("POST", "/v1/datasets/{name}/images", Capped.REQUESTS),
                         ("POST", "/v1/datasets/{name}/predict", Capped.REQUESTS),
-                        ("GET", "/v1/trainings/{training_id}/events", Capped.STREAMS)}
+                        ("GET", "/v1/trainings/{training_id}/events", Capped.STREAMS),
+                        ("POST", "/v2/models/{name}/infer", Capped.REQUESTS),
+                        ("POST", "/v2/models/{name}/versions/{version}/infer", Capped.REQUESTS),
+                        *{("POST", f"{cv_predict}/{tail}", Capped.REQUESTS) for tail in ("image", "image/nostore", "url", "url/nostore")},
+                        ("POST", cv_images, Capped.REQUESTS), ("POST", f"{cv_images}/files", Capped.REQUESTS)}
 
 
 # --- in-flight caps: a real server, real concurrent connections -------------------------------------
