@@ -54,6 +54,9 @@ def warm_extractor(arch: dict, prep: Preprocessing, device: torch.device, weight
     if extractor is None:
         _WARM.clear()  # one backbone at a time: a worker keeps only the latest (memory)
         extractor = _WARM[key] = FeatureExtractor(arch, prep, device, weights_path, batch_size=batch_size, precision=precision)
+    head = extractor.model.head
+    if head.out_features != arch["num_classes"]:  # a training with another number of labels than the last one
+        extractor.model.head = torch.nn.Linear(head.in_features, arch["num_classes"]).to(head.weight.device)
     return extractor
 
 

@@ -4,7 +4,7 @@ import pytest
 from models import linear
 from models.features import MemoryFeatureCache
 from models.predictor import Predictor
-from models.train import InvalidTrainConfig, TrainConfig, TrainingCancelled, train
+from models.train import InvalidTrainConfig, Sample, TrainConfig, TrainingCancelled, train
 
 
 def test_default_training_on_a_small_catvnoncat_subset(trained, catvnoncat_test):
@@ -102,3 +102,17 @@ def test_without_a_validation_split(small_catvnoncat, feature_cache):
     assert res.evaluation["n"] == 80 and res.metrics["accuracy"] >= 0.8 and not res.metrics["refit_full"]
     ft = train(small_catvnoncat[:8] + small_catvnoncat[-8:], TrainConfig(architecture="simple_cnn", width=4, epochs=1, val_fraction=0.0, export_onnx=False))
     assert ft.evaluation["source"] == "none" and ft.metrics["accuracy"] is None and ft.metrics["temperature"] == 1.0
+
+
+def test_one_process_trains_two_labels_then_three(small_catvnoncat):
+    """A worker keeps its warm extractor between trainings: a dataset with more labels than the
+    last one it trained must still get a head of its own size (it raised a shape error)."""
+    cfg = TrainConfig(image_size=64, export_onnx=False)
+    two = train(small_catvnoncat, cfg, feature_cache=MemoryFeatureCache())
+    three_labels = [Sample(s.image_id, s.sha256, "cat" if s.label == "cat" else ("dog" if i % 2 else "noncat"), s.load)
+                    for i, s in enumerate(small_catvnoncat)]
+    three = train(three_labels, cfg, feature_cache=MemoryFeatureCache())
+    assert two.metrics["labels"] == ["cat", "noncat"] and three.metrics["labels"] == ["cat", "dog", "noncat"]
+    assert tuple(three.checkpoint["state_dict"]["head.weight"].shape)[0] == 3
+    again = train(small_catvnoncat, cfg, feature_cache=MemoryFeatureCache())  # and back to two
+    assert tuple(again.checkpoint["state_dict"]["head.weight"].shape)[0] == 2
