@@ -34,7 +34,7 @@ from . import calibrate, linear, networks
 from .checkpoint import build_checkpoint
 from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
-from .features import FeatureCache, cached_features, warm_extractor
+from .features import CACHE_CHUNK, FeatureCache, FeatureExtractor, cached_features, warm_extractor
 from .heldout import LabelReport, label_report
 from .finetune import FinetuneParams, normalizer, predict_features, predict_logits, train_network
 from .images import perceptual_hash
@@ -44,7 +44,8 @@ from .quantize import NoRangeTable, load_table
 from .runtime import resolve_device
 from .split import kfold, near_duplicate_groups, train_val_split
 
-__all__ = ["TrainConfig", "InvalidTrainConfig", "Sample", "FeatureCache", "TrainingCancelled", "TrainResult", "train"]
+__all__ = ["TrainConfig", "InvalidTrainConfig", "Sample", "FeatureCache", "TrainingCancelled", "TrainResult", "train",
+           "feature_extractor", "extract_features"]
 
 
 class TrainingCancelled(Exception):
@@ -106,19 +107,66 @@ class _Fitted:
     label_report: LabelReport | None = None  # linear with cross-validation (heldout.py)
 
 
-def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None, dataset: dict | None = None) -> TrainResult:
-    """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled.
-    The config is used as given (validated by whoever built it: TrainConfig.from_dict); its defaults
-    are resolved here for callers that did not. ``dataset`` goes into the checkpoint as it is."""
+def _resolve(config: TrainConfig, pretrained_weights: str | None) -> TrainConfig:
+    """The config with its defaults filled in; precision auto falls back to float32 for weights
+    the shipped int8 range table does not describe (int8 asked for explicitly: InvalidTrainConfig)."""
     cfg = config.resolved()
-    dev = resolve_device(device)
-    if cfg.precision == "int8":  # auto falls back to float32 for weights the shipped range table does not describe
+    if cfg.precision == "int8":
         try:
             load_table(cfg.architecture, pretrained_weights or networks.default_weights_path(cfg.architecture))
         except NoRangeTable as e:
             if config.precision != "auto":
                 raise InvalidTrainConfig("precision", str(e)) from None
             cfg.precision = "fp32"
+    return cfg
+
+
+def _architecture(cfg: TrainConfig, num_classes: int) -> dict:
+    arch = {"name": cfg.architecture, "image_size": cfg.image_size, "pooling": cfg.pooling, "num_classes": num_classes}
+    if cfg.width:
+        arch["width"] = cfg.width
+    return arch
+
+
+def _preprocessing(cfg: TrainConfig) -> Preprocessing:
+    return networks.default_preprocessing(cfg.architecture, cfg.image_size, cfg.resize, cfg.crop_fraction)
+
+
+def feature_extractor(config: TrainConfig, *, device: str = "cpu", pretrained_weights: str | None = None) -> FeatureExtractor | None:
+    """The frozen extractor a linear training with this config computes its features with (the
+    process's warm one: train() then reuses it), None for a fine-tuning config (no cached features)."""
+    cfg = _resolve(config, pretrained_weights)
+    if cfg.mode != "linear":
+        return None
+    return warm_extractor(_architecture(cfg, 2), _preprocessing(cfg), resolve_device(device), pretrained_weights,
+                          batch_size=cfg.batch_size, precision=cfg.precision)
+
+
+def extract_features(extractor: FeatureExtractor, sha256s: list[str], loads: list[Callable[[], bytes]], cache: FeatureCache, *,
+                     progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Compute and cache the features of the images the cache lacks (one shard of a training's
+    images, service.domain.extraction), CACHE_CHUNK at a time: memory bounded by a chunk whatever
+    the number of images. Returns how many were computed. Raises TrainingCancelled."""
+    def stop():
+        if should_stop():
+            raise TrainingCancelled()
+
+    computed = 0
+    for start in range(0, len(sha256s), CACHE_CHUNK):
+        stop()
+        part = slice(start, start + CACHE_CHUNK)
+        _, n = cached_features(extractor, sha256s[part], loads[part], cache,
+                               lambda d, t: progress({"phase": "features", "done": start + d, "total": len(sha256s)}), stop)
+        computed += n
+    return computed
+
+
+def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", feature_cache: FeatureCache | None = None, progress: Callable[[dict], None] = lambda p: None, should_stop: Callable[[], bool] = lambda: False, pretrained_weights: str | None = None, dataset: dict | None = None) -> TrainResult:
+    """Train a classifier over the samples' labels (sorted). Raises InvalidTrainConfig, TrainingCancelled.
+    The config is used as given (validated by whoever built it: TrainConfig.from_dict); its defaults
+    are resolved here for callers that did not. ``dataset`` goes into the checkpoint as it is."""
+    cfg = _resolve(config, pretrained_weights)
+    dev = resolve_device(device)
     labels = sorted({s.label for s in samples})
     y = np.array([labels.index(s.label) for s in samples], dtype=np.int64)
     counts = np.bincount(y, minlength=len(labels))
@@ -148,10 +196,7 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
     timings["split"] = time.perf_counter() - t0
 
     # 2. the model: frozen features + linear head, or end-to-end training
-    arch = {"name": cfg.architecture, "image_size": cfg.image_size, "pooling": cfg.pooling, "num_classes": len(labels)}
-    if cfg.width:
-        arch["width"] = cfg.width
-    prep = networks.default_preprocessing(cfg.architecture, cfg.image_size, cfg.resize, cfg.crop_fraction)
+    arch, prep = _architecture(cfg, len(labels)), _preprocessing(cfg)
     job = _Job(samples, y, tr, va, groups, cfg, arch, prep, dev, emit, stop, timings)
     fitted = _fit_linear(job, feature_cache, pretrained_weights) if cfg.mode == "linear" else _fit_finetune(job, pretrained_weights)
 

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # blobs are read in place. Default <data_dir>/feature-cache
     feature_cache_dir: Path | None = None
     feature_cache_bytes: int = Field(4 * 1024**3, ge=0)  # its size bound (least recently used go first); 0: no local copies
+    # a linear training with more images than this whose features are not cached yet computes them
+    # as shards of about this many images on the whole worker pool (service.domain.extraction); 0: never
+    feature_shard_images: int = Field(2048, ge=0)
 
     # --- predicting --------------------------------------------------------------
     model_cache_size: int = 4  # loaded model versions per API process (LRU)

@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters that take ids and call the domain (service.domain.pipeline, .suggesting, .trainings)."""
+"""Celery tasks: thin adapters that take ids and call the domain (service.domain.pipeline, .extraction, .suggesting, .trainings)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from celery import signals
 from service.config import get_settings
 from service.logs import configure_logging, log_context
 from service.store.db import init_db, session_scope
-from service.store.queue import SUGGEST_TASK, TRAIN_TASK
+from service.store.queue import EXTRACT_TASK, SUGGEST_TASK, TRAIN_TASK
 from worker.app import celery_app
 from worker.metrics import install_worker_metrics
 
@@ -38,6 +38,15 @@ def train(self, training_id: str) -> str:
             log.exception("training %s could not run", training_id)
             trainings.fail(training_id, "worker_error", f"{type(e).__name__}: {e}")
             return trainings.status_of(training_id)
+
+
+@celery_app.task(name=EXTRACT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def extract(self, shard_id: int) -> str:
+    """Compute one shard of a training's features (service.domain.extraction). Safe to deliver
+    twice: the shard is claimed atomically, and what is cached already is not computed again."""
+    from service.domain.extraction import run_shard
+
+    return run_shard(int(shard_id), worker_name=self.request.hostname)
 
 
 @celery_app.task(name=SUGGEST_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -81,11 +90,11 @@ def _start_sweep_loop(**_: object) -> None:
         from service.domain.trainings import sweep
         from service.store.blobs import get_store
         from service.store.db import new_session
-        from service.store.queue import enqueue_training
+        from service.store.queue import enqueue_shard, enqueue_training
 
         while not stop.wait(interval):
             try:
-                sweep(settings, enqueue_training)
+                sweep(settings, enqueue_training, enqueue_shard=enqueue_shard)
                 with new_session() as session:
                     cleanup.purge(session, get_store())
                     cleanup.collect(session, get_store(), settings)

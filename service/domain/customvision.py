@@ -53,7 +53,7 @@ DOMAINS: dict[str, str] = {
 DEFAULT_DOMAIN = "ee85a74c-405e-4adc-bb47-ffa8ca0c9f31"
 MULTICLASS = "Multiclass"
 MAX_NAME = 255
-_STATUS = {Status.QUEUED: "Training", Status.RUNNING: "Training", Status.SUCCEEDED: "Completed",
+_STATUS = {Status.QUEUED: "Training", Status.RUNNING: "Training", Status.EXTRACTING: "Training", Status.SUCCEEDED: "Completed",
            Status.FAILED: "Failed", Status.CANCELLED: "Failed"}
 
 

@@ -1,7 +1,8 @@
 """Running one training: what the worker's task does, as a plain function tests can call.
 
-claim -> snapshot the dataset -> models.train -> store checkpoint + ONNX (+ the held-out
-predictions behind the label-error report) -> version row.
+claim -> snapshot the dataset -> [many features not cached: fan them out as shards over the
+worker pool (extraction.py) and stop; the last shard queues the training again] -> models.train
+-> store checkpoint + ONNX (+ the held-out predictions behind the label-error report) -> version row.
 Every write to the Training row goes through service.domain.trainings (claim, progress,
 heartbeat, succeed, fail, cancelled) with this run's claim token, so a run that lost its claim
 (another worker took over after its lease ran out) stops and writes nothing more. Its blobs go
@@ -14,7 +15,6 @@ import hashlib
 import json
 import logging
 import socket
-import threading
 import time
 from typing import Any
 
@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session
 from models.checkpoint import checkpoint_bytes, load_checkpoint, ood_index
 from models.train import Sample, TrainConfig, TrainingCancelled, train
 from service.config import Settings, get_settings
-from service.domain import trainings, uploads, versions
+from service.domain import extraction, trainings, uploads, versions
+from service.domain.heartbeat import Heartbeat, heartbeat_interval
 from service.domain.trainings import LostOwnership, Status
 from models.label_issues import pack_heldout
-from service.store.blobs import BlobStore, get_store, heldout_key, image_key, model_keys
+from service.store.blobs import BlobStore, get_store, heldout_key, model_keys
 from service.store.db import session_scope
 from service.store.features import BlobFeatureCache
 from service.store.tables import Dataset, Image, Training
@@ -77,14 +78,17 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
     snapshot = _snapshot(rows)
     samples = [
-        Sample(image_id=i, sha256=sha, label=label, phash=phash, load=_loader(store, sha))
+        Sample(image_id=i, sha256=sha, label=label, phash=phash, load=extraction.loader(store, sha))
         for i, sha, label, phash in rows
     ]
     config = TrainConfig.from_stored(options)  # validated and resolved when it was requested
+    if extraction.fan_out(run.training_id, run.token, [sha for _, sha, _, _ in rows], config, settings, store, device,
+                          write=run.write):
+        return Status.EXTRACTING  # the shards compute the features; the last one queues the head fit
     result = train(
         samples, config, device=device, feature_cache=BlobFeatureCache(store, settings),
         progress=run.report, should_stop=run.should_stop,
-        pretrained_weights=str(settings.pretrained_weights) if settings.pretrained_weights else None,
+        pretrained_weights=extraction.weights_path(settings),
         dataset={"name": dataset_name, **snapshot},
     )
     run.report({"phase": "saving"}, force=True)
@@ -183,10 +187,6 @@ def ood_calibration(ckpt: dict) -> dict | None:
     return None if index is None else {k: v for k, v in ood_metadata(index).items() if k in OOD_FIELDS}
 
 
-def _loader(store: BlobStore, sha: str):
-    return lambda: store.get(image_key(sha))
-
-
 def _snapshot(rows: list[tuple[str, str, str, str]]) -> dict[str, Any]:
     """What the version saw: every (image id, sha256, label), and one hash over that list."""
     listing = [[i, sha, label] for i, sha, label, _ in rows]
@@ -207,7 +207,8 @@ class _Run:
         self._last_check = 0.0
         self._cancelled = False
         self._state: dict[str, Any] = {}
-        self.heartbeat = _Heartbeat(self, interval=max(1.0, settings.training_lease_seconds / 6))
+        self.heartbeat = Heartbeat(lambda: trainings.heartbeat(training_id, token), heartbeat_interval(settings),
+                                   f"training {training_id}")
 
     def write(self, fn, what: str):
         return trainings.retrying(fn, seconds=self.settings.db_retry_seconds,
@@ -228,28 +229,3 @@ class _Run:
             self._last_check = now
             self._cancelled = self.write(lambda: trainings.cancel_requested(self.training_id, self.token), "cancel check")
         return self._cancelled
-
-
-class _Heartbeat:
-    """Proves the worker alive while a long step (one batch of features) holds the main thread."""
-
-    def __init__(self, run: _Run, interval: float):
-        self.run, self.interval = run, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{run.training_id[:8]}")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if not trainings.heartbeat(self.run.training_id, self.run.token):
-                    log.warning("training %s: no longer ours; heartbeat stops", self.run.training_id)
-                    return
-            except Exception:  # a missed beat is not fatal; the lease allows several
-                log.warning("heartbeat for training %s failed", self.run.training_id, exc_info=True)

@@ -4,11 +4,16 @@
     RUNNING ──heartbeat / progress──► RUNNING ──► succeed ─► SUCCEEDED
                                               ──► fail ─► FAILED (always with a reason)
                                               ──► cancelled ─► CANCELLED
-    QUEUED ──cancel──► CANCELLED;  RUNNING ──cancel──► cancel_requested, the worker stops
+    RUNNING ──start_extraction (many features to compute)──► EXTRACTING: shards fan the features
+            out over the worker pool; no worker is held; the last shard to finish ─► QUEUED again,
+            and the run that claims it finds every feature cached and fits the head
+    shard: QUEUED ──claim_shard──► RUNNING ──finish_shard──► DONE  (fail_shard: the training FAILED)
+    QUEUED | EXTRACTING ──cancel──► CANCELLED;  RUNNING ──cancel──► cancel_requested, the worker stops
     sweep: RUNNING with no heartbeat for a lease ─► QUEUED again (attempts < MAX_ATTEMPTS),
            FAILED worker_lost, or CANCELLED when cancel was requested; QUEUED whose message was
            never confirmed sent (broker down, or the API died between commit and send) is sent;
-           QUEUED sent long ago and never claimed is sent again.
+           QUEUED sent long ago and never claimed is sent again; shards likewise (a RUNNING shard
+           whose worker went silent is QUEUED again: only that shard's images are computed again).
 
 Every transition is one conditional UPDATE on the status it expects and, for a running
 training, on the claim token of the worker that owns it: a worker that lost its training (its
@@ -42,7 +47,7 @@ from service.config import Settings
 from service.domain import datasets, paging
 from service.errors import Conflict, InvalidRequest, NotFound, TooMany
 from service.store.db import session_scope
-from service.store.tables import ApiKey, Dataset, Image, Training, utcnow
+from service.store.tables import ApiKey, Dataset, Image, Training, TrainingShard, utcnow
 
 log = logging.getLogger("felis.trainings")
 
@@ -55,13 +60,21 @@ class Status(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    EXTRACTING = "extracting"  # its features are computed by shards on the worker pool; no worker held
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
-ACTIVE = (Status.QUEUED, Status.RUNNING)
+ACTIVE = (Status.QUEUED, Status.RUNNING, Status.EXTRACTING)
 FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class ShardStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class LostOwnership(Exception):
@@ -178,14 +191,18 @@ def _check_caps(session: Session, dataset: Dataset, key_id: str | None, settings
 def send(training_id: str, enqueue: Callable[[str], None]) -> bool:
     """Send the training's message and record that the broker took it (the outbox's confirmation).
     False when the broker is unreachable: the training stays queued and the sweep sends it later."""
+    return _send(Training, training_id, Status.QUEUED, enqueue, f"training {training_id}")
+
+
+def _send(table: type[Training] | type[TrainingShard], row_id: str | int, queued: str, enqueue: Callable[[Any], None],
+          what: str) -> bool:
     try:
-        enqueue(training_id)
-    except Exception as e:
-        log.warning("training %s: message not sent (%s); the sweep sends it when the broker is back", training_id, e)
+        enqueue(row_id)
+    except Exception as e:  # kombu raises OperationalError and friends when the broker is down
+        log.warning("%s: message not sent (%s); the sweep sends it when the broker is back", what, e)
         return False
     with session_scope() as s:
-        s.execute(update(Training).where(Training.id == training_id, Training.status == Status.QUEUED)
-                  .values(enqueued_at=_now(s)))
+        s.execute(update(table).where(table.id == row_id, table.status == queued).values(enqueued_at=_now(s)))
     return True
 
 
@@ -214,7 +231,7 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
         "dataset": dataset.name if dataset else None,
         "status": str(training.status),
         "options": training.options,
-        "progress": training.progress or {},
+        "progress": _progress(session, training),
         "model_version": training.model_version,
         "error": training.error,
         "attempts": training.attempts,
@@ -223,6 +240,25 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
         "started_at": training.started_at,
         "finished_at": training.finished_at,
     }
+
+
+def _progress(session: Session, training: Training) -> dict[str, Any]:
+    """The training's progress; while its features are computed by shards, their sum and each
+    shard's state (which worker, how far, how many attempts)."""
+    progress = dict(training.progress or {})
+    if training.status != Status.EXTRACTING:
+        return progress
+    shards = shards_of(session, training.id)
+    progress.update(phase="features", done=sum(sh.images if sh.status == ShardStatus.DONE else sh.done for sh in shards),
+                    total=sum(sh.images for sh in shards), shards_done=sum(sh.status == ShardStatus.DONE for sh in shards),
+                    shards=[{"index": sh.index, "status": str(sh.status), "images": sh.images, "done": sh.done,
+                             "worker": sh.worker, "attempts": sh.attempts} for sh in shards])
+    return progress
+
+
+def shards_of(session: Session, training_id: str) -> list[TrainingShard]:
+    return list(session.scalars(select(TrainingShard).where(TrainingShard.training_id == training_id)
+                                .order_by(TrainingShard.index)))
 
 
 def list_for(session: Session, dataset: Dataset, limit: int = 50, offset: int = 0,
@@ -263,8 +299,9 @@ def cancel_all(session: Session, dataset_id: int, reason: str) -> None:
 
 
 def _cancel(session: Session, which: ColumnElement[bool], reason: str) -> None:
-    """Queued -> CANCELLED at once; running -> cancel_requested (the worker checks between steps)."""
-    session.execute(update(Training).where(which, Training.status == Status.QUEUED)
+    """Queued or extracting -> CANCELLED at once (a running shard sees it at its next batch);
+    running -> cancel_requested (the worker checks between steps)."""
+    session.execute(update(Training).where(which, Training.status.in_((Status.QUEUED, Status.EXTRACTING)))
                     .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
                             error={"code": "cancelled", "message": reason}))
     session.execute(update(Training).where(which, Training.status == Status.RUNNING).values(cancel_requested=True))
@@ -274,6 +311,8 @@ def delete_all(session: Session, dataset_id: int) -> None:
     """The rows of a deleted dataset's trainings, once none is active. The caller commits."""
     if any_active(session, dataset_id):
         raise Conflict("the dataset still has an active training", code="training_active")
+    ids = select(Training.id).where(Training.dataset_id == dataset_id).scalar_subquery()
+    session.execute(sa_delete(TrainingShard).where(TrainingShard.training_id.in_(ids)))
     session.execute(sa_delete(Training).where(Training.dataset_id == dataset_id))
 
 
@@ -389,11 +428,160 @@ def _transient(e: DBAPIError) -> bool:
     return e.connection_invalidated or isinstance(e, OperationalError)
 
 
+# --- shards: a training's features computed on the whole worker pool ----------------------------
+
+
+def has_shards(training_id: str) -> bool:
+    """Whether this training has fanned its features out before (it does so at most once)."""
+    with session_scope() as s:
+        return s.scalar(select(TrainingShard.id).where(TrainingShard.training_id == training_id).limit(1)) is not None
+
+
+def start_extraction(training_id: str, token: str, ranges: list[tuple[str, str | None, int]]) -> list[int]:
+    """RUNNING (this run's claim) -> EXTRACTING with one QUEUED shard per (lo, hi, images) range;
+    returns the shard ids, whose messages the caller sends after this commit (send_shard). The
+    claim is released: this run's attempt does not count against MAX_ATTEMPTS. Raises
+    LostOwnership when the run no longer owns the training."""
+    with session_scope() as s:
+        done = s.execute(update(Training).where(_owned(training_id, token)).values(
+            status=Status.EXTRACTING, claim_token=None, worker=None, attempts=Training.attempts - 1,
+            progress={"phase": "features"}, heartbeat_at=_now(s))).rowcount
+        if done != 1:
+            raise LostOwnership(training_id)
+        shards = [TrainingShard(training_id=training_id, index=i, lo=lo, hi=hi, images=n, done=0, status=ShardStatus.QUEUED,
+                                attempts=0) for i, (lo, hi, n) in enumerate(ranges)]
+        s.add_all(shards)
+        s.flush()
+        return [sh.id for sh in shards]
+
+
+def send_shard(shard_id: int, enqueue: Callable[[int], None]) -> bool:
+    """The shard's message, and the broker's confirmation recorded (the outbox, as for trainings)."""
+    return _send(TrainingShard, shard_id, ShardStatus.QUEUED, enqueue, f"shard {shard_id}")
+
+
+def _extracting():
+    """The shard's training is still waiting for its features (not cancelled, failed or deleted)."""
+    return TrainingShard.training_id.in_(select(Training.id).where(Training.status == Status.EXTRACTING,
+                                                                   Training.cancel_requested.is_(False)))
+
+
+def claim_shard(shard_id: int, worker_name: str, lease_seconds: float) -> tuple[str, TrainingShard] | None:
+    """QUEUED (or RUNNING with a silent worker) -> RUNNING for this worker, while its training is
+    extracting; returns (claim token, a detached copy of the row), or None (done, taken, or its
+    training is no longer waiting)."""
+    token = uuid.uuid4().hex
+    with session_scope() as s:
+        now = _now(s)
+        done = s.execute(
+            update(TrainingShard)
+            .where(TrainingShard.id == shard_id, _extracting())
+            .where(or_(TrainingShard.status == ShardStatus.QUEUED,
+                       and_(TrainingShard.status == ShardStatus.RUNNING, TrainingShard.heartbeat_at < _ago(s, lease_seconds))))
+            .values(status=ShardStatus.RUNNING, claim_token=token, heartbeat_at=now, done=0,
+                    attempts=TrainingShard.attempts + 1, worker=worker_name[:255])
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if done != 1:
+            return None
+        row = s.get(TrainingShard, shard_id)
+        s.expunge(row)
+    return token, row
+
+
+def _shard_owned(shard_id: int, token: str):
+    return and_(TrainingShard.id == shard_id, TrainingShard.status == ShardStatus.RUNNING, TrainingShard.claim_token == token)
+
+
+def shard_progress(shard_id: int, token: str, done: int) -> bool:
+    """Progress and a heartbeat. False when the shard should stop: another worker has it, or its
+    training is no longer extracting (cancelled, failed, deleted)."""
+    with session_scope() as s:
+        return s.execute(update(TrainingShard).where(_shard_owned(shard_id, token), _extracting())
+                         .values(done=done, heartbeat_at=_now(s)).execution_options(synchronize_session=False)).rowcount == 1
+
+
+def finish_shard(shard_id: int, token: str) -> str | None:
+    """RUNNING -> DONE. When it was the training's last shard, the training goes EXTRACTING ->
+    QUEUED in the same transaction and its id is returned: the caller sends its message (send;
+    the sweep does it if the caller dies). The training's row is locked first, so two last shards
+    finishing together see each other's DONE and exactly one of them queues it."""
+    with session_scope() as s:
+        training_id = s.scalar(select(TrainingShard.training_id).where(TrainingShard.id == shard_id))
+        if training_id is None:
+            return None
+        s.execute(select(Training.id).where(Training.id == training_id).with_for_update())
+        if s.execute(update(TrainingShard).where(_shard_owned(shard_id, token))
+                     .values(status=ShardStatus.DONE, finished_at=_now(s), claim_token=None)).rowcount != 1:
+            return None
+        return training_id if _queue_if_extracted(s, training_id) else None
+
+
+def _queue_if_extracted(s: Session, training_id: str) -> bool:
+    """EXTRACTING -> QUEUED (its message to be sent) when every shard of the training is DONE."""
+    left = s.scalar(select(func.count()).select_from(TrainingShard).where(
+        TrainingShard.training_id == training_id, TrainingShard.status != ShardStatus.DONE)) or 0
+    if left:
+        return False
+    return s.execute(update(Training).where(Training.id == training_id, Training.status == Status.EXTRACTING)
+                     .values(status=Status.QUEUED, enqueued_at=None, progress={"phase": "queued", "features": "done"})).rowcount == 1
+
+
+def fail_shard(shard_id: int, token: str, code: str, message: str) -> None:
+    """The shard could not compute its features (an error, not a lost worker): it and its
+    training FAILED with the reason."""
+    with session_scope() as s:
+        training_id = s.scalar(select(TrainingShard.training_id).where(_shard_owned(shard_id, token)))
+        if training_id is None:
+            return
+        s.execute(update(TrainingShard).where(_shard_owned(shard_id, token)).values(
+            status=ShardStatus.FAILED, finished_at=_now(s), error={"code": code, "message": message}))
+        s.execute(update(Training).where(Training.id == training_id, Training.status == Status.EXTRACTING).values(
+            status=Status.FAILED, finished_at=_now(s), error={"code": code, "message": message}))
+
+
+def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float) -> tuple[dict[str, int], list[int], list[str]]:
+    """Shards of extracting trainings: a silent RUNNING one QUEUED again (or, past MAX_ATTEMPTS,
+    its training FAILED worker_lost); QUEUED ones never confirmed sent, or sent long ago, to send;
+    trainings whose shards are all DONE but still EXTRACTING (a safety net) QUEUED."""
+    counts = {"shards_requeued": 0, "shards_failed": 0}
+    lease = settings.training_lease_seconds
+    waiting = select(Training.id).where(Training.status == Status.EXTRACTING)
+    silent = and_(TrainingShard.status == ShardStatus.RUNNING, TrainingShard.training_id.in_(waiting),
+                  or_(TrainingShard.heartbeat_at.is_(None), TrainingShard.heartbeat_at < _ago(s, lease)))
+    for sh in s.execute(select(TrainingShard.id, TrainingShard.training_id, TrainingShard.attempts, TrainingShard.claim_token)
+                        .where(silent)).all():
+        guard = and_(TrainingShard.id == sh.id, silent, TrainingShard.claim_token.is_not_distinct_from(sh.claim_token))
+        if sh.attempts >= MAX_ATTEMPTS:
+            message = f"the worker computing shard {sh.id}'s features stopped responding {sh.attempts} times"
+            if s.execute(update(TrainingShard).where(guard).values(status=ShardStatus.FAILED, finished_at=_now(s),
+                         error={"code": "worker_lost", "message": message}).execution_options(synchronize_session=False)).rowcount:
+                s.execute(update(Training).where(Training.id == sh.training_id, Training.status == Status.EXTRACTING)
+                          .values(status=Status.FAILED, finished_at=_now(s), error={"code": "worker_lost", "message": message}))
+                counts["shards_failed"] += 1
+        else:
+            counts["shards_requeued"] += s.execute(update(TrainingShard).where(guard).values(
+                status=ShardStatus.QUEUED, claim_token=None, enqueued_at=None).execution_options(synchronize_session=False)).rowcount
+    unsent = list(s.scalars(select(TrainingShard.id).where(
+        TrainingShard.status == ShardStatus.QUEUED, TrainingShard.training_id.in_(waiting),
+        or_(and_(TrainingShard.enqueued_at.is_(None), TrainingShard.created_at < _ago(s, unsent_grace_s)),
+            and_(TrainingShard.enqueued_at.is_(None), TrainingShard.attempts > 0),
+            TrainingShard.enqueued_at < _ago(s, settings.training_redeliver_after_seconds)))))
+    extracted = []
+    for training_id in s.scalars(waiting.where(~Training.id.in_(
+            select(TrainingShard.training_id).where(TrainingShard.status != ShardStatus.DONE)))).all():
+        if _queue_if_extracted(s, training_id):
+            extracted.append(training_id)
+    return counts, unsent, extracted
+
+
 # --- the sweep (every worker runs it periodically) -----------------------------------------------
 
 
-def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s: float = 5.0) -> dict[str, int]:
-    """Settle what a dead worker, a dead API or a down broker left behind; returns counts."""
+def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s: float = 5.0,
+          enqueue_shard: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Settle what a dead worker, a dead API or a down broker left behind; returns counts.
+    enqueue_shard: how shard messages are sent (None: shards are not swept)."""
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "sent": 0}
     lease = settings.training_lease_seconds
     requeued: list[str] = []
@@ -428,11 +616,18 @@ def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s:
             or_(and_(Training.enqueued_at.is_(None), Training.created_at < _ago(s, unsent_grace_s)),
                 Training.enqueued_at < _ago(s, settings.training_redeliver_after_seconds)),
         )).all()
-    for training_id in dict.fromkeys([*requeued, *unsent]):
+        shard_counts, shards, extracted = _sweep_shards(s, settings, unsent_grace_s) if enqueue_shard else ({}, [], [])
+    counts.update(shard_counts)
+    for training_id in dict.fromkeys([*requeued, *extracted, *unsent]):
         if send(training_id, enqueue):
             counts["sent"] += 1
         else:
             break  # the broker is down: the next sweep tries again
+    for shard_id in shards:
+        if send_shard(shard_id, enqueue_shard):
+            counts["shards_sent"] = counts.get("shards_sent", 0) + 1
+        else:
+            break
     if any(counts.values()):
         log.info("training sweep: %s", counts)
     return counts

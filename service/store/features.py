@@ -252,6 +252,18 @@ class BlobFeatureCache:
             self._fetch(keys, missing, fill)
         return fill.result()
 
+    def missing(self, extractor_id: str, sha256s: list[str]) -> list[str]:
+        """Of these images, those whose features are not cached, in order, each once, from the
+        blobs' existence alone (nothing is read). On a store not on local disk an image the
+        listing cannot rule out counts as cached (a training computes any that is not)."""
+        unique = list(dict.fromkeys(sha256s))
+        keys = [feature_key(extractor_id, sha) for sha in unique]
+        if self.in_place:
+            return [sha for sha, key in zip(unique, keys) if not os.path.exists(f"{self._root}/{key}")]
+        local = [self.local is not None and self.local.path(key).exists() for key in keys]
+        present = self._present([key for key, here in zip(keys, local) if not here])
+        return [sha for sha, key, here in zip(unique, keys, local) if not here and key not in present]
+
     def _fetch(self, keys: list[str], missing: list[int], fill: "_Fill") -> None:
         """Fetch the missing blobs from the store, keep local copies, fill their rows."""
         present = self._present([keys[i] for i in missing])

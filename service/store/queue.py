@@ -26,6 +26,7 @@ log = logging.getLogger("felis.queue")
 
 TRAIN_TASK = "felis.train"  # runs one training to a final state (worker.tasks.train)
 SUGGEST_TASK = "felis.suggest"  # suggests labels for a dataset's unlabeled images (worker.tasks.suggest)
+EXTRACT_TASK = "felis.extract"  # computes one shard of a training's features (worker.tasks.extract)
 GPU_QUEUE = "gpu"  # the training workers' queue: `felis worker --queues gpu`
 
 
@@ -57,7 +58,7 @@ def celery_app(settings: Settings | None = None, include: Iterable[str] = ()) ->
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(GPU_QUEUE, routing_key=GPU_QUEUE)],
         task_default_queue=GPU_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, SUGGEST_TASK: {"queue": GPU_QUEUE}},
+        task_routes={name: {"queue": GPU_QUEUE} for name in (TRAIN_TASK, SUGGEST_TASK, EXTRACT_TASK)},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # state lives in the metadata store, not in a result backend
@@ -86,6 +87,14 @@ def enqueue_training(training_id: str) -> None:
         get_producer().send_task(TRAIN_TASK, args=[training_id], queue=GPU_QUEUE, retry=True,
                                  retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
     except Exception as e:  # kombu raises OperationalError and friends when the broker is down
+        raise Unavailable(f"the job queue is unreachable: {e}", code="broker_unavailable") from e
+
+
+def enqueue_shard(shard_id: int) -> None:
+    try:
+        get_producer().send_task(EXTRACT_TASK, args=[int(shard_id)], queue=GPU_QUEUE, retry=True,
+                                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception as e:
         raise Unavailable(f"the job queue is unreachable: {e}", code="broker_unavailable") from e
 
 

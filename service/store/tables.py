@@ -1,5 +1,5 @@
 """The metadata rows. Each table has one module that writes it: service.domain.datasets (Dataset),
-service.domain.uploads and .images (Image), service.domain.trainings (Training),
+service.domain.uploads and .images (Image), service.domain.trainings (Training, TrainingShard),
 service.domain.versions (ModelVersion), service.domain.suggestions (Suggestion), service.domain.keys (ApiKey,
 ApiKeyDataset), service.domain.uploads (ImageStage; BlobOrphan, which service.domain.cleanup empties as it collects), service.domain.customvision
 (CvProject, CvTag, CvIteration, CvPublishAlias: the Custom Vision ids mapped onto datasets, labels, trainings)."""
@@ -108,6 +108,32 @@ class Training(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TrainingShard(Base):
+    """One range of a training's images whose features a worker computes (fan-out over the pool):
+    the images of the training's dataset with lo <= sha256 < hi (hi None: no upper end). Written by
+    service.domain.trainings only; removed with its training."""
+
+    __tablename__ = "training_shards"
+    __table_args__ = (UniqueConstraint("training_id", "index", name="uq_shard_training_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    training_id: Mapped[str] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    lo: Mapped[str] = mapped_column(String(64))
+    hi: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    images: Mapped[int] = mapped_column(Integer)  # features missing in the range when it was planned
+    done: Mapped[int] = mapped_column(Integer, default=0)  # of them, computed so far by the running attempt
+    status: Mapped[str] = mapped_column(String(16), index=True)  # service.domain.trainings.ShardStatus
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # message confirmed sent
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ModelVersion(Base):

@@ -2,7 +2,8 @@
 
 Four concurrent trainings on two datasets each complete exactly once with distinct, consecutive
 versions; both API processes answer the same; a worker SIGKILLed mid-training loses nothing: its
-training is picked up again (lease expired) and finishes on the other worker."""
+training is picked up again (lease expired) and finishes on the other worker. A linear training's
+features fan out as shards over both workers, and a worker killed mid-shard costs only that shard."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ASSETS, zip_folder
+from tests.conftest import ASSETS, DATASETS, needs_datasets, zip_folder
 from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
 
 pytestmark = pytest.mark.timeout(900)
 
 REDIS = "redis://127.0.0.1:6379"
 OPTIONS = {"architecture": "simple_cnn", "epochs": 40, "seed": 3}
+SHARD = 300  # images per feature shard (the fine-tuning trainings above have no shards)
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def cluster(tmp_path):
     redis.Redis.from_url(f"{REDIS}/{redis_db}").flushdb()
     env = felis_env(FELIS_MODE="embedded", FELIS_DATA_DIR=str(tmp_path / "shared"), FELIS_DATABASE_URL=db_url,
                     FELIS_BROKER_URL=f"{REDIS}/{redis_db}", FELIS_TRAINING_LEASE_SECONDS="6", FELIS_DB_RETRY_SECONDS="3",
-                    FELIS_TORCH_THREADS="1")
+                    FELIS_TORCH_THREADS="1", FELIS_FEATURE_SHARD_IMAGES=str(SHARD))
     ports = [free_port(), free_port()]
     apis = [Proc(["api", "--port", str(p)], env, tmp_path / f"api{i}.log") for i, p in enumerate(ports)]
     wait_ready(f"http://127.0.0.1:{ports[0]}", apis)
@@ -96,3 +98,61 @@ def test_a_worker_killed_mid_training_loses_nothing(cluster):
     assert sorted(d["model_version"] for d in done) == [1, 2]
     assert max(d["attempts"] for d in done) == 2
     assert a.get("/v1/datasets/gamma/models").json()["count"] == 2
+
+
+def _photos_zip(per_label: int) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for label in ("cat", "noncat"):
+            for path in sorted((DATASETS / "photos" / "train" / label).iterdir())[:per_label]:
+                zf.write(path, f"{label}/{path.name}")
+    return buf.getvalue()
+
+
+@needs_datasets()
+def test_a_linear_trainings_features_fan_out_over_both_workers_and_a_kill_costs_one_shard(cluster):
+    """1,200 real photos, shards of 300: both workers compute shards at once; worker 0 is SIGKILLed
+    while its shard is half done; that shard alone is computed again (by worker 1, after its lease),
+    the other three are not, and the training succeeds with every feature computed by the shards."""
+    (a, b), workers = cluster
+    assert a.post("/v1/datasets", json={"name": "photos"}).status_code == 201
+    r = a.post("/v1/datasets/photos/images", files={"archive": ("p.zip", _photos_zip(600), "application/zip")})
+    assert r.status_code == 201, r.text
+    tid = a.post("/v1/datasets/photos/trainings", json={"seed": 1}).json()["id"]
+    seen: dict[int, set[str]] = {}
+    both, victim = False, None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:
+        body = a.get(f"/v1/trainings/{tid}").json()
+        assert body["status"] in ("queued", "running", "extracting"), body
+        shards = body["progress"].get("shards", []) if body["status"] == "extracting" else []
+        running = [sh for sh in shards if sh["status"] == "running"]
+        for sh in running:
+            seen.setdefault(sh["index"], set()).add(sh["worker"].split("-")[0])
+        both = both or len({sh["worker"].split("-")[0] for sh in running}) == 2
+        victim = next((sh for sh in running if both and sh["worker"].startswith("w0-") and 0 < sh["done"] < sh["images"]), None)
+        time.sleep(0.2)
+    assert len(shards) == 4 and both and victim is not None, (body, seen)
+    workers[0].kill_group()
+    done = wait_training(b, tid, timeout=600)
+    assert done["status"] == "succeeded", done
+    assert done["model_version"] == 1 and done["attempts"] == 1  # the head fit ran once
+    version = b.get("/v1/datasets/photos/models/1").json()
+    assert version["metrics"]["features_computed"] == 0  # every feature came from the shards
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(cluster_db_url(workers))
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT \"index\", status, attempts, worker FROM training_shards WHERE training_id = :t ORDER BY index"),
+                         {"t": tid}).all()
+    engine.dispose()
+    assert [r.status for r in rows] == ["done"] * 4
+    assert {r.index: r.attempts for r in rows} == {r.index: 2 if r.index == victim["index"] else 1 for r in rows}
+    assert rows[victim["index"]].worker.startswith("w1-")  # the survivor finished it
+
+
+def cluster_db_url(workers) -> str:
+    return workers[0].env["FELIS_DATABASE_URL"]

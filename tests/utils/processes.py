@@ -31,7 +31,7 @@ def felis_env(**overrides: str) -> dict[str, str]:
 
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
-        self.args, self.log_path = args, log
+        self.args, self.env, self.log_path = args, env, log
         self._log = open(log, "ab")
         self.popen = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env,
                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
