@@ -134,6 +134,23 @@ def _check_key(key: str) -> keys.Grant:
         return keys.check(session, key)
 
 
+async def authenticate(request: Request, key: str, address: str) -> Caller:
+    """The caller whose key was sent (however it was sent: /v1's headers, Custom Vision's): 401
+    ``invalid_api_key`` for a bad one, which counts against ``address``'s failed attempts; 429
+    while that address has sent too many, good key or not."""
+    limiters: Limits = request.app.state.limiters
+    await limiters.check(FAILED_KEYS, address)  # this address sent too many bad keys: wait, good key or not
+    try:
+        grant = await run_in_threadpool(_check_key, key)
+    except Unauthorized:
+        try:
+            await limiters.take(FAILED_KEYS, address)
+        except RateLimited:
+            pass
+        raise
+    return Caller(address, grant)
+
+
 async def current_caller(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -146,17 +163,7 @@ async def current_caller(
         if settings.api_keys_required:
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="api_key_required")
         return Caller(address, None)
-    limiters: Limits = request.app.state.limiters
-    await limiters.check(FAILED_KEYS, address)  # this address sent too many bad keys: wait, good key or not
-    try:
-        grant = await run_in_threadpool(_check_key, key)
-    except Unauthorized:
-        try:
-            await limiters.take(FAILED_KEYS, address)
-        except RateLimited:
-            pass
-        raise
-    return Caller(address, grant)
+    return await authenticate(request, key, address)
 
 
 _CallerDep = Annotated[Caller, Depends(current_caller)]  # routes list deps.CallerDep, the same dependency
@@ -185,17 +192,23 @@ class Requirement:
             await request.app.state.limiters.take(self.rate_limit, caller.rate_key)
 
 
-def Requires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool = False) -> params.Depends:  # noqa: N802
-    """The dependency a route lists to require ``scope`` (and a rate limit, and every dataset)."""
+def requires_of(caller_dependency, scope: Scope, rate_limit: str | None, every_dataset: bool) -> params.Depends:
+    """The dependency that requires ``scope`` (and a rate limit, and every dataset) of the caller
+    ``caller_dependency`` solves: ``current_caller`` for /v1 (``Requires``), Custom Vision's own."""
     if rate_limit is not None and rate_limit not in RATE_LIMITS:
         raise ValueError(f"unknown rate limit {rate_limit!r}; one of {RATE_LIMITS}")
     requirement = Requirement(Scope(scope), rate_limit, every_dataset)
 
-    async def require(request: Request, caller: _CallerDep) -> None:
+    async def require(request: Request, caller: Caller = Depends(caller_dependency)) -> None:  # noqa: B008 (a closure's Annotated would be a string here)
         await requirement.check(request, caller)
 
     require.requirement = requirement  # type: ignore[attr-defined]
     return Depends(require)
+
+
+def Requires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool = False) -> params.Depends:  # noqa: N802
+    """The dependency a route lists to require ``scope`` (and a rate limit, and every dataset)."""
+    return requires_of(current_caller, scope, rate_limit, every_dataset)
 
 
 async def _dataset_visible(name: str, caller: _CallerDep) -> None:

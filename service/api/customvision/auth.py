@@ -15,22 +15,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request, params
-from starlette.concurrency import run_in_threadpool
 
-from service.api.auth import FAILED_KEYS, RATE_LIMITS, Caller, Requirement, client_address
+from service.api.auth import Caller, authenticate, client_address, requires_of
 from service.config import get_settings
-from service.domain import keys
 from service.domain.keys import Scope
-from service.errors import RateLimited, Unauthorized
-from service.store.db import session_scope
+from service.errors import Unauthorized
 
 TRAINING_KEY_HEADERS = ("training-key", "ocp-apim-subscription-key")
 PREDICTION_KEY_HEADERS = ("prediction-key", "ocp-apim-subscription-key")
-
-
-def _check_key(key: str) -> keys.Grant:
-    with session_scope() as session:
-        return keys.check(session, key)
 
 
 async def _caller(request: Request, headers: tuple[str, ...]) -> Caller:
@@ -42,17 +34,7 @@ async def _caller(request: Request, headers: tuple[str, ...]) -> Caller:
     if not key:
         raise Unauthorized(f"a key is required: send it as {headers[0].title()} (or Ocp-Apim-Subscription-Key)",
                            code="api_key_required")
-    limiters = request.app.state.limiters
-    await limiters.check(FAILED_KEYS, address)
-    try:
-        grant = await run_in_threadpool(_check_key, key)
-    except Unauthorized:
-        try:
-            await limiters.take(FAILED_KEYS, address)
-        except RateLimited:
-            pass
-        raise
-    return Caller(address, grant)
+    return await authenticate(request, key, address)
 
 
 async def training_caller(request: Request) -> Caller:
@@ -70,23 +52,11 @@ PredictionCallerDep = Annotated[Caller, Depends(prediction_caller)]
 CALLERS = (training_caller, prediction_caller)
 
 
-def _requires(caller_dependency, scope: Scope, rate_limit: str | None, every_dataset: bool) -> params.Depends:
-    if rate_limit is not None and rate_limit not in RATE_LIMITS:
-        raise ValueError(f"unknown rate limit {rate_limit!r}; one of {RATE_LIMITS}")
-    requirement = Requirement(Scope(scope), rate_limit, every_dataset)
-
-    async def require(request: Request, caller: Caller = Depends(caller_dependency)) -> None:  # noqa: B008 (a closure's Annotated would be a string here)
-        await requirement.check(request, caller)
-
-    require.requirement = requirement  # type: ignore[attr-defined]
-    return Depends(require)
-
-
 def TrainingRequires(scope: Scope, *, rate_limit: str | None = None, every_dataset: bool = False) -> params.Depends:  # noqa: N802
     """What a training route lists: the Training-Key must grant ``scope`` (as auth.Requires)."""
-    return _requires(training_caller, scope, rate_limit, every_dataset)
+    return requires_of(training_caller, scope, rate_limit, every_dataset)
 
 
 def PredictionRequires(scope: Scope, *, rate_limit: str | None = None) -> params.Depends:  # noqa: N802
     """What a prediction route lists: the Prediction-Key must grant ``scope`` (as auth.Requires)."""
-    return _requires(prediction_caller, scope, rate_limit, False)
+    return requires_of(prediction_caller, scope, rate_limit, False)
