@@ -123,6 +123,31 @@ def _syncfs(folder: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
+    """``data`` as the file ``path`` (its folders made), all or nothing: a temp file beside it,
+    renamed into place; the temp file removed on any failure. ``durable``: the file fsynced before
+    the rename and its folder after it, so the write survives a crash (else a crash may lose it,
+    never leave part of it). Raises what the filesystem raises (OSError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+
 class LocalBlobStore:
     """Files under one root. put() writes a temp file, fsyncs it and renames it into place;
     put_many() does the same for many blobs with one filesystem sync per step instead of two fsyncs
@@ -136,24 +161,8 @@ class LocalBlobStore:
         return self.root / _safe_key(key)
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # make the rename itself durable
-            finally:
-                os.close(dir_fd)
+            write_atomic(self._path(key), data, durable=True)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("no space left in blob storage", code="storage_full") from e

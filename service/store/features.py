@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ import numpy as np
 
 from service.config import Settings, get_settings
 from service.errors import NotFound, StorageFull, TooLarge, Unavailable
-from service.store.blobs import BlobStore, LocalBlobStore, feature_key, get_store
+from service.store.blobs import BlobStore, LocalBlobStore, feature_key, get_store, write_atomic
 
 log = logging.getLogger("felis.features")
 
@@ -127,17 +126,8 @@ class LocalFeatureCache:
     def write(self, key: str, data: bytes) -> None:
         """Keep a copy (no fsync: a copy lost in a crash is fetched again). A full local disk
         only means no copy."""
-        path = self.path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.path(key), data, durable=False)
         except OSError as e:
             log.warning("could not keep a local copy of %s in %s: %s", key, self.root, e)
             return
