@@ -18,10 +18,8 @@ on photos/test.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _api import arguments, need_photos, post_files, print_results, run_seeds, run_training  # noqa: E402  (bench/_api.py)
 from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
 
 LABELS = ("cat", "noncat")
@@ -56,16 +55,9 @@ def one_seed(c: httpx.Client, seed: int | None) -> dict:
     c.post("/v1/datasets", json={"name": name}).raise_for_status()
     for label in LABELS:
         paths = [p for p, given in train if (other[given] if p.name in flipped else given) == label]
-        for i in range(0, len(paths), 100):
-            r = c.post(f"/v1/datasets/{name}/images", data={"label": label},
-                       files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[i:i + 100]])
-            r.raise_for_status()
-    t0 = time.perf_counter()
-    tid = c.post(f"/v1/datasets/{name}/trainings", json={}).json()["id"]
-    while (t := c.get(f"/v1/trainings/{tid}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        time.sleep(0.5)
+        post_files(c, f"/v1/datasets/{name}/images", paths, 100, data={"label": label})
+    t, train_s = run_training(c, name)
     assert t["status"] == "succeeded", t
-    train_s = time.perf_counter() - t0
     version = t["model_version"]
     flagged, offset = [], 0
     while True:
@@ -75,12 +67,8 @@ def one_seed(c: httpx.Client, seed: int | None) -> dict:
         if offset >= page["count"] or not page["data"]:
             break
     summary = c.get(f"/v1/datasets/{name}/models/{version}/evaluation").json()["label_issues"]
-    right = 0
-    for i in range(0, len(test), 16):
-        chunk = test[i:i + 16]
-        r = c.post(f"/v1/datasets/{name}/predict", files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p, _ in chunk])
-        r.raise_for_status()
-        right += sum(pred["label"] == truth for pred, (_, truth) in zip(r.json()["predictions"], chunk))
+    predictions = post_files(c, f"/v1/datasets/{name}/predict", [p for p, _ in test], 16)
+    right = sum(pred["label"] == truth for pred, (_, truth) in zip(predictions, test))
     c.delete(f"/v1/datasets/{name}")
     names = {f["filename"] for f in flagged}
     hits = len(names & flipped)
@@ -111,32 +99,10 @@ def report(rows: list[dict], machine: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--url")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--append", action="store_true")
-    args = ap.parse_args()
-    if not (DATASETS / "photos").is_dir():
-        sys.exit(f"no photos at {DATASETS / 'photos'} (set FELIS_DATASETS)")
-    proc, base = None, args.url
-    if not base:
-        from tests.utils.processes import start_felis
-
-        proc, base = start_felis("up", Path(tempfile.mkdtemp(prefix="felis-label-issues-")))
-    rows = []
-    try:
-        with httpx.Client(base_url=base, timeout=900) as c:
-            for seed in [*range(args.seeds), None]:
-                rows.append(one_seed(c, seed))
-                print(rows[-1], flush=True)
-    finally:
-        if proc:
-            proc.stop()
-    text = report(rows, cpu_name())
-    print(text)
-    if args.append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    args = arguments(__doc__, seeds=3).parse_args()
+    need_photos(DATASETS)
+    rows = run_seeds(args.url, "felis-label-issues-", [*range(args.seeds), None], one_seed)
+    print_results(report(rows, cpu_name()), append=args.append)
     return 0
 
 

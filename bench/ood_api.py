@@ -29,11 +29,9 @@ accuracy unchanged (at most one more error on the 200 kaggle_ test photos).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,18 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _api import arguments, need_photos, post_files, print_results, run_training, start_or_use  # noqa: E402  (bench/_api.py)
 from ood import DATASETS, cpu_name, kaggle_label, photo_sets  # noqa: E402  (bench/ood.py)
 
 LABELS = ("cat", "dog")  # kaggle_label's 0 and 1
-
-
-def _post_files(c: httpx.Client, url: str, paths: list[Path], chunk: int, **kw) -> list[dict]:
-    out = []
-    for i in range(0, len(paths), chunk):
-        r = c.post(url, files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[i : i + chunk]], **kw)
-        r.raise_for_status()
-        out.extend(r.json().get("predictions", r.json().get("results", [])))
-    return out
 
 
 def through_the_api(base: str) -> dict:
@@ -69,18 +59,14 @@ def through_the_api(base: str) -> dict:
         train = sets["kaggle_train"]
         for label in LABELS:
             paths = [p for p in train if LABELS[kaggle_label(p)] == label]
-            _post_files(c, f"/v1/datasets/{name}/images", paths, 100, data={"label": label})
-        t0 = time.perf_counter()
-        tid = c.post(f"/v1/datasets/{name}/trainings", json={}).json()["id"]
-        while (t := c.get(f"/v1/trainings/{tid}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.5)
+            post_files(c, f"/v1/datasets/{name}/images", paths, 100, data={"label": label})
+        t, train_s = run_training(c, name)
         assert t["status"] == "succeeded", t
-        train_s = time.perf_counter() - t0
         version = t["model_version"]
         detail = c.get(f"/v1/datasets/{name}/models/{version}").json()
         evaluation = c.get(f"/v1/datasets/{name}/models/{version}/evaluation").json().get("ood")
-        inside = _post_files(c, f"/v1/datasets/{name}/predict", sets["kaggle_test"], 16)
-        outside = _post_files(c, f"/v1/datasets/{name}/predict", sets["imagenet_test"], 16)
+        inside = post_files(c, f"/v1/datasets/{name}/predict", sets["kaggle_test"], 16)
+        outside = post_files(c, f"/v1/datasets/{name}/predict", sets["imagenet_test"], 16)
         onnx = c.get(f"/v1/datasets/{name}/models/{version}/download", params={"format": "onnx"}).content
         c.delete(f"/v1/datasets/{name}")
     truth = [LABELS[kaggle_label(p)] for p in sets["kaggle_test"]]
@@ -272,35 +258,20 @@ def storage_variants(repeats: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--url")
+    ap = arguments(__doc__)
     ap.add_argument("--compare-url", help="a felis running the code without the change, trained and asked the same way")
-    ap.add_argument("--append", action="store_true", help="append the figures to bench/RESULTS.md")
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--storage", action="store_true", help="only compare ways of storing the index in the graph (no API)")
     args = ap.parse_args()
     if args.storage:
         print(storage_variants(args.repeats))
         return 0
-    if not (DATASETS / "photos").is_dir():
-        sys.exit(f"no photos at {DATASETS / 'photos'} (set FELIS_DATASETS)")
-    proc, base = None, args.url
-    if not base:
-        from tests.utils.processes import start_felis
-
-        proc, base = start_felis("up", Path(tempfile.mkdtemp(prefix="felis-ood-")))
-    try:
+    need_photos(DATASETS)
+    with start_or_use(args.url, prefix="felis-ood-") as (base, _):
         r = through_the_api(base)
-    finally:
-        if proc:
-            proc.stop()
     baseline = through_the_api(args.compare_url) if args.compare_url else None
     cost = graph_cost(r["onnx"], args.repeats)
-    text = report(r, cost, cpu_name(), baseline)
-    print(text)
-    if args.append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    print_results(report(r, cost, cpu_name(), baseline), append=args.append)
     return 0
 
 

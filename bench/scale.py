@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sqlite3
 import statistics
 import sys
@@ -38,17 +37,14 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-DATASETS = Path(os.environ.get("FELIS_DATASETS", ROOT.parent / "shared" / "datasets"))
+from _api import print_results, run_training, start_or_use  # noqa: E402  (bench/_api.py)
+from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
+
 ARCHIVE = DATASETS / "cifar10" / "cifar10-train.tar.gz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores visible"
-    return "unknown CPU"
+TRAIN_TIMEOUT = 7200  # seconds a training may take
 
 
 def cifar_files(root: Path) -> dict[str, list[Path]]:
@@ -116,14 +112,6 @@ class Sampler:
         self._thread.join()
 
 
-def _wait(c: httpx.Client, tid: str, timeout: float = 7200) -> dict:
-    deadline = time.monotonic() + timeout
-    while (t := c.get(f"/v1/trainings/{tid}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, t
-        time.sleep(0.5)
-    return t
-
-
 def _median_ms(fn, n: int = 5) -> float:
     times = []
     for _ in range(n):
@@ -134,14 +122,13 @@ def _median_ms(fn, n: int = 5) -> float:
 
 
 def one_size(files: dict[str, list[Path]], n: int, tmp: Path, train: bool = True, ten: bool = False) -> dict:
-    from tests.utils.processes import api_pid, start_felis
+    from tests.utils.processes import api_pid
 
     archive = tmp / f"cifar-{n}.zip"
     n = build_zip(files, n, archive, ten)
-    proc, base = start_felis("up", tmp)
-    api = api_pid([proc])
     out: dict = {"images": n, "zip_mb": archive.stat().st_size / 1e6}
-    try:
+    with start_or_use(folder=tmp) as (base, proc):
+        api = api_pid([proc])
         with httpx.Client(base_url=base, timeout=7200) as c:
             c.post("/v1/datasets", json={"name": "scale"}).raise_for_status()
             with Sampler(api) as s, open(archive, "rb") as f:
@@ -175,16 +162,13 @@ def one_size(files: dict[str, list[Path]], n: int, tmp: Path, train: bool = True
             while _rows(db) and time.monotonic() < deadline:
                 time.sleep(0.5)
             out["delete_s"] = time.perf_counter() - t
-    finally:
-        proc.stop()
     return out
 
 
 def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str) -> None:
     """A cold default training, then 100 labels changed and a warm one; the worker's peak RSS."""
-    t = time.perf_counter()
-    training = _wait(c, c.post("/v1/datasets/scale/trainings", json={}).json()["id"])
-    out["train_s"], out["train_status"] = time.perf_counter() - t, training["status"]
+    training, out["train_s"] = run_training(c, "scale", TRAIN_TIMEOUT)
+    out["train_status"] = training["status"]
     out["worker_mb"] = max([_status(p, "VmHWM") for p in _descendants(proc.popen.pid) if p != api] or [0])
     version = training.get("model_version")
     if version:
@@ -193,9 +177,8 @@ def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str) 
         out["per_label_recall"] = {k: round(v.get("recall", 0), 3) for k, v in (ev.get("per_label") or {}).items()}
     ids = [i["id"] for i in c.get("/v1/datasets/scale/images", params={"label": relabel_from, "limit": 100}).json()["data"]]
     c.post("/v1/datasets/scale/images/labels", json=[{"image_id": i, "label": "cat"} for i in ids]).raise_for_status()
-    t = time.perf_counter()
-    retrain = _wait(c, c.post("/v1/datasets/scale/trainings", json={}).json()["id"])
-    out["retrain_s"], out["retrain_status"] = time.perf_counter() - t, retrain["status"]
+    retrain, out["retrain_s"] = run_training(c, "scale", TRAIN_TIMEOUT)
+    out["retrain_status"] = retrain["status"]
     out["worker_mb"] = max([out["worker_mb"]] + [_status(p, "VmHWM") for p in _descendants(proc.popen.pid) if p != api])
 
 
@@ -250,11 +233,7 @@ def main() -> int:
         tmp.mkdir()
         rows.append(one_size(files, n, tmp, train=not args.no_train, ten=args.ten_labels))
         print(rows[-1], flush=True)
-    text = report(rows, cpu_name())
-    print(text)
-    if args.append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    print_results(report(rows, cpu_name()), append=args.append)
     if not args.keep:
         import shutil
 

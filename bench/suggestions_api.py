@@ -17,10 +17,8 @@ Target (issue 15): at least 99.5% of the 1,000 accepted suggestions right.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,16 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _api import arguments, need_photos, post_files, print_results, run_seeds, run_training  # noqa: E402  (bench/_api.py)
 from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
 
 LABELS = ("cat", "noncat")
 PER_LABEL = 50
 ACCEPT = 1000
-
-
-def _post(c: httpx.Client, url: str, paths: list[Path], **kw) -> None:
-    for i in range(0, len(paths), 100):
-        c.post(url, files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[i:i + 100]], **kw).raise_for_status()
 
 
 def one_seed(c: httpx.Client, seed: int) -> dict:
@@ -54,14 +48,10 @@ def one_seed(c: httpx.Client, seed: int) -> dict:
     name = f"suggest-{seed}-{int(time.time())}"
     c.post("/v1/datasets", json={"name": name}).raise_for_status()
     for label, paths in labelled.items():
-        _post(c, f"/v1/datasets/{name}/images", paths, data={"label": label})
-    _post(c, f"/v1/datasets/{name}/images", unlabeled)
-    t0 = time.perf_counter()
-    tid = c.post(f"/v1/datasets/{name}/trainings", json={}).json()["id"]
-    while (t := c.get(f"/v1/trainings/{tid}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        time.sleep(0.5)
+        post_files(c, f"/v1/datasets/{name}/images", paths, data={"label": label})
+    post_files(c, f"/v1/datasets/{name}/images", unlabeled)
+    t, train_s = run_training(c, name)
     assert t["status"] == "succeeded", t
-    train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     while (page := c.get(f"/v1/datasets/{name}/suggestions", params={"limit": 1}).json())["pending"] > 0:
         assert time.perf_counter() - t1 < 900, page
@@ -105,32 +95,11 @@ def report(rows: list[dict], machine: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--url")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--append", action="store_true")
-    args = ap.parse_args()
-    if not (DATASETS / "photos").is_dir():
-        sys.exit(f"no photos at {DATASETS / 'photos'} (set FELIS_DATASETS)")
-    proc, base = None, args.url
-    if not base:
-        from tests.utils.processes import start_felis
-
-        proc, base = start_felis("up", Path(tempfile.mkdtemp(prefix="felis-suggest-")))
-    rows = []
-    try:
-        with httpx.Client(base_url=base, timeout=900) as c:
-            for seed in range(args.seeds):
-                rows.append(one_seed(c, seed))
-                print({k: v for k, v in rows[-1].items() if k != "wrong"}, flush=True)
-    finally:
-        if proc:
-            proc.stop()
-    text = report(rows, cpu_name())
-    print(text)
-    if args.append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    args = arguments(__doc__, seeds=3).parse_args()
+    need_photos(DATASETS)
+    rows = run_seeds(args.url, "felis-suggest-", list(range(args.seeds)), one_seed,
+                     lambda row: {k: v for k, v in row.items() if k != "wrong"})
+    print_results(report(rows, cpu_name()), append=args.append)
     return 0
 
 
