@@ -1,8 +1,8 @@
 """Image bytes -> validated metadata, RGB pictures and perceptual hashes.
 
-One place decides what counts as an image, shared by upload (inspect_image), training and
-prediction (decode_rgb) and near-duplicate detection (perceptual_hash). No torch here, so
-the upload path does not load it.
+One place decides what counts as an image, shared by upload (inspect_image, or with the
+perceptual hash in one decode: inspect_and_hash), training and prediction (decode_rgb) and
+near-duplicate detection (perceptual_hash). No torch here, so the upload path does not load it.
 """
 
 from __future__ import annotations
@@ -80,15 +80,31 @@ def inspect_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> ImageIn
     """
     img = _open(data)
     with img:
-        fmt, (w, h), mode = img.format or "", img.size, img.mode
-        if fmt not in SUPPORTED_FORMATS:
-            raise InvalidImage("unsupported_format", f"format {fmt or 'unknown'} is not supported")
-        _check_pixels(img, max_pixels)
-        if min(w, h) < min_side:
-            raise InvalidImage("image_too_small", f"{w}x{h}: a side is below {min_side} pixels")
-        if fmt in ("JPEG", "MPO"):
+        info = _checked_header(img, max_pixels, min_side)
+        if img.format in ("JPEG", "MPO"):
             img.draft(img.mode, (min_side, min_side))
         _load(img)
+    return info
+
+
+def inspect_and_hash(data: bytes, *, max_pixels: int, min_side: int = 8) -> tuple[ImageInfo, str]:
+    """inspect_image(data) and perceptual_hash(data) with one decode instead of two (what an
+    upload checks of every file): the same answers and the same InvalidImage codes, the pixels
+    decoded once at the perceptual hash's scale (every byte is still read)."""
+    img = _open(data)
+    with img:
+        info = _checked_header(img, max_pixels, min_side)
+        return info, _phash(_decoded_rgb(img, PHASH_DECODE_SIDE))
+
+
+def _checked_header(img: Image.Image, max_pixels: int, min_side: int) -> ImageInfo:
+    """What inspect_image checks before decoding: a supported format, the pixel bound, the sides."""
+    fmt, (w, h), mode = img.format or "", img.size, img.mode
+    if fmt not in SUPPORTED_FORMATS:
+        raise InvalidImage("unsupported_format", f"format {fmt or 'unknown'} is not supported")
+    _check_pixels(img, max_pixels)
+    if min(w, h) < min_side:
+        raise InvalidImage("image_too_small", f"{w}x{h}: a side is below {min_side} pixels")
     return ImageInfo(format="JPEG" if fmt == "MPO" else fmt, width=w, height=h, mode=mode)
 
 
@@ -116,6 +132,10 @@ def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None
     img = _open(data)
     if max_pixels is not None:
         _check_pixels(img, max_pixels)
+    return _decoded_rgb(img, size_hint)
+
+
+def _decoded_rgb(img: Image.Image, size_hint: int | None) -> Image.Image:
     if size_hint and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (size_hint, size_hint))
     _load(img)
@@ -126,11 +146,18 @@ def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None
     return to_rgb(img)
 
 
+PHASH_DECODE_SIDE = 64  # JPEGs are decoded for the perceptual hash at the smallest DCT scale keeping this many pixels a side
+
+
 def perceptual_hash(data: bytes) -> str:
     """64-bit DCT perceptual hash as 16 hex chars; near-duplicates differ in few bits."""
+    return _phash(decode_rgb(data, size_hint=PHASH_DECODE_SIDE))
+
+
+def _phash(rgb: Image.Image) -> str:
     import imagehash  # imported lazily: only training/upload need it
 
-    return str(imagehash.phash(decode_rgb(data, size_hint=64)))
+    return str(imagehash.phash(rgb))
 
 
 def hamming(a: str, b: str) -> int:

@@ -43,7 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from models.images import InvalidImage, inspect_image, perceptual_hash
+from models.images import InvalidImage, inspect_and_hash
 from service.config import Settings
 from service.limits import cpu_budget
 from service.domain import suggestions
@@ -249,8 +249,7 @@ def _check(c: Candidate, settings: Settings) -> _Checked:
     if len(data) > settings.max_file_bytes:
         return _Checked(c, reason="file_too_large")
     try:
-        info = inspect_image(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
-        phash = perceptual_hash(data)
+        info, phash = inspect_and_hash(data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     except InvalidImage as e:
         return _Checked(c, reason=e.code)
     return _Checked(c, size=len(data), sha256=hashlib.sha256(data).hexdigest(), info=info, phash=phash)
@@ -288,7 +287,10 @@ def ingest(
     try:
         # Decoding dominates; Pillow releases the GIL, so threads use every core. A file's bytes
         # are held only while a thread checks it, and while it is written: one file per thread.
-        with ThreadPoolExecutor(max_workers=cpu_budget()) as pool:
+        # A chunk's blobs are written on a thread of their own while the next chunk is checked
+        # (one write batch in flight); every write has finished before the upload is published.
+        with ThreadPoolExecutor(max_workers=cpu_budget()) as pool, ThreadPoolExecutor(max_workers=1) as writer:
+            writing = None
             for start in range(0, len(candidates), _CHUNK):
                 chunk = candidates[start : start + _CHUNK]
                 checked = list(pool.map(lambda c: _check(c, settings), chunk))
@@ -310,8 +312,12 @@ def ingest(
                     report.results.append(result)
                 if new:
                     _stage(session, upload_id, dataset.id, new, staged)
-                    _write_blobs(store, new)  # after the stage is committed: from now on the blobs are the upload's
+                    if writing is not None:
+                        writing.result()  # raises what the last write raised (a full store, say)
+                    writing = writer.submit(_write_blobs, store, new)  # after the stage is committed: from now on the blobs are the upload's
                 session.commit()
+            if writing is not None:
+                writing.result()
         published = _publish(session, upload_id, dataset, staged)
     except BaseException:
         _drop_after_failure(session, upload_id)

@@ -164,3 +164,33 @@ def test_perceptual_hash_finds_near_duplicates(photo_bytes, photo):
     assert hamming(h, perceptual_hash(copy)) <= 6
     others = [hamming(h, perceptual_hash(d)) for d in photo_bytes[1:]]
     assert min(others) > 10
+
+
+def test_inspect_and_hash_answers_as_inspect_image_and_perceptual_hash(datasets, photo_bytes, photo):
+    """One decode for both (uploads): the same info, hash and error codes as the two calls, on
+    real photos, CIFAR and catvnoncat images, every supported format, exotic modes, EXIF
+    rotation, and broken, truncated, oversized and undersized files."""
+    from models.images import inspect_and_hash
+
+    real = [p.read_bytes() for folder, n in (("photos/train/cat", 40), ("photos/train/noncat", 40), ("catvnoncat/train/cat", 10))
+            for p in sorted((datasets / folder).iterdir())[:n]]
+    real += [p.read_bytes() for p in sorted((datasets / "cifar-cat").rglob("*.*"))[:20] if p.is_file()]
+    small = photo.resize((64, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    made = [_encode(photo.resize((120, 90)), fmt) for fmt in ("PNG", "WEBP", "BMP", "GIF", "TIFF")]
+    made += [_encode(small.convert(m), f) for m, f in (("CMYK", "JPEG"), ("L", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"))]
+    made += [_encode(photo.resize((80, 40)), "JPEG", exif=exif.tobytes())]
+    bad = [b"", b"not an image" * 10, photo_bytes[0][: len(photo_bytes[0]) // 2], _encode(photo, "PNG")[:5000],
+           _png_claiming(100_000, 100_000), _encode(Image.new("RGB", (4, 40)), "PNG"), _encode(photo.resize((32, 32)), "ICO")]
+    assert len(real) >= 100
+    for data in [*photo_bytes, *real, *made, *bad]:
+        try:
+            expected = (inspect_image(data, max_pixels=MAX_PIXELS), perceptual_hash(data))
+        except InvalidImage as e:
+            expected = e.code
+        try:
+            got = inspect_and_hash(data, max_pixels=MAX_PIXELS)
+        except InvalidImage as e:
+            got = e.code
+        assert got == expected

@@ -399,7 +399,9 @@ def test_an_upload_that_outlives_its_stage_ttl_fails_whole(felis, monkeypatch):
     monkeypatch.setattr(uploads, "_CHUNK", 4)
     ds = datasets.create(felis.session, "pets")
     felis.session.commit()
-    settings = felis.settings.model_copy(update={"upload_stage_ttl_seconds": 0})
+    # every stage counts as dead, however recent: the blob writes run beside the next chunk's
+    # stage, whose fresh rows would otherwise (rightly) show the upload alive to a TTL of 0
+    settings = felis.settings.model_copy(update={"upload_stage_ttl_seconds": -3600})
 
     def sweep(call, key):
         if call == "put" and len(swept) < 1:
