@@ -22,6 +22,7 @@ import enum
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from service.store.features import BlobFeatureCache
 from service.store.tables import Image, Training
 
 log = logging.getLogger("felis.extraction")
+
+STOP_CHECK_SECONDS = 1.0  # a running shard reads whether it is still wanted at most this often (between batches)
 
 
 class Outcome(enum.StrEnum):
@@ -95,9 +98,20 @@ def run_shard(shard_id: int, *, settings: Settings | None = None, store: BlobSto
     if claimed is None:
         return Outcome.SKIPPED
     token, shard = claimed
-    state = {"done": 0}
+    state = {"done": 0, "checked": time.monotonic()}
     beat = Heartbeat(lambda: trainings.shard_progress(shard_id, token, state["done"]), heartbeat_interval(settings),
                      f"shard {shard_id}")
+
+    def should_stop() -> bool:
+        """Between batches, at most once a second: the progress written, and whether the shard is
+        still wanted (its training cancelled: stop now, not at the heartbeat's next beat)."""
+        if not beat.lost.is_set() and time.monotonic() - state["checked"] >= STOP_CHECK_SECONDS:
+            state["checked"] = time.monotonic()
+            if not trainings.retrying(lambda: trainings.shard_progress(shard_id, token, state["done"]),
+                                      seconds=settings.db_retry_seconds, what=f"shard {shard_id}: progress"):
+                beat.lost.set()
+        return beat.lost.is_set()
+
     beat.start()
     try:
         with session_scope() as s:
@@ -110,7 +124,7 @@ def run_shard(shard_id: int, *, settings: Settings | None = None, store: BlobSto
         extractor = feature_extractor(TrainConfig.from_stored(options), device=device or settings.device,
                                       pretrained_weights=weights_path(settings))
         computed = extract_features(extractor, sha256s, [loader(store, sha) for sha in sha256s], BlobFeatureCache(store, settings),
-                                    progress=lambda p: state.update(done=p["done"]), should_stop=beat.lost.is_set)
+                                    progress=lambda p: state.update(done=p["done"]), should_stop=should_stop)
         last = trainings.retrying(lambda: trainings.finish_shard(shard_id, token), seconds=settings.db_retry_seconds,
                                   what=f"finishing shard {shard_id}")
         log.info("shard %s of training %s: %d features computed of %d images", shard_id, shard.training_id, computed, len(sha256s))

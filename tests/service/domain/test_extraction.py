@@ -10,6 +10,7 @@ from sqlalchemy import select
 from service.config import get_settings
 from service.domain import extraction, pipeline, trainings
 from service.domain.trainings import ShardStatus, Status
+from service.store.db import session_scope
 from service.store.tables import Training, TrainingShard
 
 OPTIONS = {"image_size": 64, "cv_folds": 2}
@@ -155,3 +156,37 @@ def test_fine_tuning_and_few_images_never_fan_out(session, store, sharded, pets,
     tid = _request(session, sharded)
     assert pipeline.run_training(tid, settings=sharded, store=store) == Status.SUCCEEDED
     assert _shards(session, tid) == []
+
+
+def test_a_running_shard_stops_within_seconds_of_a_cancel(session, store, sharded, pets, monkeypatch):
+    """Cancelling an extracting training answers at once; its running shard must stop computing
+    within a couple of seconds, not at its next heartbeat (lease / 6: 20 s by default). The
+    store is slowed (0.25 s an image read) so that a shard of 16 images in batches of 4 takes
+    about 4 s; the cancel comes after its first batch."""
+    import threading
+    import time
+
+    monkeypatch.setattr(sharded, "feature_shard_images", 16)
+    tid = _request(session, sharded, {**OPTIONS, "batch_size": 4})
+    pipeline.run_training(tid, settings=sharded, store=store)
+    first = _shards(session, tid)[0]
+    real_get = store.get
+    read = threading.Event()
+
+    def slow_get(key):
+        read.set()
+        time.sleep(0.25)
+        return real_get(key)
+
+    monkeypatch.setattr(store, "get", slow_get)
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(extraction.run_shard(first.id, settings=sharded, store=store)))
+    runner.start()
+    assert read.wait(30)
+    time.sleep(1.5)  # into its second batch
+    with session_scope() as s:
+        trainings.cancel(s, tid)
+    cancelled_at = time.monotonic()
+    runner.join(30)
+    assert outcome == [extraction.Outcome.STOPPED]
+    assert time.monotonic() - cancelled_at < 2.5
