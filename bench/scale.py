@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _api import print_results, run_training, start_or_use  # noqa: E402  (bench/_api.py)
+from _api import post_files, print_results, run_training, start_or_use  # noqa: E402  (bench/_api.py)
 from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
 
 ARCHIVE = DATASETS / "cifar10" / "cifar10-train.tar.gz"
@@ -142,7 +142,7 @@ def one_size(files: dict[str, list[Path]], n: int, tmp: Path, train: bool = True
             out["created"] = r.json()["created"]
             out["upload_rate"] = n / out["upload_s"]
             if train:
-                _train_twice(c, out, proc, api, "dog" if ten else "other")
+                _train_twice(c, out, proc, api, "dog" if ten else "other", _held_out(files, n, ten))
             db = tmp / "var" / "felis.db"
             out["db_bytes"] = sum(p.stat().st_size for p in db.parent.glob("felis.db*"))
             out["db_per_image"] = out["db_bytes"] / n
@@ -165,8 +165,18 @@ def one_size(files: dict[str, list[Path]], n: int, tmp: Path, train: bool = True
     return out
 
 
-def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str) -> None:
-    """A cold default training, then 100 labels changed and a warm one; the worker's peak RSS."""
+HELD_OUT_PER_CLASS = 100  # CIFAR-10 training images of each class left out of every zip, predicted after the cold training
+
+
+def _held_out(files: dict[str, list[Path]], n: int, ten: bool) -> list[tuple[Path, str]]:
+    """(image, its label) for HELD_OUT_PER_CLASS images of each class that the zip of n does not hold."""
+    per = n // len(CLASSES)
+    return [(p, c if ten else ("cat" if c == "cat" else "other")) for c in CLASSES for p in files[c][per:per + HELD_OUT_PER_CLASS]]
+
+
+def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str, held_out: list[tuple[Path, str]]) -> None:
+    """A cold default training, its predictions for held-out images, then 100 labels changed and
+    a warm one; the worker's peak RSS."""
     training, out["train_s"] = run_training(c, "scale", TRAIN_TIMEOUT)
     out["train_status"] = training["status"]
     out["worker_mb"] = max([_status(p, "VmHWM") for p in _descendants(proc.popen.pid) if p != api] or [0])
@@ -175,6 +185,8 @@ def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str) 
         ev = c.get(f"/v1/datasets/scale/models/{version}/evaluation").json()
         out["accuracy"] = ev.get("accuracy")
         out["per_label_recall"] = {k: round(v.get("recall", 0), 3) for k, v in (ev.get("per_label") or {}).items()}
+        predictions = post_files(c, "/v1/datasets/scale/predict", [p for p, _ in held_out], 16)
+        out["held_out_accuracy"] = sum(pred["label"] == label for pred, (_, label) in zip(predictions, held_out)) / len(held_out)
     ids = [i["id"] for i in c.get("/v1/datasets/scale/images", params={"label": relabel_from, "limit": 100}).json()["data"]]
     c.post("/v1/datasets/scale/images/labels", json=[{"image_id": i, "label": "cat"} for i in ids]).raise_for_status()
     retrain, out["retrain_s"] = run_training(c, "scale", TRAIN_TIMEOUT)
@@ -195,12 +207,13 @@ def _mb(r: dict, key: str) -> str:
     return f"{r[key]:.0f} MB" if key in r else "-"
 
 
-def report(rows: list[dict], machine: str) -> str:
+def report(rows: list[dict], machine: str, labels: str = "cat / other") -> str:
     head = ("| images | zip | upload | API peak (upload / all) | train request -> version (cold) | warm retrain (100 relabelled) "
-            "| worker peak RSS | metadata DB | page of 100: first / last by offset / last by cursor | detail | delete (answer / rows gone) | val accuracy |")
+            "| worker peak RSS | metadata DB | page of 100: first / last by offset / last by cursor | detail | delete (answer / rows gone) | val accuracy "
+            f"| predicted accuracy ({HELD_OUT_PER_CLASS} held-out images a class) |")
     lines = [f"## felis at scale (issue 17, bench/scale.py), {datetime.date.today()}", "",
              f"Machine: {machine}; embedded mode (`felis up`: SQLite, local blobs, one worker), default options; CIFAR-10 "
-             "training images, the same number from each class, labels cat / other, one zip per size.", "",
+             f"training images, the same number from each class, labels {labels}, one zip per size.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "upload_error" in r:
@@ -211,7 +224,9 @@ def report(rows: list[dict], machine: str) -> str:
             f"{r['api_upload_mb']:.0f} / {r['api_mb']:.0f} MB | {_s(r, 'train_s')} | {_s(r, 'retrain_s')} | "
             f"{_mb(r, 'worker_mb')} | {r['db_bytes'] / 1e6:.1f} MB ({r['db_per_image'] / 1024:.1f} KB/image) | "
             f"{r['first_page_ms']:.0f} / {r['page_ms']:.0f} / {r.get('cursor_ms', 0):.0f} ms | {r['detail_ms']:.0f} ms | {r['delete_answer_ms']:.0f} ms / {r['delete_s']:.1f} s | "
-            f"{(r.get('accuracy') or 0):.3f} |")
+            f"{(r.get('accuracy') or 0):.3f} | {(r.get('held_out_accuracy') or 0):.3f} |")
+        if r.get("per_label_recall"):
+            lines.append(f"|  | recall by label: {', '.join(f'{k} {v:.2f}' for k, v in sorted(r['per_label_recall'].items()))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +248,7 @@ def main() -> int:
         tmp.mkdir()
         rows.append(one_size(files, n, tmp, train=not args.no_train, ten=args.ten_labels))
         print(rows[-1], flush=True)
-    print_results(report(rows, cpu_name()), append=args.append)
+    print_results(report(rows, cpu_name(), "the ten classes" if args.ten_labels else "cat / other"), append=args.append)
     if not args.keep:
         import shutil
 
