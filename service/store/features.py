@@ -244,14 +244,15 @@ class BlobFeatureCache:
 
     def missing(self, extractor_id: str, sha256s: list[str]) -> list[str]:
         """Of these images, those whose features are not cached, in order, each once, from the
-        blobs' existence alone (nothing is read). On a store not on local disk an image the
-        listing cannot rule out counts as cached (a training computes any that is not)."""
+        blobs' existence alone (nothing is read): on local disk a stat each; on a store that is
+        not, the local copies, then one listing of each ab/ folder the others fall in (at most
+        256 folders, a request per 1,000 keys in each)."""
         unique = list(dict.fromkeys(sha256s))
         keys = [feature_key(extractor_id, sha) for sha in unique]
         if self.in_place:
             return [sha for sha, key in zip(unique, keys) if not os.path.exists(f"{self._root}/{key}")]
         local = [self.local is not None and self.local.path(key).exists() for key in keys]
-        present = self._present([key for key, here in zip(keys, local) if not here])
+        present = self._present([key for key, here in zip(keys, local) if not here], list_from=1)
         return [sha for sha, key, here in zip(unique, keys, local) if not here and key not in present]
 
     def _fetch(self, keys: list[str], missing: list[int], fill: "_Fill") -> None:
@@ -277,15 +278,15 @@ class BlobFeatureCache:
                     else:
                         log.warning("feature blob %s is not a feature vector of this format: computing it again", keys[i])
 
-    def _present(self, keys: list[str]) -> set[str]:
-        """Of these keys, those that may exist: an ab/ folder with many of them is listed (one
-        request per 1,000 keys there), the others are taken as possibly there."""
+    def _present(self, keys: list[str], list_from: int = _LIST_FROM) -> set[str]:
+        """Of these keys, those that may exist: an ab/ folder with list_from of them or more is
+        listed (one request per 1,000 keys there), the others are taken as possibly there."""
         folders: dict[str, list[str]] = {}
         for key in keys:
             folders.setdefault(key.rsplit("/", 1)[0] + "/", []).append(key)
         present = set()
         for folder, inside in folders.items():
-            if len(inside) < _LIST_FROM:
+            if len(inside) < list_from:
                 present.update(inside)
             else:
                 listed = set(self.store.list(folder))

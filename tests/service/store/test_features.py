@@ -299,6 +299,26 @@ def test_a_cold_read_lists_a_crowded_folder_instead_of_asking_for_each_missing_b
     assert store.calls["list"] == 1 and store.calls["get"] == 1
 
 
+def test_missing_names_what_is_not_cached_without_reading_it(tmp_path):
+    """What a training fans out to shards (service.domain.extraction): in place on local disk,
+    through local copies and a listing on a store that is not (a crowded folder is listed once,
+    nothing is fetched); an image listed twice is named once."""
+    shas = [sha(i) for i in range(6000)]
+    local = BlobFeatureCache(LocalBlobStore(tmp_path / "blobs"), cache_dir=None, max_bytes=0)
+    local.put_many(EXTRACTOR, {s: np.ones(4, np.float32) for s in shas[::2]})
+    assert local.missing(EXTRACTOR, shas + shas[:10]) == shas[1::2]
+    assert local.missing("another-extractor", shas[:3]) == shas[:3]
+
+    store = Counting(tmp_path / "remote")
+    BlobFeatureCache(store, cache_dir=tmp_path / "writer", max_bytes=1 << 30).put_many(
+        EXTRACTOR, {s: np.ones(4, np.float32) for s in shas[::3]})
+    cache = BlobFeatureCache(store, cache_dir=tmp_path / "copies", max_bytes=1 << 30)
+    cache.get_many(EXTRACTOR, shas[:300])  # some local copies
+    before = dict(store.calls)
+    assert cache.missing(EXTRACTOR, shas) == [s for i, s in enumerate(shas) if i % 3]
+    assert store.calls["get"] == before["get"] and store.calls["list"] - before["list"] <= 256  # one listing a folder
+
+
 def test_the_local_copies_stay_within_their_bound_least_recently_used_first(tmp_path):
     store = Counting(tmp_path / "remote")
     shas = [sha(i) for i in range(25)]
