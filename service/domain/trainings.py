@@ -512,7 +512,7 @@ def finish_shard(shard_id: int, token: str) -> str | None:
             return None
         s.execute(select(Training.id).where(Training.id == training_id).with_for_update())
         if s.execute(update(TrainingShard).where(_shard_owned(shard_id, token))
-                     .values(status=ShardStatus.DONE, finished_at=_now(s), claim_token=None)).rowcount != 1:
+                     .values(status=ShardStatus.DONE, done=TrainingShard.images, finished_at=_now(s), claim_token=None)).rowcount != 1:
             return None
         return training_id if _queue_if_extracted(s, training_id) else None
 

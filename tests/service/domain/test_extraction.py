@@ -64,7 +64,7 @@ def test_a_training_fans_its_features_out_and_its_next_run_fits_the_head_on_them
         session.expire_all()
         assert session.get(Training, tid).status == (Status.QUEUED if i == 3 else Status.EXTRACTING)
     assert extraction.run_shard(shards[0].id, settings=sharded, store=store) == "skipped"  # delivered twice
-    assert [(sh.status, sh.attempts) for sh in _shards(session, tid)] == [(ShardStatus.DONE, 1)] * 4
+    assert [(sh.status, sh.attempts, sh.done) for sh in _shards(session, tid)] == [(ShardStatus.DONE, 1, 8)] * 4
     assert session.get(Training, tid).enqueued_at is not None  # the last shard sent the head fit
 
     assert pipeline.run_training(tid, settings=sharded, store=store) == Status.SUCCEEDED
