@@ -16,7 +16,9 @@ with pread (outside the process, as the service's database cache is: its rows ar
 the child's memory until training asks for them), the default TrainConfig. Printed per size:
 train() seconds by phase (TrainResult.timings), peak RSS, the CV accuracy (train split, out of fold)
 and the validation accuracy (the 15% split the head never saw). --code DIR runs another checkout's
-models/ package (the code before a change), same features, same cache.
+models/ package (the code before a change), same features, same cache. --tile N times N synthetic
+images made from the real ones (fewer than N: each real row and noisy copies of it, see tile()),
+for a size whose features were not all extracted: every row of the table says "synthetic N from M real".
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,10 @@ def child(spec: dict) -> dict:
     from models.train import Sample, TrainConfig, train
 
     tune_process(0)
+    from models import linear
+
+    if spec.get("trace") and hasattr(linear, "TRACE"):
+        linear.TRACE = []
     with np.load(spec["features"]) as z:  # every array once (an npz reads a key again at each access)
         data = {k: z[k] for k in ("sha256", "phash", "cls", "names", "extractor_id")}
         dim = z["features"].shape[1]
@@ -111,20 +116,41 @@ def child(spec: dict) -> dict:
     wall = time.perf_counter() - t
     m = res.metrics
     return {"n": spec["n"], "wall": wall, "timings": res.timings, "cv_accuracy": m.get("cv_accuracy"), "val_accuracy": m["accuracy"],
-            "l2": m.get("l2"), "temperature": m["temperature"], "label_issues": m.get("label_issues"), "n_val": m["n_val"]}
+            "l2": m.get("l2"), "temperature": m["temperature"], "label_issues": m.get("label_issues"), "n_val": m["n_val"],
+            "trace": getattr(linear, "TRACE", None)}
 
 
-def measure(n: int, features: Path, raw: Path, code: str) -> dict:
-    spec = {"n": n, "features": str(features), "raw": str(raw), "code": code}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True, cwd="/tmp")
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{n} images: the child failed (exit {proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024  # KiB on Linux
-    return result
+def measure(n: int, features: Path, raw: Path, code: str, trace: bool = False) -> dict:
+    from training_memory import child_peak  # bench/, this script's folder: the same child-and-ru_maxrss measurement
+
+    spec = {"n": n, "features": str(features), "raw": str(raw), "code": code, "trace": trace}
+    return child_peak([sys.executable, __file__, "--child", json.dumps(spec)], "/tmp", f"{n} images")
+
+
+def tile(features: Path, n: int, noise: float = 0.1, seed: int = 0) -> Path:
+    """A synthetic set of n images from the real ones of `features` (fewer than n): copy 0 of each
+    is the real row, copy r > 0 the real row plus Gaussian noise of `noise` x each dimension's
+    standard deviation (clipped at 0, as the pooled features are), with its own sha256 and the
+    original's pHash (so the split keeps the copies of an image together, as near-duplicates).
+    Written beside `features` (once); for timing at a size whose features were not extracted."""
+    import numpy as np
+
+    out = features.with_name(f"{features.stem}-synthetic{n}.npz")
+    if out.exists():
+        return out
+    with np.load(features) as z:
+        data = {k: z[k] for k in z.files}
+    X = data.pop("features")
+    n_real = len(X)
+    rng = np.random.default_rng(seed)
+    std = X.astype(np.float32).std(0)
+    copies = -(-n // n_real)
+    feats = [X] + [np.maximum(0, X + rng.standard_normal(X.shape, dtype=np.float32) * (noise * std)).astype(np.float16) for _ in range(1, copies)]
+    sha = [data["sha256"]] + [np.array([hashlib.sha256(f"{s}:{r}".encode()).hexdigest() for s in data["sha256"]]) for r in range(1, copies)]
+    names = [data["names"]] + [np.char.add(data["names"], f"#{r}") for r in range(1, copies)]
+    np.savez(out, features=np.concatenate(feats)[:n], sha256=np.concatenate(sha)[:n], phash=np.tile(data["phash"], copies)[:n],
+             cls=np.tile(data["cls"], copies)[:n], names=np.concatenate(names)[:n], extractor_id=data["extractor_id"], real=n_real)
+    return out
 
 
 def main():
@@ -134,6 +160,9 @@ def main():
     ap.add_argument("--code", default=str(ROOT), help="the checkout whose models/ package trains (default: this one)")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--extract", type=Path, help="compute --features from the unpacked CIFAR-10 training images in this folder")
+    ap.add_argument("--tile", type=int, metavar="N", help="time on N synthetic images tiled from --features' real ones (fewer than N): "
+                    "each real row and noisy copies of it (tile()); the table says so")
+    ap.add_argument("--trace", action="store_true", help="print every joint fit of the head (linear.TRACE: heads, rows, passes, seconds)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -143,20 +172,28 @@ def main():
         extract(args.extract, args.features)
     import numpy as np
 
+    label = "real"
+    if args.tile:
+        with np.load(args.features) as z:
+            n_real = len(z["sha256"])
+        args.features = tile(args.features, args.tile)
+        label = f"synthetic {args.tile} from {n_real} real"
     raw = args.features.with_suffix(".f32")
     if not raw.exists():
         np.load(args.features)["features"].astype("<f4").tofile(raw)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
-    print(f"# {cpu}, {os.cpu_count()} cores; code: {args.code}")
+    print(f"# {cpu}, {os.cpu_count()} cores, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; code: {args.code}; features: {args.features} ({label})")
     phases = ("split", "features", "head_select", "head_folds", "label_report", "head_refit", "head", "ood", "evaluate", "export", "total")
     print("| images | " + " | ".join(phases) + " | wall s | peak RSS MiB | l2 | CV acc | val acc |")
     print("|" + "---|" * (len(phases) + 6))
     for n in args.sizes:
         for _ in range(args.runs):
-            r = measure(n, args.features, raw, args.code)
+            r = measure(n, args.features, raw, args.code, args.trace)
             cells = [f"{r['timings'][p]:.1f}" if p in r["timings"] else "-" for p in phases]
             cv = f"{r['cv_accuracy']:.4f}" if r["cv_accuracy"] is not None else "-"
-            print(f"| {n} | " + " | ".join(cells) + f" | {r['wall']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['l2']} | {cv} | {r['val_accuracy']:.4f} |", flush=True)
+            print(f"| {n}{'' if label == 'real' else ' (' + label + ')'} | " + " | ".join(cells) + f" | {r['wall']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['l2']} | {cv} | {r['val_accuracy']:.4f} |", flush=True)
+            for fit in r.get("trace") or []:
+                print(f"#   fit: {fit['heads']} heads over {fit['rows']} rows, {fit['passes']} passes, {fit['seconds']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

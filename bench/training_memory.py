@@ -138,8 +138,14 @@ def measure(name: str, n: int, options: dict, folder: Path, threads: int, bf16: 
     architecture = options.get("architecture", "efficientnet_lite0")
     if architecture not in ("efficientnet_lite0", "simple_cnn"):
         spec["weights"] = _random_weights(architecture)  # made here: the child's peak is the training's
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    return child_peak([sys.executable, __file__, "--child", json.dumps(spec)], ROOT, name)
+
+
+def child_peak(argv: list[str], cwd: Path | str, name: str) -> dict:
+    """Run argv (a child that prints one JSON object as its last line) and return that object
+    with "peak_rss": the child's peak resident set in bytes (os.wait4's ru_maxrss). Also used by
+    bench/train_scale.py."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=cwd)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

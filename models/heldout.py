@@ -15,7 +15,7 @@ Why two passes, and the figures (recall 0.978, precision 0.937 on photos/train w
 flipped, 20 seeds): models/label_issues.py and bench/label_issues.py. The cost is one more
 cross-validation at one l2 (folds + 1 fits of the head), only when pass 1 names a suspect; each
 pass-2 fit warm-starts from its pass-1 head (`fold_heads`: the fold's own, which never saw that
-fold's rows, so the held-out logits stay honest), and they run in parallel (linear.fit_many).
+fold's rows, so the held-out logits stay honest), all in the same passes over the rows (linear.fit_joint).
 """
 
 from __future__ import annotations
@@ -92,13 +92,10 @@ def _without(X, y, tr, va, folds, exclude, l2, num_classes, should_stop, fold_he
     keep = ~exclude[tr]
     k = int(folds.max()) + 1
 
-    def job(rows, init):
-        return lambda stop: linear.fit(X, y, num_classes, l2, init=init, rows=rows, should_stop=stop, preconditioner=pre)
-
-    jobs = [job(tr[(folds != f) & keep], fold_heads.get(f)) for f in range(k)]
+    specs = [linear.Spec(tr[(folds != f) & keep], l2, fold_heads.get(f)) for f in range(k)]
     if len(va):
-        jobs.append(job(tr[keep], head))
-    heads = linear.fit_many(jobs, should_stop)
+        specs.append(linear.Spec(tr[keep], l2, head))
+    heads = linear.fit_joint(X, y, num_classes, specs, should_stop=should_stop, preconditioner=pre)  # every pass shared
     for f in range(k):
         logits[tr[folds == f]] = heads[f].logits(X, tr[folds == f])
     if len(va):

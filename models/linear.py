@@ -9,18 +9,23 @@ Memory and time at scale (issue 17): X is never copied whole. Every pass over th
 uses (by index: a fold's rows are not sliced out either) gathers CHUNK_ROWS of them at a time,
 converts them to float32 in a small buffer (the standardisation is folded into the weights),
 and accumulates the loss and its gradient (float64 sums): beyond the caller's features (float16
-in a training, 2 bytes an element) a fit holds O(CHUNK_ROWS x D + K x D) floats whatever the
-number of rows (a fit of at most DENSE_ELEMENTS values copies its rows once instead). A pass
-costs ~2 N D bytes read and 4 N D K multiply-adds (measured: 4.1 ms of one core per 1,000 rows at
-D = 2560); `should_stop` is called every CHUNK_ROWS rows. With a `Preconditioner` (a training of
-more than 4,096 images) a fit takes 20-40 passes instead of hundreds. `fit_many` runs independent
-fits (the folds of a cross-validation) on threads, one core each: torch releases the GIL inside
-its kernels.
+in a training, 2 bytes an element) a fit holds O(CHUNK_ROWS x D + K x D) floats a head whatever
+the number of rows (a fit of at most DENSE_ELEMENTS values copies its rows once instead).
+`fit_joint` fits several heads (the folds of a cross-validation and the train split's head) in
+the same passes: a chunk is gathered and converted once for all of them and its logits and
+gradients are one GEMM each, (K - 1) columns a head, each head masking out the rows it does not
+use; each head keeps its own L-BFGS, so each is exactly the fit `fit` would make alone. A pass
+costs ~2 N D bytes read and 4 N D (K - 1) H multiply-adds for H heads, on every core (disjoint
+chunks); `should_stop` is called every CHUNK_ROWS rows (or 0.1 s). With a `Preconditioner` (a
+training of more than 4,096 images) a fit takes 20-45 passes instead of hundreds; a joint fit
+takes as many as its slowest head.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -31,13 +36,16 @@ import torch
 from .runtime import cpu_count, torch_threads
 
 L2_GRID = (1.0, 0.3, 0.1, 0.03, 0.01)  # candidate l2 strengths, strongest first (warm-start path)
-CHUNK_ROWS = 1024  # rows gathered and converted to float32 at once (1024 x 2560 x 4 B = 10 MB)
+CHUNK_ROWS = 256  # rows gathered and converted to float32 at once (256 x 2560 x 4 B = 2.6 MB: the GEMMs read it from cache)
 MAX_ITER = 300  # L-BFGS iterations of one fit, at most
+TOLERANCE_GRAD = 1e-6  # L-BFGS stops when every gradient entry (preconditioned coordinates) is below this...
+TOLERANCE_CHANGE = 1e-10  # ... or when an iteration changes the loss (or any parameter) by less than this
 DENSE_ELEMENTS = 1 << 23  # a fit of at most this many values (32 MB as float32) copies its rows once instead
+TRACE: list[dict] | None = None  # a list: every fit_joint appends {heads, rows, passes, seconds} (bench/train_scale.py --trace)
 
 
 class Stopped(Exception):
-    """A fit running on a thread of fit_many was asked to stop (another fit failed or was cancelled)."""
+    """A pass running on a worker thread was asked to stop (another failed, or the fit was cancelled)."""
 
 
 @dataclass
@@ -118,6 +126,15 @@ class Preconditioner:
             return self._factors[l2]
 
 
+@dataclass
+class Spec:
+    """One head of a joint fit (fit_joint): the rows of X it is fitted on, its l2, its warm start."""
+
+    rows: np.ndarray | None
+    l2: float
+    init: LinearHead | None = None
+
+
 def fit(X: np.ndarray, y: np.ndarray, num_classes: int, l2: float, init: LinearHead | None = None, max_iter: int = MAX_ITER, *,
         rows: np.ndarray | None = None, should_stop: Callable[[], None] = lambda: None, threads: int = 1,
         preconditioner: Preconditioner | None = None) -> LinearHead:
@@ -126,99 +143,351 @@ def fit(X: np.ndarray, y: np.ndarray, num_classes: int, l2: float, init: LinearH
     X (N, D) any float dtype (float16 in a training), y (N,) label indices; `rows`: fit on these
     rows of X and y only (None: all). `init`: warm start (a head of neighbouring rows or l2).
     `should_stop` is called before every pass over the rows (it raises to cancel)."""
-    with torch_threads(threads):
-        return _fit(X, np.asarray(y), num_classes, l2, init, max_iter, _rows(X, rows), should_stop, preconditioner)
+    return fit_joint(X, y, num_classes, [Spec(rows, l2, init)], max_iter, should_stop=should_stop, workers=threads,
+                     preconditioner=preconditioner)[0]
 
 
-def _fit(X, y, num_classes, l2, init, max_iter, idx, should_stop, pre) -> LinearHead:
-    mean, scale = standardisation(X, idx, should_stop)
-    Xt, n = torch.from_numpy(np.asarray(X)), len(idx)
-    inv = torch.from_numpy(1.0 / scale)  # standardised x = (x - mean) * inv, folded into the weights below
-    mean_t = torch.from_numpy(mean)
-    chunks = [(torch.from_numpy(idx[s : s + CHUNK_ROWS]), torch.from_numpy(y[idx[s : s + CHUNK_ROWS]].astype(np.int64)))
-              for s in range(0, n, CHUNK_ROWS)]
-    L = pre.factor(l2) if pre is not None else None
-    W0 = torch.zeros(num_classes, X.shape[1])
-    b = torch.zeros(num_classes)
-    if init is not None:  # warm start (neighbouring rows or l2)
-        W0, b = torch.from_numpy(init.weight).float().clone(), torch.from_numpy(init.bias).float().clone()
-    V = W0 @ L if L is not None else W0  # the solver's variable: W = V L^-1
-    V.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.LBFGS([V, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-    dense = None
-    if n * X.shape[1] <= DENSE_ELEMENTS:  # a small fit: its rows once as float32, one block (no gather per pass)
-        dense = torch.from_numpy(np.asarray(np.asarray(X)[idx], dtype=np.float32))
-        chunks = [(None, torch.from_numpy(y[idx].astype(np.int64)))]
-    buf = torch.empty(min(CHUNK_ROWS, n), X.shape[1]) if dense is None else None
-    raw = torch.empty(buf.shape, dtype=Xt.dtype) if dense is None else None
-
-    def weights() -> torch.Tensor:
-        v = V.detach()
-        return v if L is None else torch.linalg.solve_triangular(L.T, v.T, upper=True).T  # V L^-1
-
-    def closure():  # one pass over the rows: loss and gradient by hand, float32 chunks, float64 sums
-        Wd, bd = weights(), b.detach()
-        w_raw = Wd.double() * inv  # logits = x_raw @ w_raw.T + b_raw: the standardisation folded in
-        b_raw = (bd.double() - w_raw @ mean_t).float()
-        w_raw = w_raw.float()
-        loss, gx, gb = 0.0, torch.zeros(Wd.shape, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
-        for ci, yc in chunks:
-            should_stop()  # every CHUNK_ROWS rows: a pass over 50,000 takes seconds on a busy core
-            if dense is not None:
-                xc = dense
+def fit_joint(X: np.ndarray, y: np.ndarray, num_classes: int, specs: Sequence[Spec], max_iter: int = MAX_ITER, *,
+              should_stop: Callable[[], None] = lambda: None, workers: int | None = None,
+              preconditioner: Preconditioner | None = None) -> list[LinearHead]:
+    """Independent fits (each as `fit` would make it: its rows, l2, warm start) sharing every pass
+    over X: each chunk of the union of their rows is gathered and converted once, and the logits
+    and gradients of every head come from one GEMM each (a few columns cost about what one
+    costs), each head counting only its own rows. Each head keeps its own L-BFGS (on a thread of
+    its own, the steps are tiny); a pass evaluates every head still running, at the point its
+    solver asks for. The passes run on `workers` threads (default: one per core) over disjoint
+    chunks; `should_stop` is called on this thread only, at least every CHUNK_ROWS rows or 0.1 s."""
+    specs = list(specs)
+    if not specs:
+        return []
+    y = np.asarray(y)
+    workers, started = max(1, workers or cpu_count()), time.perf_counter()
+    for l2 in {s.l2 for s in specs} if preconditioner is not None else ():
+        preconditioner.factor(l2)  # a Cholesky of D x D (0.1-0.2 s at D = 2560), on the process's threads
+    with torch_threads(1):  # the workers are the parallelism: one torch thread each
+        passes = _Passes(X, y, num_classes, [_rows(X, s.rows) for s in specs], workers, should_stop)
+        try:
+            mean, std = passes.standardisation()
+            solvers = [_Solver(m, s, float(passes.count[m]), mean[m].clone(), np.where(std[m].numpy() > 1e-6, std[m].numpy(), 1.0),
+                               max_iter, preconditioner) for m, s in enumerate(specs)]
+            if len(solvers) == 1:
+                solvers[0].run(lambda m, v, b: _evaluate(passes, solvers, {m: (v, b)})[m], num_classes, X.shape[1])
             else:
-                xc = buf[: len(ci)]
-                xc.copy_(torch.index_select(Xt, 0, ci, out=raw[: len(ci)]))  # gathered in the features' dtype, then float32
-            z = torch.addmm(b_raw, xc, w_raw.T)
-            lse = torch.logsumexp(z, 1)
-            loss += float((lse - z.gather(1, yc[:, None])[:, 0]).double().sum())
-            g = torch.softmax(z, 1)
-            g[torch.arange(len(yc)), yc] -= 1.0
-            gx += (g.T @ xc).double()
-            gb += g.double().sum(0)
-        # d/dW of the mean loss on standardised x: (G^T x_raw - (sum G) mean^T) * inv / n, plus the penalty's l2 W
-        gw = ((gx - gb[:, None] * mean_t) * inv / n).float() + l2 * Wd
-        V.grad = gw if L is None else torch.linalg.solve_triangular(L, gw.T, upper=False).T  # dW/dV: gW L^-T
-        b.grad = (gb / n).float()
-        return torch.tensor(loss / n + 0.5 * l2 * float((Wd.double() ** 2).sum()))
-
-    opt.step(closure)
-    return LinearHead(mean, scale, weights().double().numpy(), b.detach().double().numpy())
+                _run_together(solvers, passes, num_classes, X.shape[1])
+            W = _solve(solvers, {s.m: s.V for s in solvers}, gradient=False)
+        finally:
+            passes.close()
+        if TRACE is not None:
+            TRACE.append({"heads": len(specs), "rows": len(passes.union), "passes": passes.passes, "seconds": time.perf_counter() - started,
+                          "at": started})
+        return [s.head(W[s.m]) for s in solvers]
 
 
-def fit_many(jobs: Sequence[Callable[[Callable[[], None]], object]], should_stop: Callable[[], None] = lambda: None,
-             workers: int | None = None) -> list:
-    """Run independent jobs (each takes a `stop` callable to call often, and returns a result) on
-    up to `workers` threads (default: one per core), each with one torch thread. `should_stop` is
-    called on this thread only, every 0.1 s while they run (the service's check is not
-    thread-safe): when it raises, the jobs stop at their next pass and its exception is raised."""
-    workers = max(1, min(workers or cpu_count(), len(jobs)))
-    if workers == 1:
-        with torch_threads(1):
-            return [job(should_stop) for job in jobs]
-    halt = threading.Event()
+class _Passes:
+    """The passes over the union of the heads' rows: per head, the standardisation (once) and
+    the loss's sums and gradient (at any subset of heads, each at its own weights)."""
 
-    def stop():
-        if halt.is_set():
-            raise Stopped()
+    def __init__(self, X, y, num_classes, rows: list[np.ndarray], workers: int, should_stop):
+        self.Xt, self.k, self.should_stop, self.passes = torch.from_numpy(np.asarray(X)), num_classes, should_stop, 0
+        self.union = union = np.unique(np.concatenate(rows)) if len(rows) > 1 else np.sort(rows[0])
+        member = np.zeros((len(union), len(rows)), np.float32)  # how often each row counts in each head (0 or 1)
+        for m, r in enumerate(rows):
+            np.add.at(member[:, m], np.searchsorted(union, r), 1.0)
+        d = X.shape[1]
+        self.dense = None
+        if len(union) * d <= DENSE_ELEMENTS:  # small: the rows once as float32, a block per worker (no gather per pass)
+            self.dense = torch.from_numpy(np.asarray(np.asarray(X)[union], dtype=np.float32))
+            step = max(1, -(-len(union) // workers))
+        else:
+            step = CHUNK_ROWS
+        yall = torch.from_numpy(y[union].astype(np.int64))
+        self.blocks = []  # (rows of X or a slice of dense, labels, one-hot labels, membership)
+        for s in range(0, len(union), step):
+            e = min(s + step, len(union))
+            ci = slice(s, e) if self.dense is not None else torch.from_numpy(union[s:e])
+            yc = yall[s:e]
+            self.blocks.append((ci, yc, torch.nn.functional.one_hot(yc, num_classes).float(), torch.from_numpy(member[s:e])))
+        self.workers = max(1, min(workers, len(self.blocks)))
+        n = min(step, len(union))
+        self.bufs = [(torch.empty(n, d), torch.empty(n, d, dtype=self.Xt.dtype)) if self.dense is None else None for _ in range(self.workers)]
+        self.count = torch.from_numpy(member.sum(0).astype(np.float64))  # rows per head
+        self.halt, self.checked, self.slots = threading.Event(), time.perf_counter(), None
+        # torch.set_num_threads is per thread for OpenMP (a new thread starts with every core): one a worker
+        self.pool = ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,)) if self.workers > 1 else None
 
-    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(job, stop) for job in jobs]
+    def _x(self, block, w: int) -> torch.Tensor:
+        ci = block[0]
+        if self.dense is not None:
+            return self.dense[ci]
+        buf, raw = self.bufs[w]
+        xc = buf[: len(ci)]
+        xc.copy_(torch.index_select(self.Xt, 0, ci, out=raw[: len(ci)]))  # gathered in the features' dtype, then float32
+        return xc
+
+    def _map(self, work: Callable[[torch.Tensor, tuple, object], None], start: Callable[[], object], claim: bool = False) -> list:
+        """work(x, block, acc) over every block, on the workers: each folds its blocks into an
+        accumulator of its own (start()), in place; the accumulators, one a worker. Nothing of
+        a chunk's size is allocated per chunk (a list of per-chunk results interleaved with the
+        chunk's temporaries fragments the heap: +460 MB of RSS at 50,000 rows, measured).
+        claim: each worker takes the next block not yet taken (a core shared with another
+        process does less), work(x, block, acc, i) then writes block i's results where they are
+        summed in block order (the same sums whoever computed them); else worker w takes blocks
+        w, w + workers, ..."""
+        accs = [start() for _ in range(self.workers)]
+        if claim:
+            step, blocks = work, itertools.count()
+            work = None
+        if time.perf_counter() - self.checked >= 0.1:  # passes over few rows take milliseconds: every 0.1 s at least
+            self.checked = time.perf_counter()
+            self.should_stop()
+        if self.pool is None:
+            for i, b in enumerate(self.blocks):
+                self.should_stop()  # every CHUNK_ROWS rows: a pass over 50,000 takes a second on a busy core
+                work(self._x(b, 0), b, accs[0]) if work else step(self._x(b, 0), b, accs[0], i)
+            return accs
+
+        def part(w):
+            for i in (range(w, len(self.blocks), self.workers) if work else iter(blocks.__next__, None)):
+                if i >= len(self.blocks):
+                    return
+                if self.halt.is_set():
+                    raise Stopped()
+                if work:
+                    work(self._x(self.blocks[i], w), self.blocks[i], accs[w])
+                else:
+                    step(self._x(self.blocks[i], w), self.blocks[i], accs[w], i)
+
+        futures = [self.pool.submit(part, w) for w in range(self.workers)]
         try:
             while True:
                 done, pending = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
                 if not pending or any(f.exception() is not None for f in done):
                     break
-                should_stop()
+                self.should_stop()
         except BaseException:
-            halt.set()
+            self.halt.set()
+            wait(futures)
             raise
-        halt.set()  # a failed job: the others stop too
         for f in futures:
-            if f.exception() is not None and not isinstance(f.exception(), Stopped):
+            if f.exception() is not None:
+                self.halt.set()
+                wait(futures)
                 raise f.exception()
-        return [f.result() for f in futures]
+        return accs
+
+    def standardisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float64 (heads, D) of each head's rows: each chunk centred on its own mean,
+        each head's share of it (float32 GEMMs) merged in float64 (Chan et al.)."""
+        heads, d = self.count.shape[0], self.Xt.shape[1]
+        n = max(len(b[1]) for b in self.blocks)
+
+        def start():  # count, mean, M2 of each head's rows so far; scratch
+            return (torch.zeros(heads, 1, dtype=torch.float64), torch.zeros(heads, d, dtype=torch.float64),
+                    torch.zeros(heads, d, dtype=torch.float64), torch.empty(n, d), torch.empty(heads, d))
+
+        def merge(acc, cnt, c_mean, c_m2):
+            count, mean, m2 = acc[:3]
+            total = (count + cnt).clamp(min=1)
+            delta = c_mean - mean
+            mean += delta * (cnt / total)
+            m2 += c_m2 + delta * delta * (count * cnt / total)
+            count += cnt
+
+        def work(x, block, acc):
+            mk, dev, tmp = block[3], acc[3][: len(x)], acc[4]
+            c = x.mean(0)
+            torch.sub(x, c, out=dev)
+            cnt = mk.sum(0).double()[:, None]
+            safe = cnt.clamp(min=1)
+            s1 = torch.mm(mk.T, dev, out=tmp).double()
+            dev.mul_(dev)
+            s2 = torch.mm(mk.T, dev, out=tmp).double()
+            merge(acc, cnt, c.double() + s1 / safe, s2 - s1 * s1 / safe)
+
+        accs = self._map(work, start)
+        for other in accs[1:]:
+            merge(accs[0], other[0], other[1], other[2])
+        count, mean, m2 = accs[0][:3]
+        return mean, (m2 / count.clamp(min=1)).clamp(min=0).sqrt()
+
+    def loss(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[float, torch.Tensor, torch.Tensor]]:
+        """{head: (sum of its rows' cross-entropy, sum of G^T x_raw (K, D), sum of G (K,)), float64}
+        at {head: (weights (K, D), bias (K,)) on raw features, float32}: logits x_raw @ w.T + b.
+
+        Softmax depends only on the logits' differences, and each row of G sums to zero: the GEMMs
+        use class 0's differences only, K - 1 columns a head (one for two classes), not K."""
+        heads, k = list(batch), self.k
+        self.passes += 1
+        w = torch.cat([batch[m][0][1:] - batch[m][0][0] for m in heads])  # (heads x (K-1), D)
+        b = torch.cat([batch[m][1][1:] - batch[m][1][0] for m in heads])
+        cols = torch.tensor(heads)
+        every = heads == list(range(len(self.count)))
+        h, d, nb = len(heads), self.Xt.shape[1], len(self.blocks)
+        if self.slots is None:  # each block's sums (every head), kept between passes
+            c = len(self.count) * (k - 1)
+            self.slots = (torch.empty(nb, c, d), torch.empty(nb, c, dtype=torch.float64), torch.empty(nb, c, dtype=torch.float64))
+        gx_at, loss_at, gb_at = (t[:, : h * (k - 1)] for t in self.slots)
+        loss_at = loss_at[:, :h]
+
+        def work(x, block, acc, i):
+            _, yc, onehot, member = block
+            mk = member if every else member[:, cols]
+            n = len(x)
+            if k == 2:  # one logit difference z a head: cross-entropy softplus(z) - y z, gradient sigmoid(z) - y
+                z = torch.addmm(b, x, w.T)
+                yf = onehot[:, 1:]
+                loss = (torch.nn.functional.softplus(z) - yf * z) * mk
+                g = (torch.sigmoid(z) - yf) * mk
+            else:
+                z = torch.cat([torch.zeros(n, h, 1), torch.addmm(b, x, w.T).view(n, h, k - 1)], 2)
+                loss = (torch.logsumexp(z, 2) - (z * onehot[:, None, :]).sum(2)) * mk
+                g = torch.softmax(z, 2)
+                g -= onehot[:, None, :]
+                g *= mk[:, :, None]
+                g = g[:, :, 1:].reshape(n, h * (k - 1))
+            torch.sum(loss.double(), 0, out=loss_at[i])
+            torch.mm(g.T, x, out=gx_at[i])
+            torch.sum(g.double(), 0, out=gb_at[i])
+
+        self._map(work, lambda: None, claim=True)
+        gx = torch.zeros(h * (k - 1), d, dtype=torch.float64)
+        for i in range(nb):  # in block order, in float64
+            gx.add_(gx_at[i])
+        loss, gb = loss_at.sum(0), gb_at.sum(0)
+        gx = gx.view(h, k - 1, d)
+        gb = gb.view(h, k - 1)
+        gx = torch.cat([-gx.sum(1, keepdim=True), gx], 1)  # class 0's: minus the others' (G's rows sum to zero)
+        gb = torch.cat([-gb.sum(1, keepdim=True), gb], 1)
+        return {m: (float(loss[i]), gx[i], gb[i]) for i, m in enumerate(heads)}
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class _Solver:
+    """One head's L-BFGS (torch's, as `fit` has always run it) on the shared passes: its variable is
+    V = W L (L the preconditioner's factor at its l2) and b; _evaluate maps V to W and back."""
+
+    def __init__(self, m: int, spec: Spec, n: float, mean: torch.Tensor, scale: np.ndarray, max_iter: int, pre: Preconditioner | None):
+        self.m, self.l2, self.init, self.n, self.max_iter = m, spec.l2, spec.init, max(n, 1.0), max_iter
+        self.mean, self.scale, self.inv = mean, scale, torch.from_numpy(1.0 / scale)  # standardised x = (x - mean) * inv
+        self.L = pre.factor(spec.l2) if pre is not None else None
+
+    def run(self, evaluate: Callable[[int, torch.Tensor, torch.Tensor], tuple], k: int, d: int) -> None:
+        W0, b = torch.zeros(k, d), torch.zeros(k)
+        if self.init is not None:  # warm start (neighbouring rows or l2)
+            W0, b = torch.from_numpy(self.init.weight).float().clone(), torch.from_numpy(self.init.bias).float().clone()
+        V = W0 @ self.L if self.L is not None else W0  # the solver's variable: W = V L^-1
+        V.requires_grad_(True)
+        b.requires_grad_(True)
+        opt = torch.optim.LBFGS([V, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=TOLERANCE_GRAD,
+                                tolerance_change=TOLERANCE_CHANGE, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():  # one pass over the rows (shared with the other heads)
+            loss, V.grad, b.grad = evaluate(self.m, V.detach(), b.detach())
+            return torch.tensor(loss)
+
+        opt.step(closure)
+        self.V, self.b = V.detach(), b.detach()
+
+    def head(self, W: torch.Tensor) -> LinearHead:
+        return LinearHead(self.mean.numpy(), self.scale, W.double().numpy(), self.b.double().numpy())
+
+
+def _solve(solvers: list[_Solver], mats: dict[int, torch.Tensor], gradient: bool) -> dict[int, torch.Tensor]:
+    """{head: V L^-1} (gradient: {head: gW L^-T}, dW/dV), one triangular solve for every head
+    sharing a factor: each reads L (D^2 floats, 26 MB at D = 2560) once, not once a head."""
+    out, groups = {}, {}
+    for m, v in mats.items():
+        L = solvers[m].L
+        if L is None:
+            out[m] = v
+        else:
+            groups.setdefault(id(L), (L, []))[1].append(m)
+    for L, heads in groups.values():
+        rhs = torch.cat([mats[m] for m in heads]).T
+        x = (torch.linalg.solve_triangular(L, rhs, upper=False) if gradient else torch.linalg.solve_triangular(L.T, rhs, upper=True)).T
+        for i, m in enumerate(heads):
+            out[m] = x[i * len(mats[m]) : (i + 1) * len(mats[m])]
+    return out
+
+
+def _evaluate(passes: _Passes, solvers: list[_Solver], batch: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple]:
+    """{head: (objective, its gradient in V, in b)} at {head: (V, b)}: one pass over the rows for all."""
+    W = _solve(solvers, {m: v for m, (v, _) in batch.items()}, gradient=False)
+    raw = {}
+    for m, (_, b) in batch.items():
+        s = solvers[m]
+        w_raw = W[m].double() * s.inv  # logits = x_raw @ w_raw.T + b_raw: the standardisation folded in
+        raw[m] = (w_raw.float(), (b.double() - w_raw @ s.mean).float())
+    sums = passes.loss(raw)
+    gW, out = {}, {}
+    for m, (loss, gx, gb) in sums.items():
+        s = solvers[m]
+        # d/dW of the mean loss on standardised x: (G^T x_raw - (sum G) mean^T) * inv / n, plus the penalty's l2 W
+        gW[m] = ((gx - gb[:, None] * s.mean) * s.inv / s.n).float() + s.l2 * W[m]
+        out[m] = (loss / s.n + 0.5 * s.l2 * float((W[m].double() ** 2).sum()), (gb / s.n).float())
+    gV = _solve(solvers, gW, gradient=True)
+    return {m: (out[m][0], gV[m], out[m][1]) for m in out}
+
+
+def _run_together(solvers: list[_Solver], passes: _Passes, k: int, d: int) -> None:
+    """Every solver on a thread of its own; this thread runs a pass whenever each solver still
+    running has asked for one (its closure waits for the pass), at their points all at once."""
+    cond, asks, replies, running = threading.Condition(), {}, {}, set(range(len(solvers)))
+    halt: list[BaseException] = []
+
+    def evaluate(m, v, b):
+        with cond:
+            asks[m] = (v, b)
+            cond.notify_all()
+            while m not in replies and not halt:
+                cond.wait()
+            if halt:
+                raise Stopped()
+            return replies.pop(m)
+
+    def run(s: _Solver):
+        try:
+            torch.set_num_threads(1)  # this thread's OpenMP setting (see _Passes.pool)
+            s.run(evaluate, k, d)
+        except Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 -- raised on the calling thread below
+            with cond:
+                halt.append(e)
+        finally:
+            with cond:
+                running.discard(s.m)
+                cond.notify_all()
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in solvers]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            with cond:
+                while running and not halt and not running <= asks.keys():
+                    if not cond.wait(0.1):  # the solvers' steps take milliseconds; a loaded core, longer
+                        passes.should_stop()
+                if halt:
+                    raise halt[0]
+                if not running:
+                    break
+                batch = {m: asks.pop(m) for m in sorted(running)}
+            results = _evaluate(passes, solvers, batch)  # calls should_stop
+            with cond:
+                replies.update(results)
+                cond.notify_all()
+    except BaseException as e:
+        with cond:
+            halt.append(e)
+            cond.notify_all()
+        raise
+    finally:
+        for t in threads:
+            t.join()
 
 
 def cross_val_logits(X: np.ndarray, y: np.ndarray, num_classes: int, folds: np.ndarray, l2_grid=L2_GRID, should_stop: Callable[[], None] = lambda: None,
@@ -229,28 +498,20 @@ def cross_val_logits(X: np.ndarray, y: np.ndarray, num_classes: int, folds: np.n
     `rows` (None: all of X): the rows cross-validated, `folds` one fold id per row of them, `y`
     one label per row of X. `heads`, when given, receives {(fold, l2): LinearHead}. `init`:
     {fold: LinearHead} to warm-start each fold's first fit from (a head that never saw that fold's
-    rows, so its held-out logits stay honest). The folds run in parallel (fit_many)."""
+    rows, so its held-out logits stay honest). The folds share their passes (fit_joint)."""
     idx, y = _rows(X, rows), np.asarray(y)
     folds = np.asarray(folds)
     out = {l2: np.zeros((len(idx), num_classes)) for l2 in l2_grid}
     k = int(folds.max()) + 1
 
-    def job(f):
-        def run(stop):
-            head = (init or {}).get(f)
-            fitted = {}
-            for l2 in l2_grid:  # strongest first: each fit warm-starts the next
-                head = fit(X, y, num_classes, l2, init=head, rows=idx[folds != f], should_stop=stop, preconditioner=preconditioner)
-                fitted[l2] = head
-            return fitted
-        return run
-
-    results = fit_many([job(f) for f in range(k)], should_stop)
-    for f, fitted in enumerate(results):
-        te = folds == f
-        for l2, head in fitted.items():
+    last = [(init or {}).get(f) for f in range(k)]
+    for step, l2 in enumerate(l2_grid):  # strongest first: each fold's fit warm-starts its next; the folds' passes shared
+        last = fit_joint(X, y, num_classes, [Spec(idx[folds != f], l2, last[f]) for f in range(k)], should_stop=should_stop,
+                         preconditioner=preconditioner)
+        for f, head in enumerate(last):
+            te = folds == f
             out[l2][te] = head.logits(X, idx[te])
             if heads is not None:
                 heads[(f, l2)] = head
-        progress(f + 1, k)
+        progress(step + 1, len(l2_grid))
     return out

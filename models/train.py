@@ -13,8 +13,9 @@
     -> open-set index over the training images' features, threshold at 1% of them flagged (ood.py)
     -> checkpoint (weights + everything to rebuild them) -> ONNX (export.py)
 
-Cost (issue 17; bench/train_scale.py): the linear head's fits run on the cores in parallel
-(linear.fit_many), each warm-started from a head that never saw the rows it will predict, on
+Cost (issue 17; bench/train_scale.py): the linear head's fits share their passes over the
+features on every core (linear.fit_joint: the folds and the train split's head at once), each
+warm-started from a head that never saw the rows it will predict, on
 features read by row (no copy of the (N, D) matrix), so a warm retraining costs a fixed number
 of passes over the features: linear in the images, and its memory is the features' float16
 bytes plus a working set that does not grow with them. should_stop is called at least every
@@ -295,13 +296,12 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
     job.progress({"phase": "calibrating"})
     # the train-split head, and (for a selection smaller than the train split) every image's
     # out-of-fold logits at the chosen l2: each fold's head warm-started from the selection's head
-    # of the same fold (it never saw that fold's images either), all on threads
-    jobs = [lambda stop: linear.fit(X, y, k_classes, l2, init=fold_heads.get(0), rows=tr, should_stop=stop, preconditioner=pre)]
+    # of the same fold (it never saw that fold's images either), all in the same passes over the rows
+    specs = [linear.Spec(tr, l2, fold_heads.get(0))]
     full_cv = folds is not None and len(sel) < len(tr)
     if full_cv:
-        jobs += [(lambda f: lambda stop: linear.fit(X, y, k_classes, l2, init=fold_heads[f], rows=tr[folds != f], should_stop=stop,
-                                                    preconditioner=pre))(f) for f in range(folds_k)]
-    fitted = linear.fit_many(jobs, job.stop)
+        specs += [linear.Spec(tr[folds != f], l2, fold_heads[f]) for f in range(folds_k)]
+    fitted = linear.fit_joint(X, y, k_classes, specs, should_stop=job.stop, preconditioner=pre)
     head = fitted[0]
     if folds is not None:
         if full_cv:
@@ -311,9 +311,8 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
             # a selection prefers a stronger l2 than all the images would: walk to weaker ones on every
             # image (each fold's head warm-started from its own at the last l2) while the CV loss falls
             for g in grid[grid.index(l2) + 1 :]:
-                fitted = linear.fit_many([lambda stop: linear.fit(X, y, k_classes, g, init=head, rows=tr, should_stop=stop, preconditioner=pre)]
-                                         + [(lambda f: lambda stop: linear.fit(X, y, k_classes, g, init=fold_heads[f], rows=tr[folds != f],
-                                                                               should_stop=stop, preconditioner=pre))(f) for f in range(folds_k)], job.stop)
+                fitted = linear.fit_joint(X, y, k_classes, [linear.Spec(tr, g, head)] + [linear.Spec(tr[folds != f], g, fold_heads[f]) for f in range(folds_k)],
+                                          should_stop=job.stop, preconditioner=pre)
                 cv_g = _out_of_fold(X, tr, folds, dict(enumerate(fitted[1:])), k_classes)
                 history.append(_cv_entry(g, cv_g, y[tr], cfg.calibrate))
                 if history[-1]["cv_loss_calibrated"] >= history[-2]["cv_loss_calibrated"]:
@@ -334,13 +333,13 @@ def _fit_linear(job: _Job, cache: FeatureCache | None, weights: str | None) -> _
     job.timings["label_report"] = time.perf_counter() - t - job.timings["head_select"] - job.timings["head_folds"]
     refit = bool(cfg.refit_full and len(va))
     # the head scored on val (train split, without the dropped images) and the shipped one (every
-    # image kept), both warm-started from the train-split head, on threads
-    jobs = []
+    # image kept), both warm-started from the train-split head, in the same passes
+    specs = []
     if not keep.all():
-        jobs.append(lambda stop: linear.fit(X, y, k_classes, l2, init=head, rows=tr[keep[tr]], should_stop=stop, preconditioner=pre))
+        specs.append(linear.Spec(tr[keep[tr]], l2, head))
     if refit:
-        jobs.append(lambda stop: linear.fit(X, y, k_classes, l2, init=head, rows=np.flatnonzero(keep), should_stop=stop, preconditioner=pre))
-    fitted = linear.fit_many(jobs, job.stop) if jobs else []
+        specs.append(linear.Spec(np.flatnonzero(keep), l2, head))
+    fitted = linear.fit_joint(X, y, k_classes, specs, should_stop=job.stop, preconditioner=pre)
     if not keep.all():
         head = fitted.pop(0)
     if len(va):

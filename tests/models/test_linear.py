@@ -1,4 +1,7 @@
+import time
+
 import numpy as np
+import pytest
 import torch
 
 from models import linear
@@ -42,3 +45,51 @@ def test_cross_val_logits_are_out_of_fold():
     head = linear.fit(X[folds != 0], y[folds != 0], 3, 0.1)
     np.testing.assert_allclose(out[0.1][folds == 0], head.logits(X[folds == 0]), atol=1e-2)
     assert (out[0.01].argmax(1) == y).mean() > 0.9
+
+
+def test_a_joint_fit_gives_each_head_its_own_fit(monkeypatch):
+    """fit_joint shares the passes, not the heads: each is the one fit() makes alone (its rows,
+    l2, warm start, standardisation), on the dense path and on the chunked float16 one."""
+    X, y = _blobs(n=400, d=40)
+    y2 = (y == 0).astype(np.int64)  # two classes: the one-logit path
+    rng = np.random.default_rng(3)
+    a, b = np.sort(rng.choice(400, 300, replace=False)), np.sort(rng.choice(400, 250, replace=False))
+    for labels, k in ((y, 3), (y2, 2)):
+        start = linear.fit(X, labels, k, 1.0, rows=a)
+        specs = [linear.Spec(a, 0.1), linear.Spec(b, 0.01, start), linear.Spec(None, 1.0)]
+        for dense in (True, False):
+            if not dense:
+                monkeypatch.setattr(linear, "DENSE_ELEMENTS", 0)
+                monkeypatch.setattr(linear, "CHUNK_ROWS", 64)
+            Xd = X if dense else X.astype(np.float16)
+            joint = linear.fit_joint(Xd, labels, k, specs, workers=2)
+            for spec, head in zip(specs, joint):
+                alone = linear.fit(Xd, labels, k, spec.l2, init=spec.init, rows=spec.rows)
+                np.testing.assert_allclose(head.mean, alone.mean, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(head.scale, alone.scale, rtol=1e-4)
+                np.testing.assert_allclose(head.logits(Xd), alone.logits(Xd), atol=2e-2)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_joint_fit_stops_when_asked_and_leaves_no_thread(monkeypatch, workers):
+    import threading
+
+    X, y = _blobs(n=300)
+    monkeypatch.setattr(linear, "DENSE_ELEMENTS", 0)
+    monkeypatch.setattr(linear, "CHUNK_ROWS", 32)
+    loss = linear._Passes.loss
+    monkeypatch.setattr(linear._Passes, "loss", lambda self, batch: (time.sleep(0.03), loss(self, batch))[1])  # a slow pass
+    before = threading.active_count()
+    calls = []
+
+    def should_stop():  # called on this thread only, at least every 0.1 s
+        assert threading.current_thread() is threading.main_thread()
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        linear.fit_joint(X, y, 3, [linear.Spec(None, 0.01), linear.Spec(np.arange(200), 0.1)], should_stop=should_stop, workers=workers)
+    assert threading.active_count() == before
+
