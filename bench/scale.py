@@ -185,8 +185,9 @@ def _train_twice(c: httpx.Client, out: dict, proc, api: int, relabel_from: str, 
         ev = c.get(f"/v1/datasets/scale/models/{version}/evaluation").json()
         out["accuracy"] = ev.get("accuracy")
         out["per_label_recall"] = {k: round(v.get("recall", 0), 3) for k, v in (ev.get("per_label") or {}).items()}
-        predictions = post_files(c, "/v1/datasets/scale/predict", [p for p, _ in held_out], 16)
-        out["held_out_accuracy"] = sum(pred["label"] == label for pred, (_, label) in zip(predictions, held_out)) / len(held_out)
+        if held_out:  # none at 50,000: every training image is in the zip
+            predictions = post_files(c, "/v1/datasets/scale/predict", [p for p, _ in held_out], 16)
+            out["held_out_accuracy"] = sum(pred["label"] == label for pred, (_, label) in zip(predictions, held_out)) / len(held_out)
     ids = [i["id"] for i in c.get("/v1/datasets/scale/images", params={"label": relabel_from, "limit": 100}).json()["data"]]
     c.post("/v1/datasets/scale/images/labels", json=[{"image_id": i, "label": "cat"} for i in ids]).raise_for_status()
     retrain, out["retrain_s"] = run_training(c, "scale", TRAIN_TIMEOUT)
@@ -201,6 +202,10 @@ def _rows(db: Path) -> int:
 
 def _s(r: dict, key: str) -> str:
     return f"{r[key]:.1f} s" if key in r else "-"
+
+
+def _s3(r: dict, key: str) -> str:
+    return f"{r[key]:.3f}" if r.get(key) is not None else "-"
 
 
 def _mb(r: dict, key: str) -> str:
@@ -224,7 +229,7 @@ def report(rows: list[dict], machine: str, labels: str = "cat / other") -> str:
             f"{r['api_upload_mb']:.0f} / {r['api_mb']:.0f} MB | {_s(r, 'train_s')} | {_s(r, 'retrain_s')} | "
             f"{_mb(r, 'worker_mb')} | {r['db_bytes'] / 1e6:.1f} MB ({r['db_per_image'] / 1024:.1f} KB/image) | "
             f"{r['first_page_ms']:.0f} / {r['page_ms']:.0f} / {r.get('cursor_ms', 0):.0f} ms | {r['detail_ms']:.0f} ms | {r['delete_answer_ms']:.0f} ms / {r['delete_s']:.1f} s | "
-            f"{(r.get('accuracy') or 0):.3f} | {(r.get('held_out_accuracy') or 0):.3f} |")
+            f"{(r.get('accuracy') or 0):.3f} | {_s3(r, 'held_out_accuracy')} |")
         if r.get("per_label_recall"):
             lines.append(f"|  | recall by label: {', '.join(f'{k} {v:.2f}' for k, v in sorted(r['per_label_recall'].items()))} |")
     return "\n".join(lines) + "\n"
