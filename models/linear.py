@@ -224,38 +224,32 @@ class _Passes:
         xc.copy_(torch.index_select(self.Xt, 0, ci, out=raw[: len(ci)]))  # gathered in the features' dtype, then float32
         return xc
 
-    def _map(self, work: Callable[[torch.Tensor, tuple, object], None], start: Callable[[], object], claim: bool = False) -> list:
-        """work(x, block, acc) over every block, on the workers: each folds its blocks into an
+    def _map(self, work: Callable[[torch.Tensor, tuple, object, int], None], start: Callable[[], object], claim: bool = False) -> list:
+        """work(x, block, acc, i) over every block i, on the workers: each folds its blocks into an
         accumulator of its own (start()), in place; the accumulators, one a worker. Nothing of
         a chunk's size is allocated per chunk (a list of per-chunk results interleaved with the
         chunk's temporaries fragments the heap: +460 MB of RSS at 50,000 rows, measured).
         claim: each worker takes the next block not yet taken (a core shared with another
-        process does less), work(x, block, acc, i) then writes block i's results where they are
-        summed in block order (the same sums whoever computed them); else worker w takes blocks
-        w, w + workers, ..."""
+        process does less; work then writes block i's results where they are summed in block
+        order: the same sums whoever computed them); else worker w takes blocks w, w + workers, ..."""
         accs = [start() for _ in range(self.workers)]
-        if claim:
-            step, blocks = work, itertools.count()
-            work = None
         if time.perf_counter() - self.checked >= 0.1:  # passes over few rows take milliseconds: every 0.1 s at least
             self.checked = time.perf_counter()
             self.should_stop()
         if self.pool is None:
             for i, b in enumerate(self.blocks):
                 self.should_stop()  # every CHUNK_ROWS rows: a pass over 50,000 takes a second on a busy core
-                work(self._x(b, 0), b, accs[0]) if work else step(self._x(b, 0), b, accs[0], i)
+                work(self._x(b, 0), b, accs[0], i)
             return accs
+        taken = itertools.count()
 
         def part(w):
-            for i in (range(w, len(self.blocks), self.workers) if work else iter(blocks.__next__, None)):
+            for i in (iter(taken.__next__, None) if claim else range(w, len(self.blocks), self.workers)):
                 if i >= len(self.blocks):
                     return
                 if self.halt.is_set():
                     raise Stopped()
-                if work:
-                    work(self._x(self.blocks[i], w), self.blocks[i], accs[w])
-                else:
-                    step(self._x(self.blocks[i], w), self.blocks[i], accs[w], i)
+                work(self._x(self.blocks[i], w), self.blocks[i], accs[w], i)
 
         futures = [self.pool.submit(part, w) for w in range(self.workers)]
         try:
@@ -293,7 +287,7 @@ class _Passes:
             m2 += c_m2 + delta * delta * (count * cnt / total)
             count += cnt
 
-        def work(x, block, acc):
+        def work(x, block, acc, _i):
             mk, dev, tmp = block[3], acc[3][: len(x)], acc[4]
             c = x.mean(0)
             torch.sub(x, c, out=dev)
