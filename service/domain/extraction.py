@@ -68,10 +68,10 @@ def fan_out(training_id: str, token: str, sha256s: list[str], config: TrainConfi
     """When this run's features are many and uncached, hand them to shards: True when the
     training now waits for them (EXTRACTING), False when this run goes on to train itself (few
     missing, fine-tuning, shards disabled, or this training fanned out once already)."""
-    if settings.feature_shard_images <= 0 or len(sha256s) <= settings.feature_shard_images:
+    if settings.feature_shard_images <= 0 or len(sha256s) <= settings.feature_shard_images or trainings.has_shards(training_id):
         return False
     extractor = feature_extractor(config, device=device, pretrained_weights=weights_path(settings))
-    if extractor is None or trainings.has_shards(training_id):
+    if extractor is None:
         return False
     missing = BlobFeatureCache(store, settings).missing(extractor.extractor_id, sha256s)
     ranges = plan(missing, settings.feature_shard_images)
