@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -145,18 +145,28 @@ class Serving:
     ood_threshold: float | None = None  # an image whose ood_score passes it is flagged; None: no index
 
 
+def _serving_query(version):
+    return (select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds,
+                   ModelVersion.ood["threshold"].as_float().label("ood_threshold"))
+            .join(Dataset, Dataset.id == ModelVersion.dataset_id)
+            .where(Dataset.name == bindparam("name"), Dataset.deleted_at.is_(None), ModelVersion.version == version))
+
+
+# built once: building the statement on each call cost 5x its execution (440 against 90 us, SQLite,
+# AMD EPYC), on every predict request
+_SERVING_DEFAULT = _serving_query(Dataset.default_version)
+_SERVING_VERSION = _serving_query(bindparam("version"))
+
+
 def for_serving(conn: Connection, dataset_name: str, version: int | None) -> Serving:
     """The version to predict with (asked for, else the default), in one small Core query per
     request on a plain connection (a third of an ORM session's cost): a promotion takes effect
     on the next request, in every API process; so does a moved threshold (only the open-set
     threshold is read of the `ood` JSON, not its quantiles)."""
-    wanted = version if version is not None else Dataset.default_version
-    row = conn.execute(
-        select(ModelVersion.version, ModelVersion.checkpoint_key, ModelVersion.onnx_key, ModelVersion.thresholds,
-               ModelVersion.ood["threshold"].as_float().label("ood_threshold"))
-        .join(Dataset, Dataset.id == ModelVersion.dataset_id)
-        .where(Dataset.name == dataset_name, Dataset.deleted_at.is_(None), ModelVersion.version == wanted)
-    ).first()
+    if version is None:
+        row = conn.execute(_SERVING_DEFAULT, {"name": dataset_name}).first()
+    else:
+        row = conn.execute(_SERVING_VERSION, {"name": dataset_name, "version": version}).first()
     if row is None:  # say precisely what is missing: the dataset, any model, or that version
         with Session(bind=conn) as session:
             resolve(session, datasets.get(session, dataset_name), version)

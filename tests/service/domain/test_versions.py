@@ -62,3 +62,28 @@ def test_delete_over_http(felis_env):
         c.post("/v1/datasets", json={"name": "pets"})
         r = c.delete("/v1/datasets/pets/models/1")
         assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+
+
+def test_for_serving_reads_the_default_and_its_thresholds_afresh_each_call(session, store, settings, pets):
+    """Predict's per-request lookup: what a promotion or a moved threshold changed is served by the next call."""
+    from service.store.db import get_engine
+
+    def serving(version=None):
+        with get_engine().connect() as conn:
+            return versions.for_serving(conn, "pets", version)
+
+    with pytest.raises(NotFound) as e:
+        serving()
+    assert e.value.code == "no_model"
+    _version(session, store, settings), _version(session, store, settings)
+    first = serving()
+    assert (first.version, first.thresholds, first.ood_threshold) == (1, {}, None)
+    assert first.checkpoint_key == versions.get(session, pets, 1).checkpoint_key
+    assert serving(2).version == 2
+    versions.promote(session, "pets", 2)
+    assert serving().version == 2
+    versions.set_threshold(session, "pets", 2, "cat", threshold=0.8)
+    assert serving().thresholds == {"cat": 0.8} and serving(1).thresholds == {}
+    with pytest.raises(NotFound) as e:
+        serving(7)
+    assert e.value.code == "version_not_found"
