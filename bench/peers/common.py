@@ -3,8 +3,10 @@
 A peer is started by bench/serve.py as `<venv>/bin/python bench/peers/<peer>.py --model felis.onnx
 --port N [--max-batch 32 --delay-ms 2 --threads 2]`. It imports felis's `models.predictor` from
 the repository (this file puts the repo root on sys.path), so the peer runs exactly the bytes ->
-float32 NCHW code and the ONNX Runtime session felis's API runs (`Predictor.from_onnx(...,
-shared_cores=True)`, the session that serves felis's batches: idle intra-op threads sleep).
+float32 NCHW code and felis's ONNX Runtime session options (`Predictor.from_onnx(...,
+shared_cores=True, batch_threads=threads)`: one run at a time on `--threads` intra-op threads
+whose idle threads sleep, as each peer's one model instance runs it; felis's own API instead runs
+a one-thread session on each core at once).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def args(argv=None) -> argparse.Namespace:
 
 
 def load(model: Path, threads: int) -> Predictor:
-    predictor = Predictor.from_onnx(model.read_bytes(), threads=threads, shared_cores=True)
+    predictor = Predictor.from_onnx(model.read_bytes(), threads=threads, shared_cores=True, batch_threads=threads)
     if predictor is None:
         raise SystemExit(f"{model}: not a felis graph (no felis metadata)")
     return predictor

@@ -112,7 +112,8 @@ class ModelCache:
                                                   threads=self.settings.torch_threads)
         # rows of probabilities with the open-set score as a last column (NaN: none): one array a batch
         batcher = MicroBatcher(predictor.infer_scored, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
-                               infer_alone=functools.partial(predictor.infer_scored, alone=True))
+                               infer_alone=functools.partial(predictor.infer_scored, alone=True),
+                               parallel=predictor.concurrent_runs)
         return LoadedModel(version=version, labels=list(predictor.labels), predictor=predictor, batcher=batcher)
 
     def close(self) -> None:

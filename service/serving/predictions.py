@@ -92,7 +92,7 @@ async def _predict_batched(model: LoadedModel, files: list[Upload], settings: Se
         good = [x for x in prepared if isinstance(x, np.ndarray)]
         if not good:
             return prepared
-        pending = model.batcher.enqueue(np.stack(good))
+        pending = model.batcher.enqueue(good)
     probs = iter(await asyncio.gather(*pending))
     return [x if isinstance(x, InvalidImage) else next(probs) for x in prepared]
 

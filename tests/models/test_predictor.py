@@ -73,11 +73,21 @@ def test_from_onnx_declines_a_graph_without_felis_metadata(trained):
 
 
 def test_shared_cores_runs_alone_batches_in_a_second_session_with_the_same_answers(trained, photo_bytes):
-    """The API's predictor: batches under load in a non-spinning session, a lone one in an in-run spinning one."""
+    """The API's predictor: batches under load in one-thread runs side by side, a lone one in an
+    in-run spinning session of every thread; the same answers either way, also from threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     p = Predictor.from_onnx(trained.onnx, threads=2, shared_cores=True)
-    assert p._run_alone is not p._run
+    assert p._run_alone is not p._run and p.concurrent_runs == 2
     x = p.preprocess_batch(photo_bytes[:3])
-    np.testing.assert_array_equal(p.infer(x, alone=True), p.infer(x))
+    np.testing.assert_allclose(p.infer(x, alone=True), p.infer(x), atol=1e-6)  # 1 thread against 2
+    with ThreadPoolExecutor(2) as pool:  # as the micro-batcher runs them: two batches at once
+        together = list(pool.map(p.infer, [x, x[::-1]] * 3))
+    for i, got in enumerate(together):
+        np.testing.assert_array_equal(got, p.infer(x if i % 2 == 0 else x[::-1]))
     plain = Predictor.from_onnx(trained.onnx, threads=2)
-    assert plain._run_alone is plain._run
-    np.testing.assert_array_equal(plain.infer(x, alone=True), p.infer(x))
+    assert plain._run_alone is plain._run and plain.concurrent_runs == 1
+    as_peers_run_it = Predictor.from_onnx(trained.onnx, threads=2, shared_cores=True, batch_threads=2)  # bench/peers
+    assert as_peers_run_it.concurrent_runs == 1
+    np.testing.assert_allclose(as_peers_run_it.infer(x), p.infer(x), atol=1e-6)
+    np.testing.assert_allclose(plain.infer(x, alone=True), p.infer(x), atol=1e-6)

@@ -151,3 +151,88 @@ def test_run_alone_takes_the_inference_thread_and_batches_queue_behind_it():
     assert asyncio.run(main()) in net.threads  # the one inference thread: never two inferences at once
     assert order == ["batch", "job", "job done", "batch"] and net.batches == [1, 1]
     batcher.close()
+
+
+class _Overlap(_Net):
+    """Counts how many batches run at the same moment."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay)
+        self._lock = threading.Lock()
+        self.now = self.most = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super().__call__(x)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 3])
+def test_parallel_batches_run_at_once_on_their_own_threads_and_still_fill(parallel):
+    net = _Overlap(delay=0.03)
+    batcher = MicroBatcher(net, max_batch=4, max_wait_s=0.005, parallel=parallel)
+
+    async def main():
+        xs = [np.full((1, 2, 2), i, np.float32) for i in range(60)]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in xs))
+        return [float(o[0, 0]) for o in outs]
+
+    assert asyncio.run(main()) == [4.0 * i for i in range(60)]
+    assert net.most == parallel and len(net.threads) == parallel  # never more than `parallel` at once
+    assert max(net.batches) == 4 and sum(net.batches) == 60  # the queue fills while all threads run
+    batcher.close()
+
+
+def test_with_parallel_batches_run_alone_still_has_the_cores_to_itself():
+    net = _Overlap(delay=0.01)
+    batcher = MicroBatcher(net, max_batch=8, max_wait_s=0.005, parallel=2)
+    order: list[str] = []
+
+    def job() -> None:
+        order.append("job")
+        time.sleep(0.05)
+        order.append("job done")
+
+    async def main():
+        await batcher.submit(np.zeros((1, 2, 2), np.float32))  # the runner exists now
+        lone = asyncio.ensure_future(batcher.run_alone(job))
+        await asyncio.sleep(0.01)
+        later = [batcher.submit(np.zeros((1, 2, 2), np.float32)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        order.append(f"{len(net.batches)} batches meanwhile")
+        await asyncio.gather(lone, *later)
+
+    asyncio.run(main())
+    assert order == ["job", "1 batches meanwhile", "job done"]  # the second thread stayed idle
+    assert net.batches == [1, 3]
+    batcher.close()
+
+
+def test_closing_fails_the_requests_of_a_batch_in_flight():
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(x):
+        started.set()
+        release.wait(5)
+        return np.ones((len(x), 2))
+
+    batcher = MicroBatcher(slow, max_batch=4, max_wait_s=0.001, parallel=2)
+
+    async def main():
+        pending = asyncio.ensure_future(batcher.submit(np.zeros((2, 1), np.float32)))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        batcher.close()
+        with pytest.raises(RuntimeError, match="unloaded"):
+            await asyncio.wait_for(pending, 5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
