@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
-import uuid
+import os
+import random
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -13,6 +14,16 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+_ids = random.Random(os.urandom(32))  # request ids need to be unique, not secret
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
+def new_request_id() -> str:
+    """32 random hex digits, without a system call per request (uuid4 reads os.urandom each time,
+    and every system call on the event loop's thread gives the GIL away to a decode thread)."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 class RequestIdMiddleware:
@@ -25,7 +36,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:

@@ -147,3 +147,20 @@ def test_log_context_for_a_training():
         assert current() == {"training_id": "t1", "request_id": "r1"}
         ContextFilter().filter(record)
     assert (record.training_id, record.request_id) == ("t1", "r1") and current() == {}
+
+
+def test_made_up_request_ids_are_distinct_hex_also_in_a_forked_child():
+    import os
+
+    from service.api.middleware import new_request_id
+
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's generator is seeded afresh: not the parent's next ids
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child != new_request_id() and child not in ids
