@@ -160,6 +160,11 @@ def test_peer_commands_run_in_their_venv_with_the_thread_budget(serve, tmp_path)
     assert cmd[1:3] == ["serve", "bentoml_service:Felis"] and env["FELIS_PEER_MODEL"] == "m.onnx"
     cmd, env = serve.peer_command(serve.PEERS["pytriton"], tmp_path / "t", Path("m.onnx"), 9000)
     assert "--grpc-port" in cmd and "LD_LIBRARY_PATH" in env
+    tuned = serve.PEERS["litserve-2x1"]  # LitServe's own venv and script, felis's threading
+    cmd, _ = serve.peer_command(tuned, tmp_path / "ls", Path("m.onnx"), 9000)
+    assert cmd[1] == "litserve_server.py" and cmd[cmd.index("--threads") + 1] == "1"
+    assert cmd[cmd.index("--workers") + 1] == "2" and tuned.kind == "litserve" and not tuned.documented
+    assert serve.peer_request(tuned, "h:1", serve.Photo(Path("a.jpg"), "cat", (1, 1), b"x")).startswith(b"POST /predict")
 
 
 def test_peer_targets_per_round(serve):
@@ -168,3 +173,7 @@ def test_peer_targets_per_round(serve):
     results = serve.check_peer_targets(rounds)
     assert [ok for _, _, ok in results] == [True, False]  # 150 >= 1.3 x 110; 10 ms > PyTriton's 9 ms
     assert "PyTriton" in results[0][0] and results[0][1].startswith("1.36x")
+    tuned = _run(serve, "LitServe 2x1 (tuned)", 8, 8, 200)
+    tuned.documented = False
+    rounds[0].append(tuned)  # reported beside the documented peers, never the one felis is judged against
+    assert serve.check_peer_targets(rounds) == results
