@@ -15,9 +15,10 @@ def onnx_session(onnx: bytes, threads: int, spin: str = "always"):
     spin: how idle intra-op threads wait for work.
     - "always" (ORT's default): they busy-wait, also for a while after a run. Best when inference
       is all the process does (training's feature extraction).
-    - "never": they sleep. Best when the process has other work for the same cores: the API
-      decodes images and speaks HTTP while a batch runs (+10-17 % predict throughput at
-      concurrency 32 on 2 cores, bench/RESULTS.md).
+    - "never": they sleep. Best when the process has other work for the same cores and a run
+      has several threads (+10-17 % predict throughput at concurrency 32 on 2 cores against
+      "always", bench/RESULTS.md); the API's batch session now has one thread, where it changes
+      nothing (models.predictor.Predictor.from_onnx).
     - "in_run": they busy-wait between the graph's nodes and stop when the run ends
       (`session.force_spinning_stop`). Best for a lone small batch: on 2 cores (AMD EPYC), INT8
       Lite0 at 288 px ran batch 1 in 3.98 ms against 4.91 ms for "never", at the same CPU per request.

@@ -43,9 +43,9 @@ class Predictor:
 
         shared_cores (the API): the process has other work for the same cores (decoding, HTTP),
         so batches run in a session of one thread (`batch_threads`, 0: one), `threads` of them
-        at once (concurrent_runs, each on its caller's thread: ONNX Runtime's Run is thread-safe). A batch then never waits
-        at a node for a second core that is busy decoding, nor wakes a sleeping pool thread per
-        node: at concurrency 32 on 2 cores (AMD EPYC) predict served 6-14% more images a second
+        at once (concurrent_runs, each on its caller's thread: ONNX Runtime's Run is
+        thread-safe). A batch then never waits at a node for a second core that is busy
+        decoding, nor wakes a sleeping pool thread per node: at concurrency 32 on 2 cores (AMD EPYC) predict served 6-14% more images a second
         than with one two-thread session (bench/RESULTS.md). `infer(alone=True)` runs in a second
         session of `threads` threads that spin only inside its runs ("in_run"): lower latency for
         a lone request, no core held between runs. Else one session of `threads` that spins ("always")."""

@@ -5,9 +5,9 @@ one batch on an inference thread. ``parallel`` batches run at once, each on its 
 for a network that uses every core itself, one per core for one that runs on a single thread
 (models.predictor: ONNX Runtime's batch session in the API). A batch is formed only when an
 inference thread is free, so while they all run the queue fills and under load batches grow on
-their own. The runner waits for company (at
-most ``max_wait`` after the first image) only while other requests have announced images that
-are still being decoded (``expecting``): a lone request never waits at all.
+their own. The runner waits for company (at most ``max_wait`` after the first image) only while
+other requests have announced images that are still being decoded (``expecting``): a lone
+request never waits at all.
 
 A small batch with nothing queued or announced behind it runs through ``infer_alone`` when
 given: the predictor's session that trades idle CPU for latency (models.onnx_session "in_run").
