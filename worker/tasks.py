@@ -8,6 +8,7 @@ import threading
 from celery import signals
 
 from service.config import get_settings
+from service.limits import cpu_budget
 from service.logs import configure_logging, log_context
 from service.store.db import init_db, session_scope
 from service.store.queue import EXTRACT_TASK, SUGGEST_TASK, TRAIN_TASK
@@ -70,8 +71,7 @@ def _init_process(**_: object) -> None:
     """Once per worker process: tune malloc and threads, open the database."""
     from models.runtime import tune_process
 
-    settings = get_settings()
-    tune_process(settings.torch_threads)
+    tune_process(cpu_budget(get_settings().torch_threads))  # the cgroup quota, not the node's cores
     init_db()
 
 

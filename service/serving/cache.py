@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.config import Settings
+from service.limits import cpu_budget
 from service.serving.batching import MicroBatcher
 from service.store.blobs import BlobStore
 
@@ -101,15 +102,15 @@ class ModelCache:
         small); the checkpoint and torch otherwise, or when the torch backend is asked for."""
         from models.predictor import Predictor
 
-        predictor = None
+        predictor, threads = None, cpu_budget(self.settings.torch_threads)  # the cgroup quota, as the decode pool
         if onnx_key and self.settings.predict_backend != "torch":
-            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=self.settings.torch_threads, shared_cores=True)
+            predictor = Predictor.from_onnx(self.store.get(onnx_key), threads=threads, shared_cores=True)
         if predictor is None:
             from models.checkpoint import load_checkpoint
 
             predictor = Predictor.from_checkpoint(load_checkpoint(self.store.get(key)),
                                                   backend=self.settings.predict_backend,
-                                                  threads=self.settings.torch_threads)
+                                                  threads=threads)
         # rows of probabilities with the open-set score as a last column (NaN: none): one array a batch
         batcher = MicroBatcher(predictor.infer_scored, self.settings.predict_max_batch, self.settings.predict_max_wait_ms / 1000,
                                infer_alone=functools.partial(predictor.infer_scored, alone=True),
