@@ -9,9 +9,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from service import errors as e
 
@@ -57,6 +61,19 @@ def error_body(code: str, message: str, details: Any = None, **extra: Any) -> di
     if details is not None:
         err["details"] = details
     return {"error": err, **extra}
+
+
+def refusal(scope: Scope, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    """A refusal made by a middleware before any route runs (a body over the limit, a full in-flight
+    cap, a Host this server does not answer for, another site's page), in the error form of the API
+    the request was for: the route that would have answered renders it when its class says how
+    (``render_error(status, code, message, headers)``: /v2's OipRoute, CustomVisionRoute), else
+    felis's form. Only refused requests look the route up."""
+    for route in iter_route_contexts(list(getattr(scope.get("app"), "routes", ()))):
+        render = getattr(route.original_route, "render_error", None)
+        if render is not None and route.matches(scope)[0] is not Match.NONE:
+            return render(status, code, message, headers)
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def status_for(exc: e.FelisError) -> int:

@@ -21,13 +21,12 @@ read the answers too. ``RequestGuardMiddleware`` answers 403 before the app sees
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
+from service.api.errors import refusal
 from service.config import LOOPBACK_HOSTS, Settings
 
 log = logging.getLogger("felis.api")
@@ -121,7 +120,7 @@ class RequestGuardMiddleware:
                 and (host is None or not self.host_allowed(*host))):
             log.warning("refused a request for Host %r (neither a loopback name nor in FELIS_ALLOWED_HOSTS)",
                         host_header[:200])
-            return await _forbidden(send, "host_not_allowed",
+            return await _forbidden(scope, receive, send, "host_not_allowed",
                                     f"this server does not answer for the host {host_header[:200]!r}: add the name "
                                     f"to FELIS_ALLOWED_HOSTS to reach it that way")
 
@@ -129,7 +128,7 @@ class RequestGuardMiddleware:
         if method not in SAFE_METHODS and not self._may_change_state(headers, scheme, host):
             log.warning("refused a cross-site %s %s from origin %r (Sec-Fetch-Site: %s)", method, scope.get("path"),
                         headers.get(b"origin", "")[:200], headers.get(b"sec-fetch-site", "-")[:40])
-            return await _forbidden(send, "cross_site_request",
+            return await _forbidden(scope, receive, send, "cross_site_request",
                                     "requests that change state are not accepted from another site's web page: "
                                     "add a trusted web origin to FELIS_ALLOWED_ORIGINS (behind a proxy that "
                                     "terminates TLS, list the proxy in FELIS_TRUSTED_PROXIES)")
@@ -147,9 +146,5 @@ class RequestGuardMiddleware:
         return origin is not None and (origin in self.origins or (host is not None and origin == _origin(scheme, *host)))
 
 
-async def _forbidden(send: Send, code: str, message: str) -> None:
-    body = json.dumps(error_body(code, message)).encode()
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"vary", b"Origin, Sec-Fetch-Site")]})
-    await send({"type": "http.response.body", "body": body})
+async def _forbidden(scope: Scope, receive: Receive, send: Send, code: str, message: str) -> None:
+    await refusal(scope, 403, code, message, {"Vary": "Origin, Sec-Fetch-Site"})(scope, receive, send)

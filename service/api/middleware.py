@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
 import os
 import random
 from collections.abc import Iterable
@@ -14,6 +13,8 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import refusal
 
 
 _ids = random.Random(os.urandom(32))  # request ids need to be unique, not secret
@@ -59,7 +60,7 @@ class BodySizeLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _too_large(send, self.max_bytes)
+            return await _too_large(scope, receive, send, self.max_bytes)
         seen = 0
 
         async def limited_receive() -> Message:
@@ -138,7 +139,7 @@ class InflightLimitMiddleware:
         if kind is None or self.limits[kind] <= 0:
             return await self.app(scope, receive, send)
         if self.in_flight[kind] >= self.limits[kind]:
-            return await _busy(send, kind, self.limits[kind], self.RETRY_AFTER[kind])
+            return await _busy(scope, receive, send, kind, self.limits[kind], self.RETRY_AFTER[kind])
         self.in_flight[kind] += 1
         try:
             await self.app(scope, receive, send)
@@ -146,23 +147,16 @@ class InflightLimitMiddleware:
             self.in_flight[kind] -= 1
 
 
-async def _busy(send: Send, kind: Capped, limit: int, retry_after: int) -> None:
+async def _busy(scope: Scope, receive: Receive, send: Send, kind: Capped, limit: int, retry_after: int) -> None:
     if kind is Capped.STREAMS:
         code, message = "too_many_streams", (f"this server already streams {limit} trainings' events "
                                               f"(FELIS_MAX_EVENT_STREAMS); retry later or poll GET /v1/trainings/{{id}}")
     else:
         code, message = "server_busy", (f"this server already has {limit} upload and predict requests in progress "
                                         f"(FELIS_MAX_INFLIGHT_REQUESTS); retry in a moment")
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(retry_after).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await refusal(scope, 503, code, message, {"Retry-After": str(retry_after)})(scope, receive, send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "request_too_large",
-                                 "message": f"the request body is over the limit of {limit} bytes"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    message = f"the request body is over the limit of {limit} bytes"
+    await refusal(scope, 413, "request_too_large", message)(scope, receive, send)

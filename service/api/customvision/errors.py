@@ -8,6 +8,7 @@ falls back by the error's class.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,10 +16,13 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors as e
 from service.api.errors import status_for
+
+log = logging.getLogger("felis.api")
 
 CODES: dict[str, str] = {
     # who is calling
@@ -118,7 +122,12 @@ def _felis(exc: e.FelisError) -> JSONResponse:
 
 
 class CustomVisionRoute(APIRoute):
-    """Renders every error of its routes (their dependencies' too: the key check) in Custom Vision's form."""
+    """Renders every error of its routes (their dependencies' too: the key check) in Custom Vision's
+    form, and the middlewares' refusals made before they run (service.api.errors.refusal)."""
+
+    @staticmethod
+    def render_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return error_response(CODES.get(code) or _BY_STATUS.get(status, "ErrorUnknown"), message, status, headers)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -135,5 +144,11 @@ class CustomVisionRoute(APIRoute):
             except StarletteHTTPException as exc:
                 return error_response(_BY_STATUS.get(exc.status_code, "ErrorUnknown"), str(exc.detail), exc.status_code,
                                       getattr(exc, "headers", None))
+            except OperationalError as exc:  # the metadata store is down: the SDK may retry
+                log.error("database error: %s", exc)
+                return error_response("ErrorServiceUnavailable", "the metadata store is unavailable", 503)
+            except Exception:
+                log.exception("unhandled error")
+                return error_response("ErrorUnknown", "an unexpected error occurred", 500)
 
         return handle

@@ -50,7 +50,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 class OipRoute(APIRoute):
     """A route whose errors are the protocol's: domain errors with the status of service.api.errors's
-    table (and its headers: Retry-After, WWW-Authenticate), the framework's own ones in the same form."""
+    table (and its headers: Retry-After, WWW-Authenticate), the framework's own ones in the same form,
+    and the middlewares' refusals too (service.api.errors.refusal calls render_error)."""
+
+    render_error = staticmethod(_error)
 
     def get_route_handler(self):
         handler = super().get_route_handler()

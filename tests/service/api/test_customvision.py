@@ -143,6 +143,50 @@ def test_errors_are_top_level_code_and_message(client):
     assert r.status_code == 404 and r.json()["code"] == "NotFoundIteration"
 
 
+def test_refusals_made_before_the_route_runs_are_in_custom_visions_form(felis_env, monkeypatch):
+    """A body over the limit by its Content-Length, a Host the server does not answer for and a
+    state change from another site's page are refused in middleware, before any route runs: a
+    Custom Vision SDK still gets {code, message}."""
+    from service.api.app import create_app
+    from service.config import get_settings
+
+    monkeypatch.setenv("FELIS_MAX_REQUEST_BYTES", "50000")
+    get_settings.cache_clear()
+    with TestClient(create_app()) as c:
+        project = _project(c)["id"]
+        r = c.post(f"{P}/{project}/classify/iterations/prod/image", content=b"x" * 60_000,
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 413 and r.json() == {"code": "BadRequestImageSizeBytes", "message": r.json()["message"]}
+        r = c.get(f"{T}/projects", headers={"Host": "felis.example.net"})
+        assert r.status_code == 403 and r.json() == {"code": "Forbidden", "message": r.json()["message"]}
+        r = c.post(f"{T}/projects", params={"name": "x"}, headers={"Origin": "https://elsewhere.example"})
+        assert r.status_code == 403 and set(r.json()) == {"code", "message"} and r.json()["code"] == "Forbidden"
+        assert [p["id"] for p in c.get(f"{T}/projects").json()] == [project]
+
+
+def test_a_lost_database_and_a_bug_answer_in_custom_visions_form(felis_env, monkeypatch):
+    """503 ErrorServiceUnavailable while the metadata store is down, 500 ErrorUnknown for a bug:
+    the SDK reads .error.code from both."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.api.app import create_app
+    from service.domain import customvision as cv
+
+    def down(*a, **k):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    def bug(*a, **k):
+        raise KeyError("oops")
+
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(cv, "list_projects", down)
+        r = c.get(f"{T}/projects")
+        assert r.status_code == 503 and r.json() == {"code": "ErrorServiceUnavailable", "message": r.json()["message"]}
+        monkeypatch.setattr(cv, "list_projects", bug)
+        r = c.get(f"{T}/projects")
+        assert r.status_code == 500 and r.json() == {"code": "ErrorUnknown", "message": "an unexpected error occurred"}
+
+
 # --- bounded bodies ---------------------------------------------------------------------------
 
 

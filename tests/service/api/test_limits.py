@@ -292,6 +292,13 @@ def test_past_the_cap_requests_get_503_and_the_first_ones_succeed(capped):
         r = c.post(f"/v1/datasets/{name}/images", data={"label": "cat"},
                    files=[("files", ("y.jpg", cats[4].read_bytes(), "image/jpeg"))])
         assert r.status_code == 503  # uploads and predictions share the cap
+        # the other APIs' clients get the refusal in their own error form
+        r = c.post(f"/v2/models/{name}/infer", json={"inputs": []})
+        assert r.status_code == 503 and r.json() == {"error": r.json()["error"]}, r.text
+        assert r.json()["error"].startswith("server_busy: ") and int(r.headers["Retry-After"]) >= 1
+        r = c.post(f"/customvision/v3.1/prediction/{uuid.uuid4()}/classify/iterations/prod/image", content=b"x")
+        assert r.status_code == 503 and set(r.json()) == {"code", "message"}, r.text
+        assert r.json()["code"] == "TooManyRequests" and int(r.headers["Retry-After"]) >= 1
         assert c.get(f"/v1/datasets/{name}").status_code == 200  # everything else goes on
         assert [h.finish() for h in held] == [201, 201]
         r = c.post(f"/v1/datasets/{name}/images", data={"label": "cat"},

@@ -339,6 +339,28 @@ def test_a_body_over_the_request_limit_answers_413_while_it_is_read(served, monk
         get_settings.cache_clear()
 
 
+def test_refusals_made_before_the_route_runs_are_in_the_protocols_form(served, monkeypatch):
+    """A body over the limit by its Content-Length and a Host the server does not answer for are
+    refused in middleware, before any route runs: a v2 client still gets {"error": "<code>: ..."}
+    (and a /v1 client felis's form)."""
+    from service.api.app import create_app
+    from service.config import get_settings
+
+    monkeypatch.setenv("FELIS_MAX_REQUEST_BYTES", "50000")
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app(), base_url=BASE) as c:
+            body, headers = _binary_request([b"x" * 60_000])
+            r = c.post("/v2/models/pets/infer", content=body, headers={**headers, **served.key("predict")})
+            _oip_error(r, 413, "request_too_large")
+            _oip_error(c.get("/v2/models/pets", headers={"Host": "felis.example.net"}), 403, "host_not_allowed")
+            r = c.get("/v1/datasets", headers={"Host": "felis.example.net"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    finally:
+        monkeypatch.delenv("FELIS_MAX_REQUEST_BYTES")
+        get_settings.cache_clear()
+
+
 # --- keys, scopes, rate limits -----------------------------------------------------------------
 
 
