@@ -100,12 +100,19 @@ def inspect_and_hash(data: bytes, *, max_pixels: int, min_side: int = 8) -> tupl
 def _checked_header(img: Image.Image, max_pixels: int, min_side: int) -> ImageInfo:
     """What inspect_image checks before decoding: a supported format, the pixel bound, the sides."""
     fmt, (w, h), mode = img.format or "", img.size, img.mode
-    if fmt not in SUPPORTED_FORMATS:
-        raise InvalidImage("unsupported_format", f"format {fmt or 'unknown'} is not supported")
-    _check_pixels(img, max_pixels)
+    _check_format_and_size(img, max_pixels, min_side)
+    return ImageInfo(format="JPEG" if fmt == "MPO" else fmt, width=w, height=h, mode=mode)
+
+
+def _check_format_and_size(img: Image.Image, max_pixels: int | None, min_side: int) -> None:
+    """From the header alone: a supported format, the pixel bound (None: none), the smallest side."""
+    if img.format not in SUPPORTED_FORMATS:
+        raise InvalidImage("unsupported_format", f"format {img.format or 'unknown'} is not supported")
+    if max_pixels is not None:
+        _check_pixels(img, max_pixels)
+    w, h = img.size
     if min(w, h) < min_side:
         raise InvalidImage("image_too_small", f"{w}x{h}: a side is below {min_side} pixels")
-    return ImageInfo(format="JPEG" if fmt == "MPO" else fmt, width=w, height=h, mode=mode)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -121,17 +128,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Decode to an upright (EXIF-transposed) 8-bit RGB image.
+def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None = None, min_side: int = 0) -> Image.Image:
+    """Decode to an upright (EXIF-transposed) 8-bit RGB image, of a supported format only
+    (InvalidImage "unsupported_format" from the header: Pillow never decodes the others, so an
+    EPS file never reaches Ghostscript).
 
     size_hint: the side the caller will resize to; JPEGs are then decoded at the smallest DCT
     scale (1/2, 1/4, 1/8) that still gives at least size_hint pixels per side (much faster).
     max_pixels: width * height as stored, checked from the header before any pixel is decoded
     (InvalidImage "image_too_large" past it); None: Pillow's own bomb guard only.
+    min_side: "image_too_small" under it (predict checks what upload checks; stored images were
+    checked when they came in, under the setting of that day, so training passes 0).
     """
     img = _open(data)
-    if max_pixels is not None:
-        _check_pixels(img, max_pixels)
+    _check_format_and_size(img, max_pixels, min_side)
     return _decoded_rgb(img, size_hint)
 
 

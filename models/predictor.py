@@ -86,10 +86,11 @@ class Predictor:
         return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend,
                    ood=ood_metadata(index) if index is not None else None)
 
-    def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    def preprocess(self, data: bytes, max_pixels: int | None = None, min_side: int = 0) -> np.ndarray:
         """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage, also for an image
-        of more than max_pixels (width * height, from its header, before decoding)."""
-        return preprocess(data, self.preprocessing, max_pixels)
+        of more than max_pixels (width * height, from its header, before decoding) or with a side
+        under min_side."""
+        return preprocess(data, self.preprocessing, max_pixels, min_side)
 
     def preprocess_batch(self, images: list[bytes]) -> np.ndarray:
         return preprocess_batch(images, self.preprocessing)

@@ -79,20 +79,23 @@ def to_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     return out
 
 
-def resized_rgb(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None) -> Image.Image:
+def resized_rgb(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None,
+                min_side: int = 0) -> Image.Image:
     """Image bytes (or a decoded picture, assumed upright) -> image_size x image_size RGB.
 
-    max_pixels: bytes whose header says more pixels are refused before decoding (images.decode_rgb)."""
+    max_pixels, min_side: bytes whose header says more pixels, or a side under min_side, are
+    refused before decoding (images.decode_rgb)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        img = decode_rgb(data, size_hint=prep.decode_size, max_pixels=max_pixels)
+        img = decode_rgb(data, size_hint=prep.decode_size, max_pixels=max_pixels, min_side=min_side)
     else:
         img = to_rgb(data)
     return resize(img, prep)
 
 
-def preprocess(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None) -> np.ndarray:
+def preprocess(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None,
+               min_side: int = 0) -> np.ndarray:
     """Image bytes (or a decoded picture) -> float32 array (3, image_size, image_size)."""
-    return to_array(resized_rgb(data, prep, max_pixels), prep)
+    return to_array(resized_rgb(data, prep, max_pixels, min_side), prep)
 
 
 def preprocess_batch(items: Iterable[bytes | Image.Image], prep: Preprocessing) -> np.ndarray:

@@ -61,7 +61,8 @@ def _read(upload: Upload, max_bytes: int) -> bytes:
 
 def _preprocess(model: LoadedModel, upload: Upload, settings: Settings) -> np.ndarray:
     """Read, check and decode one file (on a decode or the inference thread). Raises InvalidImage."""
-    return model.predictor.preprocess(_read(upload, settings.max_file_bytes), settings.max_image_pixels)
+    return model.predictor.preprocess(_read(upload, settings.max_file_bytes), settings.max_image_pixels,
+                                      settings.min_image_side)
 
 
 async def _predict_alone(model: LoadedModel, upload: Upload, settings: Settings) -> list[np.ndarray | InvalidImage]:

@@ -5,6 +5,7 @@ and when every file is refused the request answers 422 with the first file's cod
 
 from __future__ import annotations
 
+import base64
 import io
 
 import pytest
@@ -117,3 +118,37 @@ def test_a_file_of_unknown_size_is_read_no_further_than_the_limit():
     with pytest.raises(InvalidImage) as e:  # a size the parser counted: nothing is read
         _read(Upload("big.bin", f := io.BytesIO(b"x" * 1000), 1000), 100)
     assert e.value.code == "file_too_large" and f.tell() == 0
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_predict_refuses_what_upload_refuses_per_file_and_never_hands_postscript_to_ghostscript(
+        felis_env, monkeypatch, checkpoint):
+    """Formats upload refuses (`unsupported_format`: TGA, EPS, ...) and images under
+    FELIS_MIN_IMAGE_SIDE (`image_too_small`) answer the same codes per file on predict; an EPS file
+    is refused from its header, so Pillow never starts Ghostscript on a stranger's PostScript."""
+    import subprocess
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"a process was started for a predict request: {a!r}")
+
+    cat = asset_images("test", "cat")[0].read_bytes()
+    picture = Image.new("RGB", (64, 64), (90, 140, 200))
+    with _client(felis_env, monkeypatch, checkpoint) as c:
+        monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+        files = [("a.tga", _encoded(picture, "TGA")), ("b.eps", _encoded(picture, "EPS")),
+                 ("c.png", _png(Image.new("RGB", (1, 1)))), ("d.pcx", _encoded(picture, "PCX")), ("cat.jpg", cat)]
+        r = _predict(c, files)
+        assert r.status_code == 200, r.text
+        codes = [_code(p) for p in r.json()["predictions"]]
+        assert codes == ["unsupported_format", "unsupported_format", "image_too_small", "unsupported_format", None], r.text
+        r = _predict(c, [("b.eps", _encoded(picture, "EPS"))])  # the lone-request path
+        assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_format", r.text
+        r = c.post("/v2/models/pets/infer", json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                             "parameters": {"content_type": "base64"},
+                                                             "data": [base64.b64encode(_encoded(picture, "TGA")).decode()]}]})
+        assert r.status_code == 422 and r.json()["error"].startswith("unsupported_format: "), r.text
