@@ -10,6 +10,7 @@ finetune-only fields in linear mode: unused).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from . import catalog
@@ -19,6 +20,8 @@ from .split import MAX_NEAR_DUPLICATE_BITS
 
 AUGMENTATIONS = {True: "crop+flip", False: "none", "crop+flip": "crop+flip", "flip": "flip", "crop": "crop", "none": "none"}
 LABEL_ISSUE_POLICIES = ("auto", "drop", "keep")
+MAX_L2 = 1e4  # the L2 grid is 0.01..1 on standardised features; far past it every weight is ~0 (and 1e308 overflows float32)
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range; torch.manual_seed overflows past 2**64
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
 
 
@@ -75,6 +78,7 @@ class TrainConfig:
         for f in fields(self):  # types first: a string where a number belongs is a 4xx, not a crash
             value = getattr(self, f.name)
             need(_type_ok(value, f.type), f.name, f"must be {f.type}, got {type(value).__name__}")
+            need(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")
         need(catalog.is_supported(self.architecture), "architecture", f"unknown architecture {self.architecture!r}")
         need(self.mode in ("auto", "linear", "finetune"), "mode", "must be auto, linear or finetune")
         need(not (self.mode == "linear" and self.architecture == "simple_cnn"), "mode", "simple_cnn has no pretrained features; use finetune")
@@ -91,12 +95,12 @@ class TrainConfig:
         need(self.augmentation in AUGMENTATIONS, "augmentation", f"must be one of {list(AUGMENTATIONS)}")
         need(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(self.patience is None or self.patience >= 1, "patience", "must be >= 1 epoch")
-        need(self.l2 is None or self.l2 > 0, "l2", "must be > 0")
+        need(self.l2 is None or 0 < self.l2 <= MAX_L2, "l2", f"must be in (0, {MAX_L2:g}]")
         need(2 <= self.cv_folds <= 20, "cv_folds", "must be 2..20")
         need(0 <= self.val_fraction <= 0.5, "val_fraction", "must be 0..0.5")
         need(0 <= self.near_duplicate_bits <= MAX_NEAR_DUPLICATE_BITS, "near_duplicate_bits",
              f"must be 0..{MAX_NEAR_DUPLICATE_BITS} (beyond, unrelated photos match)")
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative integer")
+        need(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED, "seed", f"must be an integer 0..{MAX_SEED}")
         need(self.precision in ("auto", "int8", "fp32"), "precision", "must be auto, int8 or fp32")
         need(self.label_issues in LABEL_ISSUE_POLICIES, "label_issues", f"must be one of {LABEL_ISSUE_POLICIES}")
         if self.precision == "int8":

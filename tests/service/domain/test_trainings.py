@@ -38,6 +38,21 @@ def test_invalid_options_are_refused_with_the_field(session, settings, pets):
     assert e.value.code == "invalid_training_option" and e.value.details == {"field": "image_size"}
 
 
+@pytest.mark.parametrize("options, field", [
+    ({"l2": 1e308}, "l2"),  # passed "> 0", then overflowed float32 in the worker
+    ({"l2": float("inf")}, "l2"),  # JSON's Infinity: echoed as null, used as inf
+    ({"time_budget_s": float("nan")}, "time_budget_s"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"seed": 10**26}, "seed"),  # passed ">= 0", then overflowed torch.manual_seed in the worker
+])
+def test_options_the_worker_cannot_use_are_refused_at_the_request(session, settings, pets, options, field):
+    """Every number a training takes is bounded and finite when it is requested: no 202 for a
+    training that can only fail in the worker with an overflow."""
+    with pytest.raises(InvalidRequest) as e:
+        trainings.request(session, "pets", options, settings)
+    assert e.value.code == "invalid_training_option" and e.value.details == {"field": field}, e.value
+
+
 # --- the lifecycle -------------------------------------------------------------------------------
 
 from datetime import timedelta  # noqa: E402
