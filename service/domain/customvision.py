@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.domain import cleanup, datasets, trainings, uploads, versions
+from service.domain import cleanup, datasets, publish_names, trainings, uploads, versions
 from service.domain.trainings import Status
 from service.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
 from service.store.blobs import BlobStore
@@ -158,7 +158,7 @@ def list_projects(session: Session, visible: Mapping[str, int] | None = None) ->
 def delete_project(session: Session, ref: ProjectRef) -> None:
     """Its mapping rows, and its dataset marked deleted (removed in the background, as DELETE
     /v1/datasets/{name} does), in one commit."""
-    session.execute(delete(CvPublishAlias).where(CvPublishAlias.dataset_id == ref.dataset.id))
+    publish_names.drop_for_dataset(session, ref.dataset.id)
     session.execute(delete(CvIteration).where(CvIteration.project_id == ref.project.id))
     session.execute(delete(CvTag).where(CvTag.project_id == ref.project.id))
     session.execute(delete(CvProject).where(CvProject.id == ref.project.id))
@@ -417,19 +417,14 @@ def publish(session: Session, ref: ProjectRef, iteration: CvIteration, name: str
     held = session.get(CvPublishAlias, (ref.dataset.id, name))
     if held is not None and held.iteration_id != iteration.id and not overwrite:
         raise AlreadyExists(f"the publish name {name!r} is taken by another iteration", code="publish_name_taken")
-    session.execute(delete(CvPublishAlias).where(CvPublishAlias.dataset_id == ref.dataset.id,
-                                                 (CvPublishAlias.name == name) | (CvPublishAlias.iteration_id == iteration.id)))
-    alias = CvPublishAlias(dataset_id=ref.dataset.id, name=name, version=version.version, iteration_id=iteration.id,
-                           prediction_id=(prediction_id or "")[:1024])
-    session.add(alias)
+    alias = publish_names.replace(session, ref.dataset.id, name, version.version, iteration.id, prediction_id or "")
     iteration.last_modified = utcnow()
     session.commit()
     return alias
 
 
 def unpublish(session: Session, ref: ProjectRef, iteration: CvIteration) -> None:
-    done = session.execute(delete(CvPublishAlias).where(CvPublishAlias.iteration_id == iteration.id)).rowcount
-    if not done:
+    if not publish_names.drop_for_iteration(session, iteration.id):
         raise Conflict(f"iteration {iteration.id} is not published", code="iteration_not_published")
     iteration.last_modified = utcnow()
     session.commit()

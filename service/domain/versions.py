@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from models.evaluate import threshold_for_precision
 from models.ood import MAX_DISTANCE, QUANTILE_GRID
-from service.domain import datasets, suggestions, trainings, uploads
+from service.domain import datasets, publish_names, suggestions, trainings, uploads
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
@@ -68,10 +68,11 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
 
 
 def delete(session: Session, store: BlobStore, dataset_name: str, version: int, *, force: bool = False) -> None:
-    """Delete one version and its blobs. The default version only with force, which leaves the
-    dataset without a default (predict then answers no_model until a promotion). Its number is
-    never given again. The row goes first, its blobs listed as orphans in the same commit, then the
-    blobs; after a crash in between, cleanup.collect deletes them."""
+    """Delete one version and its blobs. The default version, or one a Custom Vision publish name
+    serves, only with force, which leaves the dataset without a default (predict then answers
+    no_model until a promotion) and unpublishes the names. Its number is never given again. The
+    row goes first, its blobs listed as orphans in the same commit, then the blobs; after a crash
+    in between, cleanup.collect deletes them."""
     dataset = datasets.get(session, dataset_name, for_update=True)
     row = get(session, dataset, version)
     if dataset.default_version == row.version:
@@ -79,6 +80,11 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
             raise Conflict(f"version {version} is the default of {dataset_name!r}; promote another first, "
                            "or delete with ?force=true", code="version_is_default")
         dataset.default_version = None
+    names = publish_names.for_version(session, dataset.id, row.version)
+    if names and not force:
+        raise Conflict(f"version {version} of {dataset_name!r} is published as {', '.join(map(repr, names))} "
+                       "(Custom Vision): unpublish it first, or delete with ?force=true", code="version_published")
+    publish_names.drop_for_version(session, dataset.id, row.version)
     keys = blob_keys(row)
     suggestions.delete_for_version(session, dataset.id, row.version)
     session.delete(row)

@@ -85,6 +85,7 @@ CODES: dict[str, str] = {
     "invalid_publish_name": "BadRequestInvalidPublishName",
     "invalid_threshold": "BadRequestInvalidThreshold",
     "version_is_default": "Conflict",
+    "version_published": "BadRequestCannotDeletePublishedIteration",
     # the service
     "rate_limited": "TooManyRequests",
     "server_busy": "TooManyRequests",

@@ -329,27 +329,60 @@ def test_tagged_images_have_signed_expiring_urls_that_need_no_key(keyed, monkeyp
 # --- a trained, published iteration -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Iterator[tuple[TestClient, str, dict[str, str]]]:
+def _publish_a_trained_project(client: TestClient) -> tuple[str, dict[str, str]]:
     """A project with tags Cat and "Not a cat" (16 small images each), trained (in-process, the
-    worker's task) and published as "prod"."""
+    worker's task) and published as "prod": (project id, {"iteration": id, tag name: id})."""
     from service.domain import pipeline
 
+    project = _project(client, "Cats")["id"]
+    tags = {name: client.post(f"{T}/projects/{project}/tags", params={"name": name}).json()["id"]
+            for name in ("Cat", "Not a cat")}
+    for name, folder in (("Cat", "cat"), ("Not a cat", "noncat")):
+        batch = {"images": [_entry(p.read_bytes(), tags[name], p.name) for p in asset_images("train", folder)]}
+        assert client.post(f"{T}/projects/{project}/images/files", json=batch).json()["isBatchSuccessful"]
+    iteration = client.post(f"{T}/projects/{project}/train").json()
+    assert iteration["status"] == "Training"
+    assert pipeline.run_training(iteration["felisTraining"]) == "succeeded"
+    assert client.get(f"{T}/projects/{project}/iterations/{iteration['id']}").json()["status"] == "Completed"
+    r = client.post(f"{T}/projects/{project}/iterations/{iteration['id']}/publish",
+                    params={"publishName": "prod", "predictionId": "/subscriptions/x"})
+    assert r.status_code == 200 and r.json() is True
+    return project, {"iteration": iteration["id"], **tags}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Iterator[tuple[TestClient, str, dict[str, str]]]:
+    """_publish_a_trained_project in a data folder of its own, shared by the module's tests."""
     with isolated_client(tmp_path_factory.mktemp("customvision") / "var") as client:
-        project = _project(client, "Cats")["id"]
-        tags = {name: client.post(f"{T}/projects/{project}/tags", params={"name": name}).json()["id"]
-                for name in ("Cat", "Not a cat")}
-        for name, folder in (("Cat", "cat"), ("Not a cat", "noncat")):
-            batch = {"images": [_entry(p.read_bytes(), tags[name], p.name) for p in asset_images("train", folder)]}
-            assert client.post(f"{T}/projects/{project}/images/files", json=batch).json()["isBatchSuccessful"]
-        iteration = client.post(f"{T}/projects/{project}/train").json()
-        assert iteration["status"] == "Training"
-        assert pipeline.run_training(iteration["felisTraining"]) == "succeeded"
-        assert client.get(f"{T}/projects/{project}/iterations/{iteration['id']}").json()["status"] == "Completed"
-        r = client.post(f"{T}/projects/{project}/iterations/{iteration['id']}/publish",
-                        params={"publishName": "prod", "predictionId": "/subscriptions/x"})
-        assert r.status_code == 200 and r.json() is True
-        yield client, project, {"iteration": iteration["id"], **tags}
+        project, ids = _publish_a_trained_project(client)
+        yield client, project, ids
+
+
+def test_a_published_version_is_not_deleted_through_v1_unless_forced(tmp_path):
+    """Deleting on /v1 the version a publish name serves would take the Custom Vision endpoint down
+    (classify 404) and leave the name dangling: 409 version_published, as Custom Vision refuses to
+    delete a published iteration; ?force=true deletes the version and its publish name together."""
+    from service.domain import pipeline
+
+    with isolated_client(tmp_path / "var") as client:
+        project, _ = _publish_a_trained_project(client)  # version 1, published as "prod"
+        dataset = client.get(f"{T}/projects/{project}").json()["felisDataset"]
+        r = client.post(f"/v1/datasets/{dataset}/trainings", json={})
+        assert r.status_code == 202, r.text
+        assert pipeline.run_training(r.json()["id"]) == "succeeded"
+        assert client.post(f"/v1/datasets/{dataset}/models/2/promote").status_code == 200  # 1 is no longer the default
+        version, cat = 1, asset_images("test", "cat")[0].read_bytes()
+        r = client.delete(f"/v1/datasets/{dataset}/models/{version}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_published", r.text
+        assert "prod" in r.json()["error"]["message"]
+        r = client.post(f"{P}/{project}/classify/iterations/prod/image", content=cat)
+        assert r.status_code == 200, r.text  # still served
+        r = client.delete(f"/v1/datasets/{dataset}/models/{version}", params={"force": "true"})
+        assert r.status_code == 204, r.text
+        r = client.post(f"{P}/{project}/classify/iterations/prod/image", content=cat)
+        assert r.status_code == 404 and r.json()["code"] == "NotFound", r.text  # the name went with it
+        r = client.post(f"/v1/datasets/{dataset}/predict", params={"alias": "prod"}, files={"files": ("c.jpg", cat)})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "alias_not_found", r.text
 
 
 def test_classify_reads_the_raw_body_and_answers_tags_likeliest_first(published):
