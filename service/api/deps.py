@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from service.api.auth import Caller, current_caller
@@ -48,19 +49,35 @@ class _BudgetParser(MultiPartParser):
         super().on_part_end()
 
 
+_TOO_MANY_FILES = "Too many files"  # how Starlette's parser words a file part past max_files
+
+
+def _too_many_files(limit: int) -> TooLarge:
+    return TooLarge(f"more than {limit} files in one request; the limit is {limit}", code="too_many_files")
+
+
 async def read_form(request: Request, max_files: int, max_fields: int,
                     max_memory_bytes: int | None = None) -> FormData:
     """The multipart body, or a clear 422 when it is not one. The caller closes it.
+    ``max_files``: the route's limit; more file parts answer 413 too_many_files, the parser
+    stopping at the first one past it.
     ``max_memory_bytes``: what its file parts may keep in memory, all together (the rest is
     spooled to temporary files); None: Starlette's default, up to 1 MiB of each part."""
     try:
         content_type, _ = parse_options_header(request.headers.get("content-type"))
         if max_memory_bytes is None or content_type != b"multipart/form-data":
-            return await request.form(max_files=max_files, max_fields=max_fields)
+            try:
+                return await request.form(max_files=max_files, max_fields=max_fields)
+            except HTTPException as e:  # Request.form turns the parser's MultiPartException into a 400
+                if e.status_code == 400 and str(e.detail).startswith(_TOO_MANY_FILES):
+                    raise _too_many_files(max_files) from None
+                raise
         async with aclosing(request.stream()) as stream:
             return await _BudgetParser(request.headers, stream, max_files=max_files, max_fields=max_fields,
                                        memory_bytes=max_memory_bytes).parse()
     except MultiPartException as e:
+        if e.message.startswith(_TOO_MANY_FILES):
+            raise _too_many_files(max_files) from e
         raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
     except (AssertionError, ValueError) as e:  # not multipart/form-data at all
         raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e

@@ -56,7 +56,7 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
     """Upload images: `files` (repeatable) with one `label` (none: stored unlabeled), or one `archive`
     zip with a folder per label (its top-level images and its `unlabeled/` folder: unlabeled)."""
     dataset = await run_in_threadpool(datasets.get, session, name)
-    form = await read_form(request, max_files=settings.max_files_per_request + 1, max_fields=100,
+    form = await read_form(request, max_files=settings.max_files_per_request, max_fields=100,
                            max_memory_bytes=_FORM_MEMORY_BYTES)
     try:
         archives = [f for f in form.getlist("archive") if isinstance(f, UploadFile)]

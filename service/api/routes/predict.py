@@ -37,7 +37,7 @@ async def predict_images(name: str, request: Request, cache: ModelCacheDep, sett
     """Probabilities for every label, the top label and the thresholded decision, per image."""
     if version is not None and alias is not None:
         raise InvalidRequest("give either 'version' or 'alias', not both", code="version_and_alias")
-    form = await read_form(request, max_files=settings.max_predict_files + 1, max_fields=20)
+    form = await read_form(request, max_files=settings.max_predict_files, max_fields=20)
     try:  # open until answered: each file is read where it is decoded, within the limits
         files = [Upload(f.filename or "upload", f.file, f.size) for f in form.getlist("files") if isinstance(f, UploadFile)]
         return await predict(cache, name, version, files, settings, alias=alias)

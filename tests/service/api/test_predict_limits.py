@@ -152,3 +152,24 @@ def test_predict_refuses_what_upload_refuses_per_file_and_never_hands_postscript
                                                              "parameters": {"content_type": "base64"},
                                                              "data": [base64.b64encode(_encoded(picture, "TGA")).decode()]}]})
         assert r.status_code == 422 and r.json()["error"].startswith("unsupported_format: "), r.text
+
+
+def test_past_the_file_count_limits_uploads_and_predictions_answer_413_too_many_files(felis_env, monkeypatch, checkpoint):
+    """FELIS_MAX_FILES_PER_REQUEST loose files upload, FELIS_MAX_PREDICT_FILES predict; one more,
+    or many more (the multipart parser's own cap), is 413 too_many_files and stores nothing."""
+    cat = asset_images("test", "cat")[0].read_bytes()
+    pictures = [_png(Image.new("RGB", (32, 32), (i, 100, 200))) for i in range(12)]
+    with _client(felis_env, monkeypatch, checkpoint, FELIS_MAX_FILES_PER_REQUEST="3", FELIS_MAX_PREDICT_FILES="4") as c:
+        def upload(n: int):
+            return c.post("/v1/datasets/pets/images", data={"label": "cat"},
+                          files=[("files", (f"{i}.png", pictures[i], "image/png")) for i in range(n)])
+
+        for n in (4, 5, 12):
+            r = upload(n)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files", (n, r.text)
+        assert c.get("/v1/datasets/pets").json()["image_count"] == 0
+        assert upload(3).status_code == 201
+        for n in (5, 6, 12):
+            r = _predict(c, [(f"{i}.jpg", cat) for i in range(n)])
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files", (n, r.text)
+        assert _predict(c, [(f"{i}.jpg", cat) for i in range(4)]).status_code == 200
