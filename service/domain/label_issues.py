@@ -34,7 +34,7 @@ def report(session: Session, store: BlobStore, dataset: Dataset, version: int | 
     row = versions.resolve(session, dataset, version)
     if not row.heldout_key:
         raise Conflict(f"version {row.version} of {dataset.name!r} has no label-error report (only linear trainings "
-                       "with cross-validation make one, since issue 15); retrain to get one", code="label_issues_unavailable")
+                       "with cross-validation make one, and only since felis kept the report); retrain to get one", code="label_issues_unavailable")
     held = unpack_heldout(store.get(row.heldout_key))
     ids, labels = held["image_ids"], held["labels"]
     flagged = [(ids[r], labels[int(held["y"][r])], labels[int(s)], float(score))

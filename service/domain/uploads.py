@@ -63,7 +63,7 @@ _ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"
 def validate_label(label: str) -> str:
     if not LABEL_RE.fullmatch(label or ""):
         raise InvalidRequest(
-            "labels are 1-64 characters of letters, digits, '_', '.' and '-', starting with a letter or digit",
+            "labels are 1-64 characters of ASCII letters, digits, '_', '.' and '-', starting with a letter or digit",
             code="invalid_label",
         )
     if label.lower() == UNLABELED:

@@ -44,6 +44,19 @@ def test_the_default_version_is_deleted_only_with_force(session, store, settings
     assert pets.default_version is None and versions.list_for(session, pets) == []
 
 
+def test_without_a_default_the_answer_says_whether_to_train_or_to_promote(session, store, settings, pets):
+    with pytest.raises(NotFound) as e:
+        versions.resolve(session, pets, None)
+    assert e.value.code == "no_model" and "no trained model yet" in e.value.message
+    _version(session, store, settings), _version(session, store, settings)
+    versions.promote(session, "pets", 2)
+    versions.delete(session, store, "pets", 2, force=True)
+    session.refresh(pets)
+    with pytest.raises(NotFound) as e:  # version 1 is there: "no trained model yet" would be wrong
+        versions.resolve(session, pets, None)
+    assert e.value.code == "no_model" and "promote" in e.value.message, e.value.message
+
+
 def test_retention_keeps_the_newest_and_the_default(session, store, settings, pets):
     for _ in range(3):
         _version(session, store, settings, keep=2)
