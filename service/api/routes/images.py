@@ -61,11 +61,17 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
     try:
         archives = [f for f in form.getlist("archive") if isinstance(f, UploadFile)]
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        label = form.get("label")
+        labels = form.getlist("label")
+        label = labels[0] if labels else None
         if archives and files:
             raise InvalidRequest("send either 'files' or 'archive', not both", code="mixed_upload")
         if len(archives) > 1:
             raise InvalidRequest("send one 'archive' per request", code="too_many_archives")
+        if archives and labels:
+            raise InvalidRequest("an archive's labels are its folders (one per label; top-level images are stored "
+                                 "unlabeled): send it without 'label'", code="label_with_archive")
+        if len(labels) > 1:
+            raise InvalidRequest("send one 'label' per request: every file of a request gets it", code="too_many_labels")
         if archives:
             candidates = await run_in_threadpool(uploads.archive_candidates, archives[0].file, settings)
         elif files:

@@ -49,6 +49,27 @@ def test_upload_statuses_201_207_422(client):
     assert client.get("/v1/datasets/pets/images", params={"label": "noncat"}).json()["count"] == 0
 
 
+def test_a_label_with_an_archive_or_two_labels_are_refused_not_ignored(client):
+    """A zip's folders are its labels: a `label` sent with `archive` was silently ignored (a flat
+    zip stored unlabeled), and of two `label` fields the last won. Both are 422 now, nothing stored."""
+    import io
+    import zipfile
+
+    client.post("/v1/datasets", json={"name": "pets"})
+    cats = asset_images("train", "cat")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in cats[:3]:
+            z.writestr(p.name, p.read_bytes())  # flat: no label folders
+    r = client.post("/v1/datasets/pets/images", data={"label": "cat"},
+                    files=[("archive", ("flat.zip", buf.getvalue(), "application/zip"))])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "label_with_archive", r.text
+    r = client.post("/v1/datasets/pets/images", data={"label": ["cat", "dog"]},
+                    files=[("files", (cats[0].name, cats[0].read_bytes(), "image/jpeg"))])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_labels", r.text
+    assert client.get("/v1/datasets/pets").json()["image_count"] == 0
+
+
 def test_request_body_limit(felis_env, monkeypatch):
     monkeypatch.setenv("FELIS_MAX_REQUEST_BYTES", "1000")
     from service.api.app import create_app
