@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -97,6 +98,19 @@ def make_engine(url: str) -> Engine:
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().database_url)
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (Celery's pool processes, forked from a worker whose sweep thread holds
+    pooled connections; a new one each time a child is OOM-killed or hits its time limit): a pool
+    of its own, the parent's connections left open for the parent (SQLAlchemy's recipe for
+    multiprocessing, dispose(close=False)). Sharing one would interleave two processes on one
+    server session."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 @lru_cache

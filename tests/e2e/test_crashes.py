@@ -5,6 +5,8 @@ Every server here is the test's own (tests/utils/servers.py), never the machine'
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -281,6 +283,48 @@ def test_redis_sigkilled_during_uploads_loses_no_accepted_image(tmp_path, redis_
             content = c.get(f"/v1/datasets/pets/images/{image_id}/content")
             assert content.status_code == 200 and hashlib.sha256(content.content).hexdigest() == sha
         assert c.get("/v1/datasets/pets").json()["image_count"] == 32 + 60
+    finally:
+        for p in procs:
+            p.stop()
+        drop()
+
+
+def test_a_pool_process_killed_mid_training_is_replaced_and_the_training_runs_again(tmp_path, redis_server):
+    """SIGKILL only the Celery pool process running the training (what the OOM killer or a hard
+    time limit does), leaving the worker's main process up: the main process forks a replacement
+    while its sweep thread holds pooled PostgreSQL connections. The replacement must use
+    connections of its own; the training is taken up again after its lease and succeeds. On the
+    old code the replacement shared the parent's sockets (INTRANS, vanished prepared statements)
+    and the re-queued training died, to sit queued until the 30-minute redelivery."""
+    import psycopg
+
+    db_url, drop = create_postgres_database()
+    c, procs = _felis(tmp_path, db_url, redis_server.url, FELIS_TRAINING_LEASE_SECONDS="8", FELIS_DB_RETRY_SECONDS="4")
+    try:
+        time.sleep(3)  # the main process's sweep thread has run (every second) and left connections in its pool
+        t = c.post("/v1/datasets/pets/trainings", json={"image_size": 64, "cv_folds": 2}).json()["id"]
+        main = procs[1].popen.pid
+        with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                phase = conn.execute("SELECT progress->>'phase' FROM trainings WHERE id = %s", (t,)).fetchone()[0]
+                if phase == "features":
+                    break
+                time.sleep(0.01)
+            else:
+                raise TimeoutError("the training never reached its features phase")
+        import subprocess
+
+        children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 1, children  # --concurrency 1: the one pool process, running the training
+        os.kill(int(children[0]), signal.SIGKILL)
+        done = wait_training(c, t, timeout=240)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert procs[1].popen.poll() is None  # the same worker, its replaced pool process
+        assert _versions(c) == [1]
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        for symptom in ("INTRANS", "does not exist", "server closed the connection"):
+            assert symptom not in log, symptom
     finally:
         for p in procs:
             p.stop()
