@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from contextlib import asynccontextmanager
+import os
+import signal
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import APIRouter, FastAPI
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
 
 from models.malloc import keep_freed_memory
 from service.api import errors
@@ -43,19 +48,55 @@ from service.store.db import init_db
 log = logging.getLogger("felis.api")
 
 
+def _database_ready(app: FastAPI) -> None:
+    """The schema is this code's (embedded: migrated), and the admin key exists if one is configured."""
+    init_db()
+    bootstrap_admin_key(get_settings())
+    app.state.database_checked = True
+
+
+async def _wait_for_database(app: FastAPI) -> None:
+    """Started without the metadata store: check it again every few seconds until it answers; a
+    schema that is not this code's then stops the process, as it would have at start."""
+    delay = 0.5
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await run_in_threadpool(_database_ready, app)
+        except OperationalError:
+            delay = min(delay * 2, 5.0)
+            continue
+        except Exception:
+            log.exception("the metadata store answers, but this process cannot use it: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        log.info("the metadata store answers again: ready")
+        return
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     # before any model is loaded: ~2x faster inference here; two heaps and 64 MB of slack keep
     # the process small under many concurrent requests
     keep_freed_memory(max_arenas=2, keep_bytes=64 << 20)
-    init_db()
-    bootstrap_admin_key(get_settings())
+    waiting = None
+    try:
+        _database_ready(app)
+    except OperationalError as e:  # PostgreSQL down or unreachable: serve (live, not ready), as when it goes away later
+        log.error("the metadata store is unavailable at start (%s): serving 503 database_unavailable and "
+                  "/readyz not ready until it answers", str(e).splitlines()[0][:300])
+        app.state.database_checked = False
+        waiting = asyncio.create_task(_wait_for_database(app))
     store = get_store()
     if isinstance(store, LocalBlobStore):
         store.sweep_temp()
     app.state.models = ModelCache(store, get_settings())
     log.info(app.state.limiters.describe())  # shared through Redis, or per process
     yield
+    if waiting is not None:
+        waiting.cancel()
+        with suppress(asyncio.CancelledError):
+            await waiting
     app.state.models.close()
     await app.state.limiters.close()
 

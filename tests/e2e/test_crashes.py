@@ -329,3 +329,47 @@ def test_a_pool_process_killed_mid_training_is_replaced_and_the_training_runs_ag
         for p in procs:
             p.stop()
         drop()
+
+
+def test_an_api_started_while_postgres_is_down_serves_not_ready_and_recovers(tmp_path, redis_server):
+    """An API process that starts (or restarts) during a database outage: before, its start-up
+    failed ("Application startup failed. Exiting.") and it stayed down after PostgreSQL came back.
+    Now it listens, /healthz 200, /readyz 503 naming the database, requests 503
+    database_unavailable; once PostgreSQL answers it checks the schema and serves, by itself."""
+    pg = servers.PostgresCluster()
+    pg.start()
+    api = None
+    try:
+        c, procs = _felis(tmp_path, pg.url, redis_server.url)  # migrates, uploads the 32 images
+        for p in procs:
+            p.stop()
+        pg.crash()
+        port = free_port()
+        env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=pg.url, FELIS_BROKER_URL=redis_server.url)
+        api = Proc(["api", "--port", str(port)], env, tmp_path / "api2.log")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert api.popen.poll() is None, api.tail()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise TimeoutError(api.tail())
+        r = httpx.get(f"{base}/readyz", timeout=30)
+        assert r.status_code == 503 and r.json()["checks"]["database"] == "unavailable", r.text
+        r = httpx.get(f"{base}/v1/datasets/pets", timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+        pg.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, api.tail()
+            time.sleep(0.5)
+        assert httpx.get(f"{base}/v1/datasets/pets", timeout=30).json()["image_count"] == 32
+        assert api.popen.poll() is None
+    finally:
+        if api:
+            api.stop()
+        pg.stop()

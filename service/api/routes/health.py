@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -22,12 +22,18 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
+def _database(session, request: Request) -> None:
+    if not getattr(request.app.state, "database_checked", True):  # started while it was down: not checked yet
+        raise RuntimeError("the schema has not been checked since the process started without the database")
+    session.execute(text("SELECT 1"))
+
+
 @router.get("/readyz")
-def readyz(session: SessionDep, store: StoreDep) -> JSONResponse:
-    """Ready to serve: the database, the blob storage and the job queue all answer."""
+def readyz(request: Request, session: SessionDep, store: StoreDep) -> JSONResponse:
+    """Ready to serve: the database (its schema checked), the blob storage and the job queue all answer."""
     checks: dict[str, str] = {}
     for name, probe in (
-        ("database", lambda: session.execute(text("SELECT 1"))),
+        ("database", lambda: _database(session, request)),
         ("storage", store.check),
         ("broker", check_broker),
     ):
