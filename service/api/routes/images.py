@@ -67,7 +67,7 @@ async def upload_images(name: str, request: Request, session: SessionDep, store:
             raise InvalidRequest("send either 'files' or 'archive', not both", code="mixed_upload")
         if len(archives) > 1:
             raise InvalidRequest("send one 'archive' per request", code="too_many_archives")
-        if archives and labels:
+        if archives and any(labels):  # an empty one (curl -F label=) says nothing
             raise InvalidRequest("an archive's labels are its folders (one per label; top-level images are stored "
                                  "unlabeled): send it without 'label'", code="label_with_archive")
         if len(labels) > 1:
