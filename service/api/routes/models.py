@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import InDataset, Requires
 from service.api.deps import SessionDep, StoreDep
@@ -76,6 +76,8 @@ def download_version(name: str, session: SessionDep, store: StoreDep, version: i
 
 
 class ThresholdSet(BaseModel):
+    model_config = ConfigDict(strict=True)  # numbers only: true was taken as 1.0, "0.5" as 0.5
+
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="decision threshold for the label")
     min_precision: float | None = Field(None, gt=0.0, le=1.0,
                                         description="or: the lowest threshold reaching this validation precision")
@@ -89,6 +91,8 @@ def set_threshold(name: str, label: str, body: ThresholdSet, session: SessionDep
 
 
 class OodThresholdSet(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     threshold: float | None = Field(None, ge=0.0, le=2.0, description="open-set threshold: an image whose ood_score "
                                     "(cosine distance, 0..2) is above it is flagged ood")
     flagged_fraction: float | None = Field(None, gt=0.0, lt=1.0,

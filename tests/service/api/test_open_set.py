@@ -107,9 +107,13 @@ def test_bad_threshold_bodies_are_refused_with_a_code(served):
     for body in ({}, {"threshold": 0.5, "flagged_fraction": 0.1}, {"threshold": None}):
         r = put(body)
         assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_ood_threshold"), body
-    for body in ({"flagged_fraction": 1.0}, {"flagged_fraction": 0.0}, {"threshold": 2.5}, {"threshold": -0.1}):
+    for body in ({"flagged_fraction": 1.0}, {"flagged_fraction": 0.0}, {"threshold": 2.5}, {"threshold": -0.1},
+                 {"threshold": True}, {"flagged_fraction": "0.5"}):  # a bool was stored as 1.0
         r = put(body)
         assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), body
+    for body in ({"threshold": True}, {"min_precision": True}, {"threshold": "0.5"}):
+        r = served.put("/v1/datasets/pets/models/1/thresholds/cat", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), (body, r.text)
     r = put({"flagged_fraction": 0.5}, version=2)
     assert (r.status_code, r.json()["error"]["code"]) == (409, "ood_unavailable")
     assert put({"flagged_fraction": 0.5}, version=9).json()["error"]["code"] == "version_not_found"
