@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import AlreadyExists, InvalidRequest, NotFound
-from service.store.tables import Dataset, Image, utcnow
+from service.store.tables import Dataset, Image, ModelVersion, utcnow
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -105,3 +105,11 @@ def deleted_ids(session: Session) -> list[int]:
 def remove(session: Session, dataset_id: int) -> None:
     """The row of a deleted dataset whose images, trainings and versions are gone."""
     session.execute(sa_delete(Dataset).where(Dataset.id == dataset_id, Dataset.deleted_at.is_not(None)))
+
+
+def why_no_default(session: Session, dataset: Dataset) -> str:
+    """The no_model message: no version trained yet, or the default was deleted (then how to pick one)."""
+    if session.scalar(select(ModelVersion.version).where(ModelVersion.dataset_id == dataset.id).limit(1)) is None:
+        return f"dataset {dataset.name!r} has no trained model yet"
+    return (f"dataset {dataset.name!r} has no default version (it was deleted): promote one "
+            f"(POST /v1/datasets/{dataset.name}/models/{{version}}/promote) or ask for ?version=")

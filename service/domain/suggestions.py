@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import case, delete, false, func, insert, select
 from sqlalchemy.orm import Session
 
+from service.domain import datasets
 from service.errors import InvalidRequest, NotFound, Unavailable
 from service.store.tables import Dataset, Image, ModelVersion, Suggestion, utcnow
 
@@ -33,7 +34,7 @@ def page(session: Session, dataset: Dataset, *, order: str = "uncertain", limit:
     if order not in ORDERS:
         raise InvalidRequest(f"order must be one of {ORDERS}", code="invalid_order")
     if dataset.default_version is None:
-        raise NotFound(f"dataset {dataset.name!r} has no trained model yet", code="no_model")
+        raise NotFound(datasets.why_no_default(session, dataset), code="no_model")
     version = dataset.default_version
     ood = session.scalar(select(ModelVersion.ood).where(ModelVersion.dataset_id == dataset.id, ModelVersion.version == version))
     threshold = (ood or {}).get("threshold")

@@ -131,19 +131,11 @@ def get(session: Session, dataset: Dataset, version: int) -> ModelVersion:
     return row
 
 
-def _no_default(session: Session, dataset: Dataset) -> str:
-    """Why there is no default version: none trained yet, or the default was deleted (then say how to pick one)."""
-    if session.scalar(select(ModelVersion.version).where(ModelVersion.dataset_id == dataset.id).limit(1)) is None:
-        return f"dataset {dataset.name!r} has no trained model yet"
-    return (f"dataset {dataset.name!r} has no default version (it was deleted): promote one "
-            f"(POST /v1/datasets/{dataset.name}/models/{{version}}/promote) or ask for ?version=")
-
-
 def resolve(session: Session, dataset: Dataset, version: int | None) -> ModelVersion:
     """The version to predict with: the one asked for, else the dataset's default."""
     if version is None:
         if dataset.default_version is None:
-            raise NotFound(_no_default(session, dataset), code="no_model")
+            raise NotFound(datasets.why_no_default(session, dataset), code="no_model")
         version = dataset.default_version
     return get(session, dataset, version)
 
