@@ -18,7 +18,7 @@ from . import networks
 from .features_graph import fp32_features_onnx, frozen_classifier
 from .onnx_session import has_onnxruntime, onnx_session
 from .preprocess import Preprocessing, preprocess, preprocess_batch
-from .quantize import load_table, quantize_features, sha256_file, table_id
+from .quantize import RECIPE, load_table, quantize_features, sha256_file, table_id
 from .runtime import cpu_count, use_bf16
 
 FEATURE_VERSION = 1  # bump when decoding/preprocessing code changes what a cached feature means
@@ -88,7 +88,7 @@ class FeatureExtractor:
         self.backend, self.precision, self.bf16 = backend, precision, False
         self._session, self._features_onnx = None, None
         if self.table is not None:
-            kind = f"ort-int8-{table_id(self.table)}"
+            kind = f"ort-int8{RECIPE}-{table_id(self.table)}"
         elif backend == "onnx":  # the session is built on first use: not at all when the cache has everything
             kind = "ort-fp32"
         else:

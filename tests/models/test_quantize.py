@@ -43,11 +43,25 @@ def test_no_table_for_other_weights_or_backbones(tmp_path):
 def test_int8_features_track_float32_features(photo_bytes, size, pooling):
     """Every quantized tensor has a range at any size and pooling, and the features stay close."""
     int8, fp32 = _extractor(size, pooling), _extractor(size, pooling, "fp32")
-    assert "ort-int8-" in int8.extractor_id and int8.extractor_id != fp32.extractor_id
+    assert "ort-int8w7-" in int8.extractor_id and int8.extractor_id != fp32.extractor_id
     x = preprocess_batch(photo_bytes, int8.prep)
     a, b = int8._run(x), fp32._run(x)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cos.mean() > 0.98 and cos.min() > 0.93  # 8-bit noise (same linear-probe accuracy: bench/RESULTS.md)
+    # quantization noise; with 8-bit weights on a CPU without VNNI (saturating int16 sums) the
+    # mean fell to 0.92 (AVX2-only EPYC); 7-bit weights: 0.963 / 0.973 there
+    assert cos.mean() > 0.95 and cos.min() > 0.9
+
+
+def test_int8_weights_fit_in_7_bits_so_no_cpu_saturates_their_sums():
+    """ONNX Runtime's u8 x s8 kernels without VNNI sum pairs of products in int16: 8-bit weights
+    overflow it (2 x 255 x 127 > 32767) and the answers then depend on the CPU; within +-64 they cannot."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(_extractor(224, "avg").features_onnx).graph
+    int8 = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) > 40  # every convolution's weights
+    assert all(w.min() >= -64 and w.max() <= 64 for w in int8), [(int(w.min()), int(w.max())) for w in int8][:5]
 
 
 def test_an_int8_version_serves_exactly_what_its_evaluation_scored(trained, photo_bytes):
