@@ -21,7 +21,7 @@ from .split import MAX_NEAR_DUPLICATE_BITS
 AUGMENTATIONS = {True: "crop+flip", False: "none", "crop+flip": "crop+flip", "flip": "flip", "crop": "crop", "none": "none"}
 LABEL_ISSUE_POLICIES = ("auto", "drop", "keep")
 MAX_L2 = 1e4  # the L2 grid is 0.01..1 on standardised features; far past it every weight is ~0 (and 1e308 overflows float32)
-MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range; torch.manual_seed overflows past 2**64
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range (a seed of 1e26 overflowed torch.manual_seed in the worker)
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
 
 
