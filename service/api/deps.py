@@ -9,7 +9,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
-from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from service.api.auth import Caller, current_caller
@@ -23,16 +22,19 @@ from service.store.db import new_session
 class _BudgetParser(MultiPartParser):
     """Starlette's multipart parser with one memory budget for all of a form's file parts: a part
     is spooled to a temporary file as soon as it would take the form past it. (Starlette's own keeps
-    up to 1 MiB of every part in memory: a 512 MiB body of 1 MiB parts stayed in RAM.) Text fields
-    take at most 64 KiB each."""
+    up to 1 MiB of every part in memory: a 512 MiB body of 1 MiB parts stayed in RAM.) Without a
+    budget, Starlette's rule. Text fields take at most 64 KiB each."""
 
-    def __init__(self, *args, memory_bytes: int, **kwargs) -> None:
+    def __init__(self, *args, memory_bytes: int | None, **kwargs) -> None:
         super().__init__(*args, max_part_size=64 * 1024, **kwargs)
-        self._left = memory_bytes  # what the parts that stay in memory may still take
+        self._budget = memory_bytes is not None
+        self._left = memory_bytes or 0  # what the parts that stay in memory may still take
         self._part_bytes = 0
 
     @property
     def spool_max_size(self) -> int:  # read by on_headers_finished when a file part begins
+        if not self._budget:
+            return MultiPartParser.spool_max_size
         return max(self._left, 1)  # 0 would mean "never spool"
 
     def on_headers_finished(self) -> None:
@@ -52,10 +54,6 @@ class _BudgetParser(MultiPartParser):
 _TOO_MANY_FILES = "Too many files"  # how Starlette's parser words a file part past max_files
 
 
-def _too_many_files(limit: int) -> TooLarge:
-    return TooLarge(f"more than {limit} files in one request; the limit is {limit}", code="too_many_files")
-
-
 async def read_form(request: Request, max_files: int, max_fields: int,
                     max_memory_bytes: int | None = None) -> FormData:
     """The multipart body, or a clear 422 when it is not one. The caller closes it.
@@ -63,23 +61,19 @@ async def read_form(request: Request, max_files: int, max_fields: int,
     stopping at the first one past it.
     ``max_memory_bytes``: what its file parts may keep in memory, all together (the rest is
     spooled to temporary files); None: Starlette's default, up to 1 MiB of each part."""
+    content_type, _ = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":  # a urlencoded form (it has no files) or no form: the route says what is missing
+        return await request.form(max_files=max_files, max_fields=max_fields)
     try:
-        content_type, _ = parse_options_header(request.headers.get("content-type"))
-        if max_memory_bytes is None or content_type != b"multipart/form-data":
-            try:
-                return await request.form(max_files=max_files, max_fields=max_fields)
-            except HTTPException as e:  # Request.form turns the parser's MultiPartException into a 400
-                if e.status_code == 400 and str(e.detail).startswith(_TOO_MANY_FILES):
-                    raise _too_many_files(max_files) from None
-                raise
         async with aclosing(request.stream()) as stream:
             return await _BudgetParser(request.headers, stream, max_files=max_files, max_fields=max_fields,
                                        memory_bytes=max_memory_bytes).parse()
     except MultiPartException as e:
         if e.message.startswith(_TOO_MANY_FILES):
-            raise _too_many_files(max_files) from e
+            raise TooLarge(f"more than {max_files} files in one request; the limit is {max_files}",
+                           code="too_many_files") from e
         raise InvalidRequest(f"unreadable multipart body: {e.message}", code="invalid_multipart") from e
-    except (AssertionError, ValueError) as e:  # not multipart/form-data at all
+    except (AssertionError, ValueError) as e:  # multipart/form-data without a boundary
         raise InvalidRequest("send the images as multipart/form-data", code="invalid_multipart") from e
 
 

@@ -4,12 +4,13 @@ are mapped to HTTP status codes here and nowhere else."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import iter_route_contexts
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -67,7 +68,7 @@ def refusal(scope: Scope, status: int, code: str, message: str, headers: dict[st
     """A refusal made by a middleware before any route runs (a body over the limit, a full in-flight
     cap, a Host this server does not answer for, another site's page), in the error form of the API
     the request was for: the route that would have answered renders it when its class says how
-    (``render_error(status, code, message, headers)``: /v2's OipRoute, CustomVisionRoute), else
+    (a ProtocolRoute's ``render_error(status, code, message, headers)``: /v2's, Custom Vision's), else
     felis's form. Only refused requests look the route up."""
     for route in iter_route_contexts(list(getattr(scope.get("app"), "routes", ()))):
         render = getattr(route.original_route, "render_error", None)
@@ -91,6 +92,50 @@ def headers_for(exc: e.FelisError) -> dict[str, str]:
     if isinstance(exc, e.Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return headers
+
+
+class ProtocolRoute(APIRoute):
+    """The route class of an API with an error form of its own (/v2's, Custom Vision's): every error
+    of its routes and of their dependencies (the key check) leaves through ``render_error``, as do
+    the middlewares' refusals (refusal() above). Statuses and headers stay this module's; a
+    subclass says only how a body looks (``render_error``, and ``render_domain`` where a domain
+    error's code is not enough) and how a request the schema refuses is answered."""
+
+    validation_status: ClassVar[int] = 422
+    validation_loc_skips: ClassVar[tuple[str, ...]] = ("body",)  # parts of an error's loc not worth naming
+
+    @staticmethod
+    def render_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+        raise NotImplementedError
+
+    @classmethod
+    def render_domain(cls, exc: e.FelisError) -> Response:
+        return cls.render_error(status_for(exc), exc.code, exc.message, headers_for(exc))
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler, cls = super().get_route_handler(), type(self)
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except e.FelisError as exc:
+                return cls.render_domain(exc)
+            except RequestValidationError as exc:
+                first = (exc.errors() or [{}])[0]
+                where = ".".join(str(x) for x in first.get("loc", ()) if x not in cls.validation_loc_skips)
+                return cls.render_error(cls.validation_status, "validation_error",
+                                        f"{where or 'request'}: {first.get('msg', 'invalid request')}")
+            except StarletteHTTPException as exc:  # e.g. the body over FELIS_MAX_REQUEST_BYTES, counted while read
+                code = "request_too_large" if exc.status_code == 413 else "http_error"
+                return cls.render_error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+            except OperationalError as exc:  # the metadata store is down: clients may retry
+                log.error("database error: %s", exc)
+                return cls.render_error(503, "database_unavailable", "the metadata store is unavailable")
+            except Exception:
+                log.exception("unhandled error")
+                return cls.render_error(500, "internal_error", "an unexpected error occurred")
+
+        return handle
 
 
 async def _felis_error(_: Request, exc: e.FelisError) -> JSONResponse:

@@ -84,7 +84,8 @@ def delete(session: Session, store: BlobStore, dataset_name: str, version: int, 
     if names and not force:
         raise Conflict(f"version {version} of {dataset_name!r} is published as {', '.join(map(repr, names))} "
                        "(Custom Vision): unpublish it first, or delete with ?force=true", code="version_published")
-    publish_names.drop_for_version(session, dataset.id, row.version)
+    if names:
+        publish_names.drop_for_version(session, dataset.id, row.version)
     keys = blob_keys(row)
     suggestions.delete_for_version(session, dataset.id, row.version)
     session.delete(row)

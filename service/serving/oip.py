@@ -348,9 +348,9 @@ def encode_response(model_name: str, model_version: int, tensors: Tensors, outpu
     return b"".join([header, *blobs]), len(header)
 
 
-def error_body(exc: FelisError) -> dict[str, str]:
+def error_body(code: str, message: str) -> dict[str, str]:
     """The protocol's error object, its message led by felis's machine-readable code."""
-    return {"error": f"{exc.code}: {exc.message}"}
+    return {"error": f"{code}: {message}"}
 
 
 # --- metadata --------------------------------------------------------------------------------

@@ -8,21 +8,10 @@ falls back by the error's class.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
-
-from fastapi import Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from sqlalchemy.exc import OperationalError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors as e
-from service.api.errors import status_for
-
-log = logging.getLogger("felis.api")
+from service.api.errors import ProtocolRoute, status_for
 
 CODES: dict[str, str] = {
     # who is calling
@@ -122,34 +111,17 @@ def _felis(exc: e.FelisError) -> JSONResponse:
     return error_response(code_for(exc), exc.message, status_for(exc), headers)
 
 
-class CustomVisionRoute(APIRoute):
+class CustomVisionRoute(ProtocolRoute):
     """Renders every error of its routes (their dependencies' too: the key check) in Custom Vision's
     form, and the middlewares' refusals made before they run (service.api.errors.refusal)."""
+
+    validation_status = 400  # as the service answers a parameter it cannot read
+    validation_loc_skips = ("query", "path", "body")
 
     @staticmethod
     def render_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return error_response(CODES.get(code) or _BY_STATUS.get(status, "ErrorUnknown"), message, status, headers)
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except e.FelisError as exc:
-                return _felis(exc)
-            except RequestValidationError as exc:
-                first = (exc.errors() or [{}])[0]
-                where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "path", "body"))
-                return error_response("BadRequest", f"{where or 'request'}: {first.get('msg', 'invalid')}", 400)
-            except StarletteHTTPException as exc:
-                return error_response(_BY_STATUS.get(exc.status_code, "ErrorUnknown"), str(exc.detail), exc.status_code,
-                                      getattr(exc, "headers", None))
-            except OperationalError as exc:  # the metadata store is down: the SDK may retry
-                log.error("database error: %s", exc)
-                return error_response("ErrorServiceUnavailable", "the metadata store is unavailable", 503)
-            except Exception:
-                log.exception("unhandled error")
-                return error_response("ErrorUnknown", "an unexpected error occurred", 500)
-
-        return handle
+    @classmethod
+    def render_domain(cls, exc: e.FelisError) -> JSONResponse:
+        return _felis(exc)

@@ -18,14 +18,10 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope as AsgiScope
 
 from service.api import errors
@@ -45,40 +41,14 @@ log = logging.getLogger("felis.api")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": f"{code}: {message}"}, status_code=status, headers=headers)
+    return JSONResponse(oip.error_body(code, message), status_code=status, headers=headers)
 
 
-class OipRoute(APIRoute):
-    """A route whose errors are the protocol's: domain errors with the status of service.api.errors's
-    table (and its headers: Retry-After, WWW-Authenticate), the framework's own ones in the same form,
-    and the middlewares' refusals too (service.api.errors.refusal calls render_error)."""
+class OipRoute(errors.ProtocolRoute):
+    """A route whose errors are the protocol's ``{"error": "<code>: <message>"}``, with the status
+    (and headers: Retry-After, WWW-Authenticate) of service.api.errors's table."""
 
     render_error = staticmethod(_error)
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except FelisError as exc:
-                return JSONResponse(oip.error_body(exc), status_code=errors.status_for(exc),
-                                    headers=errors.headers_for(exc))
-            except RequestValidationError as exc:
-                first = (exc.errors() or [{}])[0]
-                where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "request"
-                return _error(422, "validation_error", f"{where}: {first.get('msg', 'invalid request')}")
-            except StarletteHTTPException as exc:  # the body over FELIS_MAX_REQUEST_BYTES, counted while read
-                code = "request_too_large" if exc.status_code == 413 else "http_error"
-                return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-            except OperationalError as exc:
-                log.error("database error: %s", exc)
-                return _error(503, "database_unavailable", "the metadata store is unavailable")
-            except Exception:
-                log.exception("unhandled error")
-                return _error(500, "internal_error", "an unexpected error occurred")
-
-        return handle
 
 
 class OipErrorBody(BaseModel):

@@ -336,4 +336,4 @@ def test_metadata():
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 3], "labels": [3],
                                                                   "label": [-1], "decision": [-1]}
     assert oip.server_metadata("0.1.0") == {"name": "felis", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
-    assert oip.error_body(InvalidInference("bad", code="invalid_shape")) == {"error": "invalid_shape: bad"}
+    assert oip.error_body("invalid_shape", "bad") == {"error": "invalid_shape: bad"}
