@@ -3,15 +3,12 @@ API and worker as separate processes). Every test in tests/e2e runs against both
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready
-
-REDIS_URL = "redis://127.0.0.1:6379"
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, redis_database, wait_ready
 
 
 @pytest.fixture(scope="module", params=["embedded", "production"])
@@ -27,13 +24,9 @@ def felis(request, tmp_path_factory) -> Iterator[httpx.Client]:
     else:
         db_url, drop = create_postgres_database()
         cleanup.append(drop)
-        # a Redis database number of its own, so queued messages of other runs never reach this worker
-        redis_db = 1 + uuid.uuid4().int % 14
-        import redis
-
-        redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
+        # a Redis database of its own, so queued messages of other tests never reach this worker
         env = felis_env(FELIS_DATA_DIR=str(tmp / "var"), FELIS_DATABASE_URL=db_url,
-                        FELIS_BROKER_URL=f"{REDIS_URL}/{redis_db}", FELIS_PORT=str(port))
+                        FELIS_BROKER_URL=redis_database(), FELIS_PORT=str(port))
         procs = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"w1-{port}@%h"], env,
                       tmp / "worker.log"),
                  Proc(["api", "--port", str(port)], env, tmp / "api.log")]

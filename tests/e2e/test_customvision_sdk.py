@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import DATASETS, needs_datasets
-from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, redis_database, wait_ready
 
 pytest.importorskip("azure.cognitiveservices.vision.customvision")
 from azure.cognitiveservices.vision.customvision.prediction import CustomVisionPredictionClient  # noqa: E402
@@ -34,7 +34,6 @@ from msrest.authentication import ApiKeyCredentials  # noqa: E402
 pytestmark = [needs_datasets(), pytest.mark.timeout(900)]
 
 PHOTOS = DATASETS / "photos"
-REDIS_URL = "redis://127.0.0.1:6379"
 
 
 def _photos(split: str, folder: str, prefix: str, n: int) -> list[Path]:
@@ -54,13 +53,9 @@ def felis(request, tmp_path_factory) -> Iterator[dict]:
     if mode == "embedded":
         procs = [Proc(["up"], felis_env(**common), tmp / "up.log")]
     else:
-        import redis
-
         db_url, drop = create_postgres_database()
         cleanup.append(drop)
-        redis_db = 1 + uuid.uuid4().int % 14
-        redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
-        env = felis_env(**common, FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=f"{REDIS_URL}/{redis_db}")
+        env = felis_env(**common, FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=redis_database())
         procs = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"cv-{port}@%h"], env,
                       tmp / "worker.log"),
                  Proc(["api", "--port", str(port)], env, tmp / "api.log")]

@@ -8,30 +8,25 @@ features fan out as shards over both workers, and a worker killed mid-shard cost
 from __future__ import annotations
 
 import time
-import uuid
 
 import httpx
 import pytest
 
 from tests.conftest import ASSETS, DATASETS, needs_datasets, zip_folder
-from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
+from tests.utils.processes import (Proc, create_postgres_database, felis_env, free_port, redis_database, wait_ready,
+                                   wait_training)
 
 pytestmark = pytest.mark.timeout(900)
 
-REDIS = "redis://127.0.0.1:6379"
 OPTIONS = {"architecture": "simple_cnn", "epochs": 40, "seed": 3}
 SHARD = 300  # images per feature shard (the fine-tuning trainings above have no shards)
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    import redis
-
     db_url, drop = create_postgres_database()
-    redis_db = 1 + uuid.uuid4().int % 14
-    redis.Redis.from_url(f"{REDIS}/{redis_db}").flushdb()
     env = felis_env(FELIS_MODE="embedded", FELIS_DATA_DIR=str(tmp_path / "shared"), FELIS_DATABASE_URL=db_url,
-                    FELIS_BROKER_URL=f"{REDIS}/{redis_db}", FELIS_TRAINING_LEASE_SECONDS="6", FELIS_DB_RETRY_SECONDS="3",
+                    FELIS_BROKER_URL=redis_database(), FELIS_TRAINING_LEASE_SECONDS="6", FELIS_DB_RETRY_SECONDS="3",
                     FELIS_TORCH_THREADS="1", FELIS_FEATURE_SHARD_IMAGES=str(SHARD))
     ports = [free_port(), free_port()]
     apis = [Proc(["api", "--port", str(p)], env, tmp_path / f"api{i}.log") for i, p in enumerate(ports)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -20,6 +21,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+MACHINE_REDIS = "redis://127.0.0.1:6379"
+_redis_turn = itertools.count()
+
+
+def redis_database() -> str:
+    """The URL of a flushed database of the machine's Redis, for one fixture's broker. Numbers 1-14
+    are dealt out in turn (0 and 15 are other tests'); under pytest-xdist each worker deals from a
+    slice of its own, so two fixtures alive at once, in one worker or two, never share one."""
+    import redis
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    per_worker = 14 // workers
+    if per_worker < 2:
+        raise RuntimeError(f"{workers} test workers: the Redis databases 1-14 cannot be shared out")
+    url = f"{MACHINE_REDIS}/{1 + worker * per_worker + next(_redis_turn) % per_worker}"
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 def felis_env(**overrides: str) -> dict[str, str]:
