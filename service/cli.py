@@ -33,6 +33,31 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_schema_once_reachable(say_every: float = 30.0) -> None:
+    """init_db, tried again every few seconds while the database does not answer: a worker that
+    starts (or whose container restarts) during an outage waits for it, saying so, instead of
+    exiting and lengthening its orchestrator's restart back-off. Stopping it (SIGTERM) still stops."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.store.db import init_db
+
+    delay, said = 0.5, -say_every
+    while True:
+        try:
+            init_db()
+            if said >= 0:
+                print("felis worker: the metadata store answers", file=sys.stderr, flush=True)
+            return
+        except OperationalError as e:
+            now = time.monotonic()
+            if said < 0 or now - said >= say_every:
+                reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+                print(f"felis worker: waiting for the metadata store ({reason})", file=sys.stderr, flush=True)
+                said = now
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def _worker(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
@@ -42,10 +67,9 @@ def _worker(args: argparse.Namespace) -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.device.split(":", 1)[1])
     if settings.mode == "production":  # Celery only logs what worker_process_init raises: refuse here
         from service.errors import SchemaOutdated
-        from service.store.db import init_db
 
         try:
-            init_db()
+            _check_schema_once_reachable()
         except SchemaOutdated as e:
             print(f"felis worker: {e.message}", file=sys.stderr)
             return 1

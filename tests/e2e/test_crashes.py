@@ -373,3 +373,50 @@ def test_an_api_started_while_postgres_is_down_serves_not_ready_and_recovers(tmp
         if api:
             api.stop()
         pg.stop()
+
+
+def test_a_production_worker_started_while_postgres_is_down_waits_and_then_trains(tmp_path, redis_server):
+    """A worker that starts (or its container restarts) during a database outage: before, it
+    exited with a traceback, and under Kubernetes each exit lengthens the restart back-off (up to
+    5 minutes) after the database is back. Now it waits, saying why, and trains once it answers."""
+    import subprocess
+    import sys
+
+    from tests.utils.processes import ROOT
+
+    admin = "felis-test-admin-key-0123456789abcdef"
+    pg = servers.PostgresCluster()
+    pg.start()
+    procs: list[Proc] = []
+    try:
+        env = felis_env(FELIS_MODE="production", FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=pg.url,
+                        FELIS_BROKER_URL=redis_server.url, FELIS_BOOTSTRAP_ADMIN_KEY=admin, FELIS_TORCH_THREADS="1")
+        migrated = subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        pg.crash()
+        worker = Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker.log")
+        procs.append(worker)
+        deadline = time.monotonic() + 60
+        while "metadata store" not in worker.tail():
+            assert worker.popen.poll() is None, worker.tail()
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.2)
+        time.sleep(3)  # a few more attempts fail
+        assert worker.popen.poll() is None, worker.tail()
+        assert "Traceback" not in worker.tail(), worker.tail()
+        pg.start()
+        port = free_port()
+        procs.append(Proc(["api", "--port", str(port)], env, tmp_path / "api.log"))
+        wait_ready(f"http://127.0.0.1:{port}", procs)
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {admin}"})
+        assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+        r = c.post("/v1/datasets/pets/images",
+                   files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+        assert r.json()["created"] == 32, r.text
+        t = c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"]
+        assert wait_training(c, t, timeout=240)["status"] == "succeeded", worker.tail()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        pg.stop()
