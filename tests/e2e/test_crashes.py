@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import ASSETS, DATASETS, needs_datasets, zip_folder
 from tests.utils import servers
-from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, wait_ready, wait_training
+from tests.utils.processes import (Proc, create_postgres_database, felis_env, free_port, migrate, wait_ready,
+                                   wait_training)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.production,
               pytest.mark.skipif(not servers.available()["redis"], reason="redis-server not installed")]
@@ -379,11 +380,6 @@ def test_a_production_worker_started_while_postgres_is_down_waits_and_then_train
     """A worker that starts (or its container restarts) during a database outage: before, it
     exited with a traceback, and under Kubernetes each exit lengthens the restart back-off (up to
     5 minutes) after the database is back. Now it waits, saying why, and trains once it answers."""
-    import subprocess
-    import sys
-
-    from tests.utils.processes import ROOT
-
     admin = "felis-test-admin-key-0123456789abcdef"
     pg = servers.PostgresCluster()
     pg.start()
@@ -391,9 +387,7 @@ def test_a_production_worker_started_while_postgres_is_down_waits_and_then_train
     try:
         env = felis_env(FELIS_MODE="production", FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=pg.url,
                         FELIS_BROKER_URL=redis_server.url, FELIS_BOOTSTRAP_ADMIN_KEY=admin, FELIS_TORCH_THREADS="1")
-        migrated = subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=120)
-        assert migrated.returncode == 0, migrated.stderr
+        migrate(env)
         pg.crash()
         worker = Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker.log")
         procs.append(worker)

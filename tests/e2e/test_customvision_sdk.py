@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import DATASETS, needs_datasets
-from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, redis_database, wait_ready
+from tests.utils.processes import Proc, create_postgres_database, felis_env, free_port, migrate, redis_database, wait_ready
 
 pytest.importorskip("azure.cognitiveservices.vision.customvision")
 from azure.cognitiveservices.vision.customvision.prediction import CustomVisionPredictionClient  # noqa: E402
@@ -55,7 +55,9 @@ def felis(request, tmp_path_factory) -> Iterator[dict]:
     else:
         db_url, drop = create_postgres_database()
         cleanup.append(drop)
-        env = felis_env(**common, FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=redis_database())
+        env = felis_env(**common, FELIS_MODE="production", FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=redis_database(),
+                        FELIS_WORKER_METRICS_PORT=str(free_port()))
+        migrate(env)
         procs = [Proc(["worker", "--queues", "gpu", "--concurrency", "1", "--hostname", f"cv-{port}@%h"], env,
                       tmp / "worker.log"),
                  Proc(["api", "--port", str(port)], env, tmp / "api.log")]

@@ -21,6 +21,20 @@ pytestmark = [needs_datasets(), pytest.mark.timeout(600)]
 LABELS = ["cat", "noncat"]
 
 
+class _Keyed:
+    """The client with felis's key on every call, as an app passes ``headers=`` to each (tritonclient
+    has no per-client headers); in embedded mode there is no key to pass."""
+
+    def __init__(self, client, headers: dict[str, str]):
+        self._client, self._headers = client, headers
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not self._headers or name == "close":
+            return method
+        return lambda *args, **kwargs: method(*args, headers={**self._headers, **kwargs.pop("headers", {})}, **kwargs)
+
+
 def _photos() -> list[bytes]:
     return [p.read_bytes() for label in LABELS for p in sorted((DATASETS / "photos" / "test" / label).glob("*.jpg"))[:2]]
 
@@ -34,8 +48,8 @@ def triton(felis):
     assert r.status_code == 201, r.text
     training = felis.post("/v1/datasets/pets/trainings", json={"architecture": "simple_cnn", "epochs": 2}).json()
     assert wait_training(felis, training["id"])["status"] == "succeeded"
-    client = httpclient.InferenceServerClient(url=str(felis.base_url).removeprefix("http://").rstrip("/"),
-                                              network_timeout=120)
+    client = _Keyed(httpclient.InferenceServerClient(url=str(felis.base_url).removeprefix("http://").rstrip("/"),
+                                                     network_timeout=120), felis.auth_headers)
     try:
         yield client
     finally:

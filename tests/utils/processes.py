@@ -50,6 +50,13 @@ def felis_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def migrate(env: dict[str, str]) -> None:
+    """`felis migrate`, production's own deployment step (its processes never migrate by themselves)."""
+    done = subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
         self.args, self.env, self.log_path = args, env, log
