@@ -48,28 +48,78 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+SMALL_BODY_BYTES = 64 * 1024  # the body of a route that declares no BodyLimit: JSON of a few fields
+
+
+def BodyLimit(max_bytes: int | None = None) -> params.Depends:  # noqa: N802
+    """What a route lists to take a body over SMALL_BODY_BYTES: ``max_bytes``, or None for
+    FELIS_MAX_REQUEST_BYTES (uploads, predictions)::
+
+        @router.post("/datasets/{name}/images", dependencies=[Requires(...), BodyLimit()])
+
+    Every other route takes at most SMALL_BODY_BYTES. FastAPI reads and parses a route's JSON body
+    before its dependencies run, the key check included, so the limit cannot wait for the route:
+    BodySizeLimitMiddleware reads the marker off the app's routes and refuses the body first."""
+    async def body_limit() -> None:
+        return None
+
+    body_limit.body_limit = max_bytes or 0  # type: ignore[attr-defined]  # 0: FELIS_MAX_REQUEST_BYTES
+    return Depends(body_limit)
+
+
+def _declared(routes: Iterable[BaseRoute], marker: str) -> list[tuple[Any, Any]]:
+    """The app's routes (included routers' too) whose dependencies carry ``marker``, with its value."""
+    out = []
+    for route in iter_route_contexts(list(routes)):
+        dependant = getattr(route, "dependant", None)
+        for sub in dependant.dependencies if dependant is not None else ():
+            value = getattr(sub.call, marker, None)
+            if value is not None:
+                out.append((route, value))
+    return out
+
+
 class BodySizeLimitMiddleware:
-    """413 for a body over the limit, by Content-Length up front or by counting a chunked one."""
+    """413 for a body over its route's limit (``BodyLimit``; SMALL_BODY_BYTES where the route
+    declares none; none over FELIS_MAX_REQUEST_BYTES), by Content-Length up front or by counting
+    a chunked one. Only a body past SMALL_BODY_BYTES looks its route up (a few regex matches over the routes that declare one)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
+        self.least = min(SMALL_BODY_BYTES, max_bytes)  # what every route takes
+        self._large: list[tuple[Any, int]] | None = None  # read off the app at its first large body
+
+    def limit(self, scope: Scope) -> int:
+        if self._large is None:
+            self._large = [(route, n or self.max_bytes)
+                           for route, n in _declared(scope["app"].routes if "app" in scope else (), "body_limit")]
+        for route, n in self._large:
+            if route.matches(scope)[0] is Match.FULL:
+                return min(n, self.max_bytes)
+        return self.least
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _too_large(scope, receive, send, self.max_bytes)
+        limit: int | None = None  # the route's, once the body is past what every route takes
+        if length is not None and length.isdigit() and int(length) > self.least:
+            limit = self.limit(scope)
+            if int(length) > limit:
+                return await _too_large(scope, receive, send, limit)
         seen = 0
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, limit
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:  # handled by the app's HTTPException handler
-                    raise HTTPException(413, f"the request body is over the limit of {self.max_bytes} bytes")
+                if seen > self.least:
+                    if limit is None:
+                        limit = self.limit(scope)
+                    if seen > limit:  # handled by the app's HTTPException handler
+                        raise HTTPException(413, f"the request body is over the limit of {limit} bytes for this route")
             return message
 
         await self.app(scope, limited_receive, send)
@@ -98,14 +148,7 @@ def InFlight(cap: Capped) -> params.Depends:  # noqa: N802
 
 def capped_routes(routes: Iterable[BaseRoute]) -> list[tuple[Any, Capped]]:
     """The app's routes (included routers' too) that declare an in-flight cap, with theirs."""
-    out = []
-    for route in iter_route_contexts(list(routes)):
-        dependant = getattr(route, "dependant", None)
-        for sub in dependant.dependencies if dependant is not None else ():
-            cap = getattr(sub.call, "in_flight", None)
-            if cap is not None:
-                out.append((route, cap))
-    return out
+    return _declared(routes, "in_flight")
 
 
 class InflightLimitMiddleware:
@@ -158,5 +201,5 @@ async def _busy(scope: Scope, receive: Receive, send: Send, kind: Capped, limit:
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    message = f"the request body is over the limit of {limit} bytes"
+    message = f"the request body is over the limit of {limit} bytes for this route"
     await refusal(scope, 413, "request_too_large", message)(scope, receive, send)

@@ -20,7 +20,7 @@ from service.api.customvision import bodies, fetch, schemas
 from service.api.customvision.auth import PredictionCallerDep, PredictionRequires
 from service.api.customvision.errors import CustomVisionRoute
 from service.api.deps import ModelCacheDep, SessionDep, SettingsDep
-from service.api.middleware import Capped, InFlight
+from service.api.middleware import BodyLimit, Capped, InFlight
 from service.config import Settings
 from service.domain import customvision as cv
 from service.domain.keys import Scope
@@ -31,7 +31,7 @@ router = APIRouter(prefix="/customvision/{api_version}/prediction", tags=["custo
                    route_class=CustomVisionRoute, include_in_schema=False)
 
 Version = Path(pattern=r"^v3\.\d+(-preview)?$")
-_DECLARED = [PredictionRequires(Scope.PREDICT, rate_limit="predict"), InFlight(Capped.REQUESTS)]
+_DECLARED = [PredictionRequires(Scope.PREDICT, rate_limit="predict"), InFlight(Capped.REQUESTS), BodyLimit()]
 _MAX_URL_BODY = 8 * 1024  # classify_image_url's {"url": ...}
 
 

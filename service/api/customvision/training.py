@@ -13,7 +13,7 @@ from service.api.customvision import bodies, schemas
 from service.api.customvision.auth import TrainingCallerDep, TrainingRequires
 from service.api.customvision.errors import CustomVisionRoute
 from service.api.deps import RequestIdDep, SessionDep, SettingsDep, StoreDep
-from service.api.middleware import Capped, InFlight
+from service.api.middleware import BodyLimit, Capped, InFlight
 from service.config import Settings
 from service.domain import customvision as cv
 from service.domain import trainings
@@ -119,7 +119,7 @@ def _summary(request: Request, settings: Settings, ref: cv.ProjectRef, results: 
 
 
 @router.post("/projects/{projectId}/images/files",
-             dependencies=[TrainingRequires(Scope.WRITE, rate_limit="upload"), InFlight(Capped.REQUESTS)])
+             dependencies=[TrainingRequires(Scope.WRITE, rate_limit="upload"), InFlight(Capped.REQUESTS), BodyLimit()])
 async def create_images_from_files(projectId: str, request: Request, session: SessionDep, store: StoreDep,  # noqa: N803
                                    settings: SettingsDep, caller: TrainingCallerDep,
                                    api_version: str = Version) -> JSONResponse:
@@ -139,7 +139,7 @@ async def create_images_from_files(projectId: str, request: Request, session: Se
 
 
 @router.post("/projects/{projectId}/images",
-             dependencies=[TrainingRequires(Scope.WRITE, rate_limit="upload"), InFlight(Capped.REQUESTS)])
+             dependencies=[TrainingRequires(Scope.WRITE, rate_limit="upload"), InFlight(Capped.REQUESTS), BodyLimit()])
 async def create_images_from_data(projectId: str, request: Request, session: SessionDep, store: StoreDep,  # noqa: N803
                                   settings: SettingsDep, caller: TrainingCallerDep, tagIds: str | None = None,
                                   api_version: str = Version) -> JSONResponse:

@@ -14,7 +14,7 @@ from service.api.auth import InDataset, Requires
 from service.api.deps import SessionDep, SettingsDep, StoreDep, read_body, read_form
 from service.api.errors import error_body
 from service.api.metrics import Counts, count_uploads
-from service.api.middleware import Capped, InFlight
+from service.api.middleware import BodyLimit, Capped, InFlight
 from service.domain import datasets, images, uploads
 from service.domain.keys import Scope
 from service.errors import InvalidRequest
@@ -48,7 +48,8 @@ _FORM_MEMORY_BYTES = 8 * 1024 * 1024
 
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_BODY,
-             dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads), InFlight(Capped.REQUESTS)],
+             dependencies=[Requires(Scope.WRITE, rate_limit="upload"), Counts(count_uploads), InFlight(Capped.REQUESTS),
+                           BodyLimit()],
              responses={207: {"description": "some files were not stored"},
                         422: {"description": "no file was stored"}})
 async def upload_images(name: str, request: Request, session: SessionDep, store: StoreDep,
@@ -112,7 +113,7 @@ _KNOWN = TypeAdapter(KnownQuery)
 _KNOWN_BODY_BYTES = 1024 * 1024  # 10,000 hashes of 66 bytes, with room
 
 
-@router.post("/known", dependencies=[Requires(Scope.READ)],
+@router.post("/known", dependencies=[Requires(Scope.READ), BodyLimit(_KNOWN_BODY_BYTES)],
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _KNOWN.json_schema()}}}})
 async def known_images(name: str, request: Request, session: SessionDep) -> dict:
     """Which of these sha256s the dataset holds already: `{"known": [...]}`. An upload that
@@ -178,7 +179,7 @@ _LABELS = TypeAdapter(list[ImageLabel])
 _LABELS_BODY_BYTES = 256 * 1024  # 1,000 items of ~100 bytes, with room: read no more than this
 
 
-@router.post("/labels", dependencies=[Requires(Scope.WRITE)],
+@router.post("/labels", dependencies=[Requires(Scope.WRITE), BodyLimit(_LABELS_BODY_BYTES)],
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _LABELS.json_schema()}}}},
              responses={207: {"description": "some items were rejected: a result per item"}})
 async def label_images(name: str, request: Request, session: SessionDep) -> JSONResponse:

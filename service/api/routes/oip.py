@@ -28,7 +28,7 @@ from service.api import errors
 from service.api.auth import InDataset, Requires
 from service.api.deps import ModelCacheDep, SessionDep, SettingsDep, StoreDep
 from service.api.metrics import PREDICTIONS, Counts
-from service.api.middleware import Capped, InFlight
+from service.api.middleware import BodyLimit, Capped, InFlight
 from service.domain import datasets, versions
 from service.domain.keys import Scope
 from service.errors import FelisError, Unavailable
@@ -208,7 +208,8 @@ async def _infer(name: str, version: int | None, request: Request, cache: ModelC
 
 
 _INFER = {"response_class": Response, "openapi_extra": _INFER_DOC, "responses": _INFER_200,
-          "dependencies": [Predicts, InDataset, Counts(count_inferences), InFlight(Capped.REQUESTS)]}
+          "dependencies": [Predicts, InDataset, Counts(count_inferences), InFlight(Capped.REQUESTS),
+                           BodyLimit()]}
 
 
 @router.post("/models/{name}/infer", **_INFER)

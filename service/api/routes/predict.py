@@ -8,7 +8,7 @@ from starlette.datastructures import UploadFile
 from service.api.auth import InDataset, Requires
 from service.api.deps import ModelCacheDep, SettingsDep, read_form
 from service.api.metrics import Counts, count_predictions
-from service.api.middleware import Capped, InFlight
+from service.api.middleware import BodyLimit, Capped, InFlight
 from service.domain.keys import Scope
 from service.errors import InvalidRequest
 from service.serving.predictions import Upload, predict
@@ -29,7 +29,7 @@ _PREDICT_BODY = {
 
 @router.post("/datasets/{name}/predict", openapi_extra=_PREDICT_BODY,
              dependencies=[Requires(Scope.PREDICT, rate_limit="predict"), InDataset, Counts(count_predictions),
-                           InFlight(Capped.REQUESTS)])
+                           InFlight(Capped.REQUESTS), BodyLimit()])
 async def predict_images(name: str, request: Request, cache: ModelCacheDep, settings: SettingsDep,
                          version: int | None = Query(None, ge=1, le=2**31 - 1),
                          alias: str | None = Query(None, min_length=1, max_length=255,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -81,6 +83,23 @@ def test_request_body_limit(felis_env, monkeypatch):
         r = c.post("/v1/datasets/pets/images", data={"label": "cat"},
                    files=[("files", ("big.jpg", b"x" * 5000, "image/jpeg"))])
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_route_takes_the_body_it_declares_and_no_more(client):
+    """64 KiB where a route declares nothing (by Content-Length, and counted when chunked), its own
+    limit where it declares one (bulk labels: 256 KiB)."""
+    assert client.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+    pad = json.dumps({"name": "pets2", "x": "y" * (70 * 1024)}).encode()
+    for content in (pad, iter([pad])):
+        r = client.post("/v1/datasets", content=content, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large"), r.text
+    assert client.get("/v1/datasets/pets2").status_code == 404
+    items = json.dumps([{"image_id": f"{i:032x}", "label": "cat"} for i in range(1000)]).encode()
+    for total, status in ((250 * 1024, 207), (260 * 1024, 413)):
+        body = items + b" " * (total - len(items))
+        r = client.post("/v1/datasets/pets/images/labels", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
 
 
 def test_not_multipart_is_a_clear_error(client):

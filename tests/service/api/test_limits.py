@@ -205,6 +205,23 @@ def test_the_api_declares_its_caps_on_predict_upload_and_event_streams():
                         ("POST", cv_images, Capped.REQUESTS), ("POST", f"{cv_images}/files", Capped.REQUESTS)}
 
 
+def test_only_uploads_predictions_and_two_json_lists_declare_bodies_over_64_kib():
+    """A route takes a body over 64 KiB only where it says so (service.api.middleware.BodyLimit):
+    FastAPI parses a JSON body before the key check, so an undeclared route must not take one."""
+    from service.api.app import create_app
+    from service.api.middleware import _declared
+
+    declared = {(sorted(route.methods)[0], route.path_format, n) for route, n in _declared(create_app().routes, "body_limit")}
+    cv_predict = "/customvision/{api_version}/prediction/{projectId}/classify/iterations/{publishedName}"
+    cv_images = "/customvision/{api_version}/training/projects/{projectId}/images"
+    assert declared == {("POST", "/v1/datasets/{name}/images", 0), ("POST", "/v1/datasets/{name}/predict", 0),
+                        ("POST", "/v1/datasets/{name}/images/labels", 256 * 1024),
+                        ("POST", "/v1/datasets/{name}/images/known", 1024 * 1024),
+                        ("POST", "/v2/models/{name}/infer", 0), ("POST", "/v2/models/{name}/versions/{version}/infer", 0),
+                        *{("POST", f"{cv_predict}/{tail}", 0) for tail in ("image", "image/nostore", "url", "url/nostore")},
+                        ("POST", cv_images, 0), ("POST", f"{cv_images}/files", 0)}
+
+
 # --- in-flight caps: a real server, real concurrent connections -------------------------------------
 
 
