@@ -126,19 +126,29 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
     files = _visible_files(folder)
     if not files:
         raise ValueError(f"{folder} holds no files")
+    # Each image goes one folder deep in the zip, its label's (the subfolders below it flattened
+    # into its name): the service would read cat/2023/1.jpg alone as a wrapper folder and a label 2023.
     if label:
-        members = [(p, f"{label}/{p.relative_to(folder).as_posix()}") for p in files]
+        members = [(p, f"{label}/{_flat(p.relative_to(folder).parts)}") for p in files]
     else:
         if all(p.parent == folder for p in files):
             raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
                              "the label, pass a label for all of them, or upload them unlabeled")
-        members = [(p, p.relative_to(folder).as_posix()) for p in files]
+        members = []
+        for p in files:
+            parts = p.relative_to(folder).parts
+            members.append((p, parts[0] if len(parts) == 1 else f"{parts[0]}/{_flat(parts[1:])}"))
     if skip is not None:
         left = skip([p for p, _ in members])
         members = [(p, name) for p, name in members if p not in left]
     by_path = dict(members)
     for chunk in _chunks([p for p, _ in members], max_files, max_bytes):
         yield Batch(archive=_zip([(p, by_path[p]) for p in chunk]), temporary=True)
+
+
+def _flat(parts: tuple[str, ...]) -> str:
+    """2023/1.jpg as 2023_1.jpg."""
+    return "_".join(parts)
 
 
 class ProgressFile:

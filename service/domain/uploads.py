@@ -129,13 +129,17 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
             f"archive expands to {total} bytes; the limit is {settings.max_archive_bytes}",
             code="archive_too_large",
         )
-    strip = _wrapper_depth(infos)
+    names = [_member_name(i) for i in infos]
+    problems = [_member_problem(info, name, settings) for info, name in zip(infos, names, strict=True)]
+    wrapper = _wrapper([name for name, problem in zip(names, problems, strict=True) if problem is None])
     out: list[Candidate] = []
-    for info in infos:
-        parts = PurePosixPath(info.filename).parts[strip:]
-        name = info.filename
-        reason = _member_problem(info, parts, settings)
+    for info, name, reason in zip(infos, names, problems, strict=True):
+        parts = PurePosixPath(name).parts
+        if parts[:len(wrapper)] == wrapper:
+            parts = parts[len(wrapper):]
         label = parts[0] if len(parts) >= 2 and parts[0].lower() != UNLABELED else None
+        if reason in ("absolute_path", "path_traversal"):
+            label = None  # its folders mean nothing
         if reason is None and label is not None and not LABEL_RE.fullmatch(label):
             reason = "invalid_label"
         if reason:
@@ -190,24 +194,45 @@ def _is_junk(name: str) -> bool:
     return any(p == "__MACOSX" or (p.startswith(".") and p not in (".", "..")) for p in parts)
 
 
-def _wrapper_depth(infos: list[zipfile.ZipInfo]) -> int:
-    """1 when every member sits under one common folder that holds label folders (zip -r set.zip set/)."""
-    parts = [PurePosixPath(i.filename).parts for i in infos]
-    if parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1:
-        return 1
-    return 0
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's path as the user's unzip reads it: backslashes are folders (PowerShell's
+    Compress-Archive writes cat\\1.jpg), and a name without the UTF-8 flag that is valid UTF-8
+    is UTF-8 (tools that write UTF-8 without the flag outnumber those that write code page 437)."""
+    name = info.filename
+    if not info.flag_bits & 0x800:
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            pass
+    return name.replace("\\", "/")
 
 
-def _member_problem(info: zipfile.ZipInfo, parts: tuple[str, ...], settings: Settings) -> str | None:
-    raw = info.filename
-    if raw.startswith("/") or "\\" in raw or re.match(r"^[A-Za-z]:", raw):
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def _wrapper(names: list[str]) -> tuple[str, ...]:
+    """The folders that wrap the label folders (``zip -r set.zip set/``, or an export a few levels
+    deep): while every image (a name with an image suffix; every member when none has one) sits
+    at least two folders below one common folder, that folder wraps. Other files, a README beside
+    the label folders, and members refused for their path or size do not decide; members outside
+    the wrapper keep their whole path."""
+    parts = [PurePosixPath(n).parts for n in names]
+    images = [p for p in parts if PurePosixPath(p[-1]).suffix.lower() in _IMAGE_SUFFIXES] or parts
+    depth = 0
+    while images and all(len(p) >= depth + 3 for p in images) and len({p[depth] for p in images}) == 1:
+        depth += 1
+    return images[0][:depth] if depth else ()
+
+
+def _member_problem(info: zipfile.ZipInfo, name: str, settings: Settings) -> str | None:
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "absolute_path"
-    if ".." in PurePosixPath(raw).parts:
+    if ".." in PurePosixPath(name).parts:
         return "path_traversal"
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "symlink"
-    if PurePosixPath(raw).suffix.lower() in _ARCHIVE_SUFFIXES:
+    if PurePosixPath(name).suffix.lower() in _ARCHIVE_SUFFIXES:
         return "nested_archive"
     if info.file_size > settings.max_file_bytes:
         return "file_too_large"

@@ -226,6 +226,28 @@ def test_dataset_lifecycle(felis):
     assert e.value.code == "dataset_not_found"
 
 
+def test_a_labels_subfolders_stay_that_label(felis, tmp_path):
+    """A folder of dated subfolders uploaded with a label (or unlabeled, or as a label folder of a
+    folder per label): every image gets that label. Before, the client zipped cat/2023/1.jpg and
+    the service took cat/ for a wrapper: labels 2023 and 2024, and 'phone' for unlabeled photos."""
+    cats, noncats = asset_images("train", "cat"), asset_images("train", "noncat")
+    for i, p in enumerate(cats[:4]):
+        (tmp_path / "cats" / f"{2023 + i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cats" / f"{2023 + i % 2}" / p.name).write_bytes(p.read_bytes())
+    for i, p in enumerate(noncats[:4]):
+        (tmp_path / "inbox" / ("phone", "camera")[i % 2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "inbox" / ("phone", "camera")[i % 2] / p.name).write_bytes(p.read_bytes())
+    for i, p in enumerate(cats[4:8]):
+        (tmp_path / "labelled" / "cat" / ("indoor", "outdoor")[i % 2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "labelled" / "cat" / ("indoor", "outdoor")[i % 2] / p.name).write_bytes(p.read_bytes())
+    felis.create_dataset("nested")
+    assert felis.upload("nested", tmp_path / "cats", label="cat")["created"] == 4
+    assert felis.upload("nested", tmp_path / "inbox", unlabeled=True)["created"] == 4
+    assert felis.upload("nested", tmp_path / "labelled")["created"] == 4
+    d = felis.dataset("nested")
+    assert (d["label_counts"], d["unlabeled_count"]) == ({"cat": 8}, 4)
+
+
 def test_upload_folder_zip_and_files_then_manage_images(felis, tmp_path):
     felis.create_dataset("uploads")
     progress = []

@@ -149,6 +149,55 @@ def test_zip_members_that_are_unsafe_are_rejected_each_with_its_reason(session, 
     assert session.query(Image).count() == 1
 
 
+def test_a_windows_zips_backslashes_are_folders(session, store, settings):
+    """PowerShell's Compress-Archive (before PowerShell 7) writes cat\\1.jpg: unzip and 7-Zip read
+    folders there; before, every member was rejected absolute_path."""
+    ds = datasets.create(session, "pets")
+    cat, noncat = asset_images("train", "cat")[0].read_bytes(), asset_images("train", "noncat")[0].read_bytes()
+    buf = _zip({"set\\cat\\a.jpg": cat, "set\\noncat\\b.jpg": noncat, "set\\..\\..\\evil.jpg": cat,
+                "\\\\server\\share\\c.jpg": noncat})
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(buf, settings), settings)
+    assert [(r["filename"], r["label"], r["reason"]) for r in report.results] == [
+        ("set/cat/a.jpg", "cat", None), ("set/noncat/b.jpg", "noncat", None),
+        ("set/../../evil.jpg", None, "path_traversal"), ("//server/share/c.jpg", None, "absolute_path")]
+    assert datasets.label_counts(session, ds) == {"cat": 1, "noncat": 1}
+
+
+@pytest.mark.parametrize("names, labels", [
+    # zip -r of a folder several levels up: every wrapping folder goes, not only the first
+    (["export/2026/set/cat/a.jpg", "export/2026/set/noncat/b.png"], ["cat", "noncat"]),
+    # a README (or any file that is not an image) beside the label folders does not decide
+    (["set/README.txt", "set/cat/a.jpg", "set/noncat/b.png"], [None, "cat", "noncat"]),
+    (["set/notes/info.md", "set/cat/a.jpg", "set/noncat/b.png"], ["notes", "cat", "noncat"]),
+])
+def test_wrapping_folders_are_told_by_the_images(session, store, settings, names, labels):
+    """Before, only one wrapping folder went, and only when every member, README included, sat
+    two folders below it: 'export' and 'set' became labels."""
+    ds = datasets.create(session, "pets")
+    images = [p.read_bytes() for p in asset_images("train", "cat")[:1] + asset_images("train", "noncat")[:1]]
+    members = {name: images.pop(0) if name.endswith((".jpg", ".png")) else b"# a text file\n" for name in names}
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(_zip(members), settings), settings)
+    assert [r["label"] for r in report.results] == labels
+    assert datasets.label_counts(session, ds) == {"cat": 1, "noncat": 1}
+
+
+def test_a_zip_of_utf8_names_without_the_utf8_flag_keeps_its_names(session, store, settings):
+    """Some zip tools write UTF-8 names without setting the flag that says so; read as code page
+    437 (zipfile's rule), Café.jpg came out Cafe\u2560\u00fc.jpg. Names that decode as UTF-8 are UTF-8."""
+    ds = datasets.create(session, "pets")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("cat/Café.jpg", asset_images("train", "cat")[0].read_bytes())
+    patched = bytearray(buf.getvalue())  # the same name bytes, with the UTF-8 flag (bit 11) cleared in both headers
+    for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = patched.find(sig)
+        flags = int.from_bytes(patched[at + offset:at + offset + 2], "little") & ~0x800
+        patched[at + offset:at + offset + 2] = flags.to_bytes(2, "little")
+    assert zipfile.ZipFile(io.BytesIO(bytes(patched))).namelist() != ["cat/Café.jpg"]  # zipfile reads cp437
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(io.BytesIO(bytes(patched)), settings), settings)
+    assert [(r["filename"], r["label"], r["status"]) for r in report.results] == [("cat/Café.jpg", "cat", "created")]
+
+
 def test_zip_without_label_folders_is_all_unlabeled(session, store, settings):
     ds = datasets.create(session, "pets")
     buf = _zip({"a.jpg": asset_images()[0].read_bytes()})
