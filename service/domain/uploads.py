@@ -353,6 +353,7 @@ def ingest(
             report.results[index] |= {"status": "created", "image_id": image_id, "reason": None}
         else:
             report.results[index] |= _duplicate(image_id)
+    _stored_labels(session, report.results)
     if dataset.default_version is not None and any(r["status"] == "created" and r["label"] is None for r in report.results):
         suggestions.request(dataset.id)  # committed: the worker suggests labels for the new unlabeled images
     return report
@@ -381,6 +382,19 @@ def _write_blobs(store: BlobStore, new: list[_Checked]) -> None:
 
 def _duplicate(image_id: str) -> dict[str, Any]:
     return {"status": "duplicate", "image_id": image_id, "reason": "duplicate_in_dataset"}
+
+
+def _stored_labels(session: Session, results: list[dict[str, Any]]) -> None:
+    """A duplicate's result carries the label its image is stored with, not the one it was sent
+    with: sending bytes again under another label changes nothing, and the result says so."""
+    dups = [r for r in results if r["status"] == "duplicate"]
+    ids = list({r["image_id"] for r in dups})
+    labels: dict[str, str | None] = {}
+    for i in range(0, len(ids), 500):
+        rows = session.execute(select(Image.id, Image.label).where(Image.id.in_(ids[i:i + 500])))
+        labels.update((image_id, label) for image_id, label in rows)
+    for r in dups:
+        r["label"] = labels.get(r["image_id"], r["label"])
 
 
 def _existing(session: Session, dataset_id: int, shas: set[str]) -> dict[str, str]:

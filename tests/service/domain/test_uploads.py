@@ -149,6 +149,21 @@ def test_zip_members_that_are_unsafe_are_rejected_each_with_its_reason(session, 
     assert session.query(Image).count() == 1
 
 
+def test_a_duplicate_reports_the_label_it_is_stored_with(session, store, settings):
+    """The same bytes sent again under another label stay as stored; the result says so. Before,
+    it echoed the label sent (noncat) while the image stayed cat."""
+    ds = datasets.create(session, "pets")
+    cats, noncats = asset_images("train", "cat"), asset_images("train", "noncat")
+    uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[:2]), "cat"), settings)
+    again = uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[:3]), "noncat"), settings)
+    assert [(r["status"], r["label"]) for r in again.results] == [("duplicate", "cat"), ("duplicate", "cat"),
+                                                                   ("created", "noncat")]
+    twice = _zip({"cat/a.jpg": noncats[0].read_bytes(), "noncat/same.jpg": noncats[0].read_bytes()})
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(twice, settings), settings)
+    assert [(r["status"], r["label"]) for r in report.results] == [("created", "cat"), ("duplicate", "cat")]
+    assert datasets.label_counts(session, ds) == {"cat": 3, "noncat": 1}
+
+
 def test_a_windows_zips_backslashes_are_folders(session, store, settings):
     """PowerShell's Compress-Archive (before PowerShell 7) writes cat\\1.jpg: unzip and 7-Zip read
     folders there; before, every member was rejected absolute_path."""
