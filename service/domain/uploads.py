@@ -71,6 +71,22 @@ def validate_label(label: str) -> str:
     return label
 
 
+class LabelSpelling:
+    """A dataset's labels by their letter-case-folded form: a label that differs from one the
+    dataset holds only in case (Cat beside cat) is that label, spelled as stored (its most used
+    spelling, where an older dataset holds several); new ones are kept as first spelled."""
+
+    def __init__(self, session: Session, dataset_id: int):
+        rows = session.execute(select(Image.label).where(Image.dataset_id == dataset_id, Image.label.is_not(None))
+                               .group_by(Image.label).order_by(func.count(Image.id).desc(), Image.label)).scalars()
+        self._known: dict[str, str] = {}
+        for label in rows:
+            self._known.setdefault(label.casefold(), label)
+
+    def __call__(self, label: str | None) -> str | None:
+        return None if label is None else self._known.setdefault(label.casefold(), label)
+
+
 @dataclass
 class Candidate:
     """One file offered for storage: its bytes are read lazily, or it is already rejected."""
@@ -304,6 +320,10 @@ def ingest(
     limit = max(settings.max_files_per_request, settings.max_archive_members)  # loose files / a zip's members
     if len(candidates) > limit:
         raise TooLarge(f"{len(candidates)} files in one request; the limit is {limit}", code="too_many_files")
+    spell = LabelSpelling(session, dataset.id)
+    for c in candidates:
+        if c.label is not None and c.reason is None:
+            c.label = spell(c.label)
     report = UploadReport()
     upload_id = new_id()
     staged: dict[str, str] = {}  # sha256 -> the id of its staged row, the image's id once published

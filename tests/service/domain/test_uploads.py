@@ -164,6 +164,25 @@ def test_a_duplicate_reports_the_label_it_is_stored_with(session, store, setting
     assert datasets.label_counts(session, ds) == {"cat": 3, "noncat": 1}
 
 
+def test_labels_that_differ_only_in_letter_case_are_one_label(session, store, settings):
+    """Cat/, cat/ and CAT/ folders (or label=Cat beside a stored cat) are one class: the spelling
+    stored first. Before, a zip of the three made three labels, and a training three classes."""
+    from service.domain import images
+
+    ds = datasets.create(session, "pets")
+    cats, noncats = asset_images("train", "cat"), asset_images("train", "noncat")
+    uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[:1]), "cat"), settings)
+    buf = _zip({"Cat/a.jpg": cats[1].read_bytes(), "CAT/b.jpg": cats[2].read_bytes(), "NonCat/c.jpg": noncats[0].read_bytes(),
+                "noncat/d.jpg": noncats[1].read_bytes()})
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(buf, settings), settings)
+    assert [r["label"] for r in report.results] == ["cat", "cat", "NonCat", "NonCat"]
+    assert datasets.label_counts(session, ds) == {"NonCat": 2, "cat": 3}
+    image_id = report.results[0]["image_id"]
+    assert images.relabel(session, ds, image_id, "NONCAT").label == "NonCat"
+    assert [r["label"] for r in images.label_many(session, ds, [(image_id, "CAT")])] == ["cat"]
+    assert datasets.label_counts(session, ds) == {"NonCat": 2, "cat": 3}
+
+
 def test_a_windows_zips_backslashes_are_folders(session, store, settings):
     """PowerShell's Compress-Archive (before PowerShell 7) writes cat\\1.jpg: unzip and 7-Zip read
     folders there; before, every member was rejected absolute_path."""
