@@ -171,6 +171,13 @@ def check(session: Session, key: str) -> Grant:
     return Grant(row.id, granted(row.scopes), limits)
 
 
+def still_valid(session: Session, key_id: str) -> bool:
+    """Whether a key checked earlier is still valid (not revoked, not deleted): for what outlasts
+    the request that checked it, an event stream."""
+    row = session.get(ApiKey, key_id)
+    return row is not None and not row.revoked
+
+
 def visible_datasets(session: Session, key_id: str, *, limit: int = 100,
                      offset: int = 0) -> tuple[list[Dataset], int]:
     """The live datasets a limited key may see, by name, as datasets.list_all lists them all."""

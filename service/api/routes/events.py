@@ -3,7 +3,8 @@
 Each event's ``data`` is the same JSON as GET /v1/trainings/{id}. One is sent at once, then one
 whenever the training changes (the worker writes progress at most twice a second), and the
 stream ends after the event with a final status. A comment line every 15 s keeps proxies from
-closing an idle stream. Browsers: EventSource, or fetch() when an Authorization header is needed.
+closing an idle stream. A stream whose key is revoked ends within KEY_CHECK_SECONDS of its next
+event or keep-alive. Browsers: EventSource, or fetch() when an Authorization header is needed.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from service.api.auth import InTraining, Requires
-from service.api.deps import SessionDep
+from service.api.deps import CallerDep, SessionDep
 from service.api.middleware import Capped, InFlight
-from service.domain import trainings
+from service.domain import keys, trainings
 from service.domain.keys import Scope
 from service.errors import NotFound
 from service.store.db import session_scope
@@ -35,6 +36,12 @@ router = APIRouter(tags=["trainings"])
 _AS_JSON = TypeAdapter(dict)
 POLL_SECONDS = 0.5  # how often this process looks at a watched training's row (once for all its streams)
 KEEPALIVE_SECONDS = 15.0
+KEY_CHECK_SECONDS = 2.0  # a stream's key is looked at again before an event or keep-alive this long after the last look
+
+
+def _key_still_valid(key_id: str) -> bool:
+    with session_scope() as s:
+        return keys.still_valid(s, key_id)
 
 
 def _snapshot(training_id: str) -> dict:
@@ -103,9 +110,19 @@ async def _follow(state: State, training_id: str, first: dict, first_at: float) 
             watch.task.cancel()
 
 
-async def _stream(request: Request, first: dict, first_at: float, training_id: str) -> AsyncIterator[str]:
+async def _stream(request: Request, first: dict, first_at: float, training_id: str,
+                  key_id: str | None) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
     n = 0
+    key_checked = time.monotonic()
+
+    async def key_revoked() -> bool:
+        """The key the stream was opened with is revoked: the stream ends (a reconnect gets 401)."""
+        nonlocal key_checked
+        if key_id is None or time.monotonic() - key_checked < KEY_CHECK_SECONDS:
+            return False
+        key_checked = time.monotonic()
+        return not await run_in_threadpool(_key_still_valid, key_id)
 
     def event(snapshot: dict) -> str:
         nonlocal n
@@ -122,6 +139,8 @@ async def _stream(request: Request, first: dict, first_at: float, training_id: s
             # Only a look that began after our first read ended is surely not older than it (a
             # stream can join a watch mid-poll); a final status is the last word anyway.
             if watch.snapshot != previous and (watch.read_at >= first_at or watch.finished):
+                if await key_revoked():
+                    return
                 previous, sent_at = watch.snapshot, time.monotonic()
                 yield event(previous)
                 if previous["status"] in trainings.FINAL:
@@ -130,6 +149,8 @@ async def _stream(request: Request, first: dict, first_at: float, training_id: s
                 return
             wait = min(POLL_SECONDS, KEEPALIVE_SECONDS - (time.monotonic() - sent_at))
             if wait <= 0:
+                if await key_revoked():
+                    return
                 yield ": keep-alive\n\n"
                 sent_at = time.monotonic()
                 continue
@@ -145,12 +166,12 @@ async def _stream(request: Request, first: dict, first_at: float, training_id: s
             dependencies=[Requires(Scope.READ), InTraining, InFlight(Capped.STREAMS)],
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "the training (as GET /v1/trainings/{id}) each time it changes"}})
-def training_events(training_id: str, request: Request, session: SessionDep) -> StreamingResponse:
+def training_events(training_id: str, request: Request, session: SessionDep, caller: CallerDep) -> StreamingResponse:
     first = _AS_JSON.dump_python(trainings.describe(session, trainings.get(session, training_id)), mode="json")  # 404 up front
     first_at = time.monotonic()  # after the read: a look that begins later sees at least this
     # The stream can last as long as the training: hand the request's database connection back
     # now (one poll per training in this process opens a short session per look) instead of holding
     # it until the stream ends.
     session.close()
-    return StreamingResponse(_stream(request, first, first_at, training_id), media_type="text/event-stream",
+    return StreamingResponse(_stream(request, first, first_at, training_id, caller.key_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -68,3 +68,37 @@ def test_streams_are_left_out_of_the_latency_histogram(client):
     tid = _training("cancelled")
     client.get(f"/v1/trainings/{tid}/events")
     assert 'route="/v1/trainings/{training_id}/events",status="200"' not in client.get("/metrics").text
+
+
+def test_a_stream_ends_when_its_key_is_revoked(felis_env, monkeypatch):
+    """The key is checked while a stream lasts (it can last hours), not only when it opens. Before,
+    a stream opened with a key revoked a moment later delivered every event to the end."""
+    from service.api.app import create_app
+
+    monkeypatch.setenv("FELIS_API_KEYS_REQUIRED", "true")
+    monkeypatch.setenv("FELIS_BOOTSTRAP_ADMIN_KEY", "events-admin-key-0123456789abcdefghij")
+    from tests.conftest import _reset_caches
+
+    _reset_caches()
+    monkeypatch.setattr(events, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(events, "KEY_CHECK_SECONDS", 0.0)
+    admin = {"Authorization": "Bearer events-admin-key-0123456789abcdefghij"}
+    tid = _training("running")
+    with TestClient(create_app()) as c:
+        dataset = c.get(f"/v1/trainings/{tid}", headers=admin).json()["dataset"]
+        made = c.post("/v1/keys", json={"scopes": ["read"], "datasets": [dataset]}, headers=admin).json()
+
+        def operator() -> None:
+            time.sleep(1.0)
+            assert c.delete(f"/v1/keys/{made['id']}", headers=admin).status_code == 204
+            time.sleep(0.3)
+            _update(tid, progress={"phase": "training", "epoch": 1, "epochs": 2, "loss": 0.7})
+            time.sleep(0.3)
+            _update(tid, status="succeeded", progress={"phase": "done"})
+
+        thread = threading.Thread(target=operator)
+        thread.start()
+        r = c.get(f"/v1/trainings/{tid}/events", headers={"Authorization": f"Bearer {made['key']}"})
+        thread.join()
+    assert r.status_code == 200
+    assert [e["status"] for e in _events(r.text)] == ["running"], r.text
