@@ -36,6 +36,22 @@ class ImageInfo:
     mode: str  # Pillow mode as stored, e.g. "RGB", "L", "CMYK", "I;16", "P"
 
 
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+def _known_unsupported(data: bytes) -> str | None:
+    """The name of a well-known format Pillow does not read here, from its first bytes: what a
+    user sends as an image (iPhone photos are HEIC) deserves to hear which."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIC/HEIF"
+    if data.startswith(b"%PDF-"):
+        return "PDF"
+    head = data[:1024].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
+    return None
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise InvalidImage("empty_file", "the file is empty")
@@ -46,6 +62,9 @@ def _open(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise InvalidImage("image_too_large", str(e)) from None
     except UnidentifiedImageError:
+        known = _known_unsupported(data)
+        if known:
+            raise InvalidImage("unsupported_format", f"{known} is not supported: convert it to JPEG or PNG") from None
         raise InvalidImage("not_an_image", "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as e:  # broken headers
         raise InvalidImage("not_an_image", f"unreadable image header: {e}") from None

@@ -157,6 +157,24 @@ def test_unsupported_format(photo):
         assert e.value.code == "unsupported_format"
 
 
+@pytest.mark.parametrize("data, named", [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64, "HEIC"),  # an iPhone photo
+    (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heixmiaf" + b"\x00" * 64, "HEIC"),
+    (b'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "SVG"),
+    (b'  <svg xmlns="http://www.w3.org/2000/svg"><rect width="5" height="5"/></svg>', "SVG"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + b"\x00" * 64, "PDF"),
+])
+def test_well_known_formats_felis_does_not_read_are_named(data, named):
+    """A HEIC photo, an SVG or a PDF is an image file to its user: 'unsupported_format', naming it,
+    where Pillow cannot tell it from junk (before: not_an_image, 'not a recognised image format')."""
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(data, max_pixels=MAX_PIXELS)
+    assert e.value.code == "unsupported_format" and named in e.value.message
+    with pytest.raises(InvalidImage) as e:
+        inspect_image(b"not an image" * 10, max_pixels=MAX_PIXELS)
+    assert e.value.code == "not_an_image"
+
+
 def test_perceptual_hash_finds_near_duplicates(photo_bytes, photo):
     h = perceptual_hash(photo_bytes[0])
     assert len(h) == 16 and int(h, 16) >= 0

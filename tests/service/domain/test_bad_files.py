@@ -59,7 +59,7 @@ CORPUS = {
     "text.jpg": (b"<html>not an image</html>" * 4, "rejected", "not_an_image"),
     "tiny.png": (_png(Image.new("RGB", (4, 4))), "rejected", "image_too_small"),
     "huge-dimensions.png": (_png_bomb(60000), "rejected", "image_too_large"),
-    "unsupported.pdf": (b"%PDF-1.4\n" + b"0" * 100, "rejected", "not_an_image"),
+    "unsupported.pdf": (b"%PDF-1.4\n" + b"0" * 100, "rejected", "unsupported_format"),
     # accepted, decoded by content whatever the name says
     "png-named.jpg": (_png(Image.new("RGB", (32, 32), (200, 10, 10))), "created", None),
     "cmyk.jpg": (_jpeg("CMYK"), "created", None),
