@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from models.images import decode_rgb
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
 from service.domain import paging, suggestions
-from service.domain.uploads import LabelSpelling, orphan_blobs, validate_label
+from service.domain.uploads import orphan_blobs, validate_label
 from service.errors import InvalidRequest, NotFound, StorageFull
 from service.store.blobs import BlobStore, image_key, thumbnail_key
 from service.store.tables import Dataset, Image
@@ -167,7 +167,7 @@ def _make_thumbnail(data: bytes, size: int) -> bytes:
 def relabel(session: Session, dataset: Dataset, image_id: str, label: str | None) -> Image:
     """A new label, or None: unlabeled again (trainings skip it; it gets a suggestion)."""
     image = get(session, dataset, image_id)
-    image.label = LabelSpelling(session, dataset.id)(validate_label(label)) if label is not None else None
+    image.label = validate_label(label) if label is not None else None
     session.commit()
     if label is None:
         _ask_for_suggestions(dataset)
@@ -196,15 +196,12 @@ def label_many(session: Session, dataset: Dataset, items: list[tuple[str, str | 
         found.update((i.id, i) for i in session.scalars(
             select(Image).where(Image.dataset_id == dataset.id, Image.id.in_(ids[start:start + 500]))))
     results = []
-    spell = LabelSpelling(session, dataset.id)
     for image_id, label in items:
         result: dict[str, Any] = {"image_id": image_id, "label": label, "status": "rejected", "error": None}
         try:
             if image_id not in found:
                 raise NotFound(f"image {image_id!r} is not in dataset {dataset.name!r}", code="image_not_found")
-            if label is not None:
-                result["label"] = label = spell(validate_label(label))
-            found[image_id].label = label
+            found[image_id].label = validate_label(label) if label is not None else None
             result["status"] = "labeled" if label is not None else "unlabeled"
         except (InvalidRequest, NotFound) as e:
             result["error"] = {"code": e.code, "message": e.message}
