@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     # process, so set it (32+ characters) when more than one API process serves
     customvision_url_secret: SecretStr = SecretStr("")
     customvision_url_ttl_seconds: int = 3600  # how long a signed image URL stays valid
+    # where clients reach this service (https://felis.example.com): signed image URLs point there;
+    # empty: the request's own scheme and Host (X-Forwarded-* from FELIS_TRUSTED_PROXIES)
+    public_url: str = ""
     # classify_image_url: the hosts felis may fetch an image from (names, "*.example.com", "*": any
     # public host; comma-separated); empty: off. Private, loopback and link-local addresses never
     customvision_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()

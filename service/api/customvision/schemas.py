@@ -59,7 +59,7 @@ def performance(p: cv.Performance) -> dict[str, Any]:
 def image(request: Request, settings: Settings, row: Image, t: CvTag | None) -> dict[str, Any]:
     """An image, with signed expiring URLs to its bytes (urls.py)."""
     image_id = cv.dashed(row.id)
-    base = str(request.base_url)
+    base = settings.public_url or str(request.base_url)
     return {"id": image_id, "created": row.created_at, "width": row.width, "height": row.height,
             "resizedImageUri": urls.signed_url(settings, base, image_id, "resized"),
             "thumbnailUri": urls.signed_url(settings, base, image_id, "thumbnail"),

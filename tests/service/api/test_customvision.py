@@ -298,6 +298,24 @@ def test_create_images_from_data_reads_multipart_parts_without_a_filename_past_1
 # --- signed URLs ------------------------------------------------------------------------------
 
 
+def test_signed_urls_name_the_public_url_not_the_requests_host(felis_env, monkeypatch):
+    """With FELIS_PUBLIC_URL set, the image URLs a response hands out point there whatever Host
+    the request named (production checks no Host: a caller could have them point anywhere)."""
+    monkeypatch.setenv("FELIS_PUBLIC_URL", "https://felis.example.com/")
+    from service.api.app import create_app
+    from service.config import get_settings
+
+    get_settings.cache_clear()
+    with TestClient(create_app()) as client:
+        project = _project(client)["id"]
+        tag = client.post(f"{T}/projects/{project}/tags", params={"name": "Cat"}).json()["id"]
+        data = asset_images("train", "cat")[0].read_bytes()
+        client.post(f"{T}/projects/{project}/images/files", json={"images": [_entry(data, tag)]})
+        [image] = client.get(f"{T}/projects/{project}/images/tagged", headers={"Host": "testserver"}).json()
+    for key in ("originalImageUri", "thumbnailUri", "resizedImageUri"):
+        assert image[key].startswith("https://felis.example.com/customvision/content/images/"), image[key]
+
+
 def test_tagged_images_have_signed_expiring_urls_that_need_no_key(keyed, monkeypatch):
     from urllib.parse import parse_qs, urlsplit
 
