@@ -41,16 +41,16 @@ def _check_schema_once_reachable(say_every: float = 30.0) -> None:
 
     from service.store.db import init_db
 
-    delay, said = 0.5, -say_every
+    delay, said = 0.5, None  # said: when it last said it waits
     while True:
         try:
             init_db()
-            if said >= 0:
+            if said is not None:
                 print("felis worker: the metadata store answers", file=sys.stderr, flush=True)
             return
         except OperationalError as e:
             now = time.monotonic()
-            if said < 0 or now - said >= say_every:
+            if said is None or now - said >= say_every:
                 reason = str(getattr(e, "orig", None) or e).splitlines()[0]
                 print(f"felis worker: waiting for the metadata store ({reason})", file=sys.stderr, flush=True)
                 said = now

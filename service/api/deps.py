@@ -27,13 +27,12 @@ class _BudgetParser(MultiPartParser):
 
     def __init__(self, *args, memory_bytes: int | None, **kwargs) -> None:
         super().__init__(*args, max_part_size=64 * 1024, **kwargs)
-        self._budget = memory_bytes is not None
-        self._left = memory_bytes or 0  # what the parts that stay in memory may still take
+        self._left = memory_bytes  # what the parts that stay in memory may still take; None: no budget
         self._part_bytes = 0
 
     @property
     def spool_max_size(self) -> int:  # read by on_headers_finished when a file part begins
-        if not self._budget:
+        if self._left is None:
             return MultiPartParser.spool_max_size
         return max(self._left, 1)  # 0 would mean "never spool"
 
@@ -46,8 +45,8 @@ class _BudgetParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
-        if self._current_part.file is not None and self._part_bytes <= self.spool_max_size:  # stays in memory
-            self._left = max(self._left - self._part_bytes, 0)
+        if self._left is not None and self._current_part.file is not None and self._part_bytes <= self.spool_max_size:
+            self._left = max(self._left - self._part_bytes, 0)  # it stays in memory
         super().on_part_end()
 
 

@@ -328,6 +328,7 @@ def ingest(
     upload_id = new_id()
     staged: dict[str, str] = {}  # sha256 -> the id of its staged row, the image's id once published
     pending: list[tuple[int, str, bool]] = []  # (result, sha256, first file of those bytes): known at publish
+    first_labels: dict[str, str | None] = {}  # sha256 -> the label of the first file of those bytes: what is stored
     session.commit()  # end what the caller's reads began: each step below is a short transaction of its own
     try:
         # Decoding dominates; Pillow releases the GIL, so threads use every core. A file's bytes
@@ -346,12 +347,13 @@ def ingest(
                     if c.reason:
                         result |= {"status": "rejected", "image_id": None, "reason": c.reason}
                     elif c.sha256 in existing:
-                        result |= _duplicate(existing[c.sha256])
+                        result |= _duplicate(*existing[c.sha256])
                     else:
                         assert c.sha256
                         first = c.sha256 not in staged
                         if first:
                             staged[c.sha256] = new_id()
+                            first_labels[c.sha256] = c.candidate.label
                             new.append(c)
                         pending.append((len(report.results), c.sha256, first))
                     report.results.append(result)
@@ -368,12 +370,11 @@ def ingest(
         _drop_after_failure(session, upload_id)
         raise
     for index, sha, first in pending:
-        image_id, created = published[sha]
+        image_id, created, winners_label = published[sha]
         if created and first:
             report.results[index] |= {"status": "created", "image_id": image_id, "reason": None}
         else:
-            report.results[index] |= _duplicate(image_id)
-    _stored_labels(session, report.results)
+            report.results[index] |= _duplicate(image_id, first_labels[sha] if created else winners_label)
     if dataset.default_version is not None and any(r["status"] == "created" and r["label"] is None for r in report.results):
         suggestions.request(dataset.id)  # committed: the worker suggests labels for the new unlabeled images
     return report
@@ -400,32 +401,22 @@ def _write_blobs(store: BlobStore, new: list[_Checked]) -> None:
         store.put_many(batch)
 
 
-def _duplicate(image_id: str) -> dict[str, Any]:
-    return {"status": "duplicate", "image_id": image_id, "reason": "duplicate_in_dataset"}
+def _duplicate(image_id: str, stored_label: str | None) -> dict[str, Any]:
+    """A file whose bytes the dataset holds: the result carries the label they are stored with, not
+    the one it was sent with (sending bytes again under another label changes nothing)."""
+    return {"status": "duplicate", "image_id": image_id, "label": stored_label, "reason": "duplicate_in_dataset"}
 
 
-def _stored_labels(session: Session, results: list[dict[str, Any]]) -> None:
-    """A duplicate's result carries the label its image is stored with, not the one it was sent
-    with: sending bytes again under another label changes nothing, and the result says so."""
-    dups = [r for r in results if r["status"] == "duplicate"]
-    ids = list({r["image_id"] for r in dups})
-    labels: dict[str, str | None] = {}
-    for i in range(0, len(ids), 500):
-        rows = session.execute(select(Image.id, Image.label).where(Image.id.in_(ids[i:i + 500])))
-        labels.update((image_id, label) for image_id, label in rows)
-    for r in dups:
-        r["label"] = labels.get(r["image_id"], r["label"])
-
-
-def _existing(session: Session, dataset_id: int, shas: set[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
+def _existing(session: Session, dataset_id: int, shas: set[str]) -> dict[str, tuple[str, str | None]]:
+    """sha256 -> (id, label) of the dataset's images that hold those bytes."""
+    found: dict[str, tuple[str, str | None]] = {}
     shas_list = list(shas)
     for i in range(0, len(shas_list), 500):
         chunk = shas_list[i : i + 500]
         rows = session.execute(
-            select(Image.sha256, Image.id).where(Image.dataset_id == dataset_id, Image.sha256.in_(chunk))
+            select(Image.sha256, Image.id, Image.label).where(Image.dataset_id == dataset_id, Image.sha256.in_(chunk))
         ).all()
-        found.update({sha: image_id for sha, image_id in rows})
+        found.update({sha: (image_id, label) for sha, image_id, label in rows})
     return found
 
 
@@ -450,11 +441,13 @@ _PUBLISHED = ("id", "dataset_id", "sha256", "label", "filename", "format", "widt
               "phash", "created_at")
 
 
-def _publish(session: Session, upload_id: str, dataset: Dataset, staged: dict[str, str]) -> dict[str, tuple[str, bool]]:
+def _publish(session: Session, upload_id: str, dataset: Dataset,
+             staged: dict[str, str]) -> dict[str, tuple[str, bool, str | None]]:
     """The staged rows into images and the stage deleted, in one short transaction, under the
     dataset's lock (a row lock on PostgreSQL, the write lock on SQLite), so that a delete of the
     dataset comes wholly before (404, nothing published) or after. Returns, per sha256, the
-    image's id and whether this upload created it (else a concurrent one published it first)."""
+    image's id, whether this upload created it, and else the label of the concurrent upload's
+    image that was published first (None when this upload created it)."""
     if not staged:
         return {}
     live = session.scalar(select(Dataset.id).where(
@@ -477,7 +470,8 @@ def _publish(session: Session, upload_id: str, dataset: Dataset, staged: dict[st
     session.execute(delete(ImageStage).where(ImageStage.upload_id == upload_id)
                     .execution_options(synchronize_session=False))
     session.commit()
-    return {sha: (image_id, True) if image_id in created else (winners[sha], False) for sha, image_id in staged.items()}
+    return {sha: (image_id, True, None) if image_id in created else (winners[sha][0], False, winners[sha][1])
+            for sha, image_id in staged.items()}
 
 
 def _drop_after_failure(session: Session, upload_id: str) -> None:
