@@ -17,16 +17,18 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 
 @needs_datasets()
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(260)
 def test_dry_run_goes_through_every_phase_on_cpu(tmp_path: Path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run-cpu", "--datasets", str(DATASETS), "--json", str(out)],
-                          capture_output=True, text=True, timeout=90)
+                          capture_output=True, text=True, timeout=200)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     for section in ("== environment", "torch:", "cudnn:", "== warm-up", "context + first kernel", "first training",
                     "== photos", "cold:", "warm:", "test (", "== task", "uploads.ingest", "== fine-tune", "lean loop, eager",
-                    "train_network as shipped", "torch.compile (aot_eager", "lean loop, compiled", "== summary"):
+                    "train_network as shipped", "torch.compile (aot_eager", "lean loop, compiled", "== scale", "features int8",
+                    "features fp32", "uploaded through uploads.ingest", "cold task:", "warm task:", "== predict", "gpu (torch",
+                    "onnx_cpu (onnx", "== summary"):
         assert section in text, f"{section!r} missing from:\n{text}"
     assert "FAILED" not in text and "DEADLINE" not in text, text
     report = json.loads(out.read_text())
@@ -36,6 +38,10 @@ def test_dry_run_goes_through_every_phase_on_cpu(tmp_path: Path):
     assert 0 <= photos["test_accuracy"] <= 1 and photos["n_test"] == 20
     assert finetune["eager_img_s"] > 0 and finetune["train_network_img_s"] > 0 and finetune["compiled_img_s"] > 0
     assert {g["verdict"] for g in report["goals"]} <= {"info", "n/a (dry run)"}
+    scale, predict = report["phases"]["scale"], report["phases"]["predict"]
+    assert scale["n_images"] == 300 and scale["cold_features_computed"] == 300 and scale["warm_features_computed"] == 0
+    assert scale["precision"] in ("int8", "fp32") and scale["int8_img_s"] > 0 and scale["fp32_img_s"] > 0
+    assert predict["gpu"]["requests"] > 0 and predict["onnx_cpu"]["requests"] > 0 and predict["gpu"]["concurrency"] == 8
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
