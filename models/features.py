@@ -7,7 +7,7 @@ retrain with new labels or a few new images only runs the network on what is new
 
 from __future__ import annotations
 
-import contextlib
+import collections
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
 
@@ -17,7 +17,8 @@ import torch
 from . import networks
 from .features_graph import fp32_features_onnx, frozen_classifier
 from .onnx_session import has_onnxruntime, onnx_session
-from .preprocess import Preprocessing, preprocess, preprocess_batch
+from .networks import normalizer
+from .preprocess import Preprocessing, preprocess, preprocess_uint8
 from .quantize import RECIPE, load_table, quantize_features, sha256_file, table_id
 from .runtime import cpu_count, use_bf16
 
@@ -86,7 +87,7 @@ class FeatureExtractor:
         if backend == "auto":
             backend = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
         self.backend, self.precision, self.bf16 = backend, precision, False
-        self._session, self._features_onnx = None, None
+        self._session, self._features_onnx, self._normalise = None, None, None
         if self.table is not None:
             kind = f"ort-int8{RECIPE}-{table_id(self.table)}"
         elif backend == "onnx":  # the session is built on first use: not at all when the cache has everything
@@ -121,37 +122,62 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def _run_torch(self, x: np.ndarray) -> np.ndarray:
-        xb = torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        """A batch of float32 pixels, or of uint8 ones (normalised here, on the device)."""
+        xb = torch.from_numpy(x).to(self.device, non_blocking=True)
+        if xb.dtype == torch.uint8:
+            self._normalise = self._normalise or normalizer(self.prep, self.device)
+            xb = self._normalise(xb)
+        xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model.features(xb).float().cpu().numpy()
+
+    def _prepare(self, data: bytes) -> np.ndarray:
+        """One image as the backend takes it: uint8 for torch (it normalises on the device), else float32."""
+        return preprocess_uint8(data, self.prep) if self.backend == "torch" else preprocess(data, self.prep)
 
     def extract(self, loads: Sequence[Callable[[], bytes]], progress: Callable[[int, int], None] = lambda d, t: None, should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
         """Features (N, dim) float32 for the images returned by `loads`, in order.
 
-        In a GPU worker (device cuda) the next batch's images are decoded on a pool of threads
-        (up to 8, one core left) while the current batch runs: decoding, about 5 ms of one core
-        per photo, would otherwise dominate (6 s for 1,200 photos), whether the network runs on
-        the GPU or, for INT8, in ONNX Runtime on the CPU cores. On a CPU worker decoding runs
-        inline: the network already keeps every core busy (a decode thread was measured 5%
-        slower on 2 cores). decode_workers overrides the choice (0: inline).
+        In a GPU worker (device cuda) images are decoded on a pool of threads (one core left),
+        AHEAD_BATCHES batches ahead of the network, so every decode thread stays busy while
+        batches run: decoding would otherwise dominate, whether the network runs on the GPU or,
+        for INT8, in ONNX Runtime on the CPU cores. For torch the threads stop at uint8 pixels and
+        the GPU normalises them. On an H200 host (16 slow vCPUs) the 50,000 CIFAR-10 features took
+        72 s with 8 threads, one batch ahead, float32 on the threads (bench/RESULTS.md). On a CPU
+        worker decoding runs inline: the network already keeps every core busy (a decode thread
+        was measured 5% slower on 2 cores). decode_workers overrides the choice (0: inline).
         """
         n, bs = len(loads), self.batch_size
         out = np.zeros((n, self.dim), dtype=np.float32)
         workers = self.decode_workers
         if workers is None:
-            workers = min(8, max(1, cpu_count() - 1)) if self.device.type == "cuda" else 0
-        with ThreadPoolExecutor(max_workers=workers) if workers else contextlib.nullcontext() as pool:
-            def ahead_of(i: int) -> list:  # Pillow releases the GIL while decoding and resizing
-                return [pool.submit(lambda load=load: preprocess(load(), self.prep)) for load in loads[i : i + bs]]
-
-            ahead = ahead_of(0) if pool and n else None
+            workers = min(MAX_DECODE_WORKERS, max(1, cpu_count() - 1)) if self.device.type == "cuda" else 0
+        if not workers:
             for start in range(0, n, bs):
                 should_stop()
-                x = np.stack([f.result() for f in ahead]) if ahead else preprocess_batch([load() for load in loads[start : start + bs]], self.prep)
-                ahead = ahead_of(start + bs) if pool and start + bs < n else None
+                x = np.stack([self._prepare(load()) for load in loads[start : start + bs]])
                 out[start : start + len(x)] = self._run(x)
                 progress(start + len(x), n)
+            return out
+        pool = ThreadPoolExecutor(max_workers=workers)  # Pillow releases the GIL while decoding and resizing
+        pending: collections.deque = collections.deque()
+        try:
+            submitted = 0
+            for start in range(0, n, bs):
+                while submitted < min(n, start + (1 + AHEAD_BATCHES) * bs):
+                    pending.append(pool.submit(lambda load=loads[submitted]: self._prepare(load())))
+                    submitted += 1
+                should_stop()
+                x = np.stack([pending.popleft().result() for _ in range(min(bs, n - start))])
+                out[start : start + len(x)] = self._run(x)
+                progress(start + len(x), n)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on a stop: the images not started are dropped
         return out
+
+
+AHEAD_BATCHES = 4  # batches decoded ahead of the network in a GPU worker
+MAX_DECODE_WORKERS = 32  # decode threads of a GPU worker, at most
 
 
 FEATURE_DTYPE = np.float16  # how a training holds its features: half the bytes of float32 (512 MB at 50,000 x 2560)

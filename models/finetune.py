@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .networks import normalizer
 from .preprocess import Preprocessing
 from .runtime import use_bf16
 
@@ -40,13 +41,6 @@ class FinetuneParams:
     patience: int | None = None  # epochs without val-loss improvement before stopping; None: never
     time_budget_s: float | None = None  # seconds for the epoch loop; the best epoch so far is kept
     backbone_lr_scale: float = 1.0  # learning-rate multiplier for the (pretrained) backbone
-
-
-def normalizer(prep: Preprocessing, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 NCHW -> float32 normalised exactly as preprocess.to_array does."""
-    mean = torch.tensor(np.broadcast_to(np.asarray(prep.mean, np.float32), 3).copy(), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(np.broadcast_to(np.asarray(prep.std, np.float32), 3).copy(), device=device).view(1, 3, 1, 1)
-    return lambda x: (x.float() - mean) / std
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:

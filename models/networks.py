@@ -9,6 +9,9 @@ when training starts, from `load_pretrained`.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,3 +132,10 @@ def load_pretrained(backbone: nn.Module, name: str, path: str | None) -> None:
             raise ValueError(f"weights file {path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     else:  # torchvision: load strictly into the full model, then keep its trunk
         backbone.load_state_dict(_TorchvisionTrunk(name, state).state_dict())
+
+
+def normalizer(prep: Preprocessing, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 NCHW -> float32 normalised exactly as preprocess.to_array does."""
+    mean = torch.tensor(np.broadcast_to(np.asarray(prep.mean, np.float32), 3).copy(), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(np.broadcast_to(np.asarray(prep.std, np.float32), 3).copy(), device=device).view(1, 3, 1, 1)
+    return lambda x: (x.float() - mean) / std

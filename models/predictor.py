@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from .onnx_session import felis_metadata, has_onnxruntime, onnx_session
-from .preprocess import Preprocessing, preprocess, preprocess_batch
+from .preprocess import Preprocessing, preprocess, preprocess_batch, preprocess_uint8
 
 
 class Predictor:
@@ -34,6 +34,7 @@ class Predictor:
         self._run_alone = run_alone or run  # the same, for a small batch with the cores to itself
         self.ood = ood  # the open-set calibration (export.ood_metadata) when it scores, else None
         self.concurrent_runs = concurrent_runs  # batches `infer` runs well at the same time, each on its caller's thread
+        self.uint8_input = False  # torch on a GPU: `preprocess` stops at uint8 pixels, the device normalises them
 
     @classmethod
     def from_onnx(cls, onnx: bytes, threads: int = 0, shared_cores: bool = False,
@@ -83,13 +84,17 @@ class Predictor:
         else:
             raise ValueError(f"unknown backend {backend!r}")
         index = ood_index(ckpt) if scores else None
-        return cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend,
-                   ood=ood_metadata(index) if index is not None else None)
+        predictor = cls(ckpt["labels"], Preprocessing.from_dict(ckpt["preprocessing"]), run, backend,
+                        ood=ood_metadata(index) if index is not None else None)
+        predictor.uint8_input = backend == "torch" and dev.type != "cpu"
+        return predictor
 
     def preprocess(self, data: bytes, max_pixels: int | None = None, min_side: int = 0) -> np.ndarray:
-        """One image's bytes -> float32 (3, S, S). Raises images.InvalidImage, also for an image
-        of more than max_pixels (width * height, from its header, before decoding) or with a side
-        under min_side."""
+        """One image's bytes -> float32 (3, S, S), or uint8 for torch on a GPU (uint8_input). Raises
+        images.InvalidImage, also for an image of more than max_pixels (width * height, from its
+        header, before decoding) or with a side under min_side."""
+        if self.uint8_input:
+            return preprocess_uint8(data, self.preprocessing, max_pixels, min_side)
         return preprocess(data, self.preprocessing, max_pixels, min_side)
 
     def preprocess_batch(self, images: list[bytes]) -> np.ndarray:
@@ -107,7 +112,8 @@ class Predictor:
         (float32, higher = less like the training images; NaN when the version has no index)."""
         if len(batch) == 0:
             return np.zeros((0, len(self.labels) + 1), np.float32)
-        return (self._run_alone if alone else self._run)(np.ascontiguousarray(batch, dtype=np.float32))
+        dtype = np.uint8 if self.uint8_input and batch.dtype == np.uint8 else np.float32  # uint8: `preprocess`'s pixels
+        return (self._run_alone if alone else self._run)(np.ascontiguousarray(batch, dtype=dtype))
 
     def postprocess(self, probs: np.ndarray) -> list[dict[str, float]]:
         return [{label: float(p) for label, p in zip(self.labels, row)} for row in probs]
@@ -131,21 +137,42 @@ def _onnx_runner(session):
     return lambda x: _with_score(session.run(["probabilities"], {"images": x})[0], None)
 
 
-def _torch_runner(ckpt: dict, device, threads: int):
+def _torch_runner(ckpt: dict, device, threads: int, score_on_device: bool | None = None):
+    """float32 NCHW, or uint8 pixels normalised on the device -> (N, L + 1); on a GPU (or with
+    score_on_device) the open-set score runs there too (OodIndex.score's operations in torch), so a
+    batch costs the host one copy each way."""
     import torch
 
     from .checkpoint import build_network, ood_index
+    from .networks import normalizer
+    from .ood import MAX_DISTANCE
 
     if device.type == "cpu" and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     net = build_network(ckpt).to(device=device, memory_format=torch.channels_last)
     index = ood_index(ckpt)
+    normalise = normalizer(Preprocessing.from_dict(ckpt["preprocessing"]), device)
+    if score_on_device is None:
+        score_on_device = device.type != "cpu"
+    vectors = torch.from_numpy(index.vectors).to(device) if index is not None and score_on_device else None
+
+    def score(features):
+        if vectors is None:
+            return index.score(features.float().cpu().numpy())
+        x = features.float()[:, : index.dims]
+        sims = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ vectors.T
+        if sims.shape[1] < index.k:
+            return np.full(len(sims), MAX_DISTANCE, np.float32)
+        kth = sims.topk(index.k, dim=1).values[:, -1]
+        return (1.0 - kth).clamp(max=MAX_DISTANCE).cpu().numpy()
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
-        xb = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
-        features = net.features(xb)
+        xb = torch.from_numpy(x).to(device)
+        if xb.dtype == torch.uint8:
+            xb = normalise(xb)
+        features = net.features(xb.contiguous(memory_format=torch.channels_last))
         probs = torch.softmax(net.head(features) / net.temperature, dim=1).float().cpu().numpy()  # = net(xb)
-        return _with_score(probs, index.score(features.float().cpu().numpy()) if index is not None else None)
+        return _with_score(probs, score(features) if index is not None else None)
 
     return run

@@ -98,6 +98,15 @@ def preprocess(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int |
     return to_array(resized_rgb(data, prep, max_pixels, min_side), prep)
 
 
+def preprocess_uint8(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int | None = None,
+                     min_side: int = 0) -> np.ndarray:
+    """Image bytes (or a decoded picture) -> uint8 array (3, image_size, image_size): the same resized
+    pixels as `preprocess`, not yet normalised. For a network on a GPU, which normalises them itself
+    (finetune.normalizer: the same float32 operations as to_array): a quarter of the bytes to copy,
+    and no float work on the decode threads (at 288 px about half of a small image's cost)."""
+    return np.ascontiguousarray(np.asarray(resized_rgb(data, prep, max_pixels, min_side), dtype=np.uint8).transpose(2, 0, 1))
+
+
 def preprocess_batch(items: Iterable[bytes | Image.Image], prep: Preprocessing) -> np.ndarray:
     """Several images -> float32 NCHW batch."""
     arrays = [preprocess(x, prep) for x in items]
@@ -108,5 +117,5 @@ def preprocess_batch(items: Iterable[bytes | Image.Image], prep: Preprocessing) 
 
 def uint8_batch(items: Iterable[bytes | Image.Image], prep: Preprocessing) -> np.ndarray:
     """Several images -> uint8 NCHW batch, resized but not normalised (compact, for augmentation)."""
-    arrays = [np.asarray(resized_rgb(x, prep), dtype=np.uint8).transpose(2, 0, 1) for x in items]
+    arrays = [preprocess_uint8(x, prep) for x in items]
     return np.stack(arrays) if arrays else np.zeros((0, 3, prep.image_size, prep.image_size), np.uint8)

@@ -37,7 +37,7 @@ from .config import InvalidTrainConfig, TrainConfig
 from .evaluate import calibration, evaluate
 from .features import CACHE_CHUNK, FeatureCache, FeatureExtractor, cached_features, warm_extractor
 from .heldout import LabelReport, label_report
-from .finetune import FinetuneParams, normalizer, predict_features, predict_logits, train_network
+from .finetune import FinetuneParams, predict_features, predict_logits, train_network
 from .images import perceptual_hash
 from .ood import OodIndex, fit_ood
 from .preprocess import Preprocessing, uint8_batch
@@ -394,7 +394,7 @@ def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
     net, history = train_network(net, x[tr], yt[tr], x[va], yt[va], job.prep, params, job.device, cfg.seed, job.progress, job.stop)
     job.timings["training"] = time.perf_counter() - t
     job.progress({"phase": "calibrating"})
-    logits = predict_logits(net, x[va].to(job.device), normalizer(job.prep, job.device), job.device)
+    logits = predict_logits(net, x[va].to(job.device), networks.normalizer(job.prep, job.device), job.device)
     if cfg.calibrate and len(va):
         temperature, probs = calibrate.cross_fitted_temperature(logits, y[va], cfg.seed)
     else:
@@ -403,7 +403,7 @@ def _fit_finetune(job: _Job, weights: str | None) -> _Fitted:
     # open set: the trained network's penultimate features; its training images' are fitted (too
     # familiar), so the validation split's scores set the threshold when there is one
     t = time.perf_counter()
-    feats = predict_features(net, x, normalizer(job.prep, job.device), job.device)
+    feats = predict_features(net, x, networks.normalizer(job.prep, job.device), job.device)
     held_out = feats[va] if len(va) else None
     fitted = tr if len(tr) >= 2 else np.arange(len(y))  # a degenerate split: every image
     ood = fit_ood(feats[fitted], y[fitted], seed=cfg.seed, dims=_ood_dims(cfg, feats.shape[1]), groups=job.groups[fitted], held_out=held_out)

@@ -34,6 +34,38 @@ def test_decoding_on_a_pool_gives_the_same_features_in_order(small_catvnoncat):
     assert seen == [4, 8, 11]
 
 
+def test_the_torch_backend_normalises_uint8_pixels_itself_to_the_same_features(small_catvnoncat):
+    """On a GPU the decode threads stop at uint8 pixels and the device normalises them: the features
+    are bit for bit those of float32 pixels from preprocess (same extractor id, so cached ones stay valid)."""
+    loads = [s.load for s in small_catvnoncat[:9]]
+    ex = _extractor(batch_size=4, backend="torch", decode_workers=2)
+    floats = ex._run_torch(np.stack([preprocess(load(), ex.prep) for load in loads]))
+    np.testing.assert_array_equal(ex.extract(loads), floats)
+    assert _extractor(batch_size=4, backend="torch").extractor_id == ex.extractor_id
+
+
+def test_a_stop_while_images_are_decoded_ahead_drops_them(small_catvnoncat):
+    """Decoding runs batches ahead of the network; a stop raises at once and leaves no decode running."""
+    import threading
+
+    loads = [s.load for s in small_catvnoncat[:40]]
+    calls = []
+
+    def stop():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+
+    before = threading.active_count()
+    try:
+        _extractor(batch_size=4, decode_workers=2).extract(loads, should_stop=stop)
+    except RuntimeError as e:
+        assert str(e) == "stopped"
+    else:
+        raise AssertionError("the stop did not raise")
+    assert threading.active_count() == before
+
+
 def test_cache_is_used_and_duplicates_computed_once(small_catvnoncat):
     ex, cache = _extractor(), MemoryFeatureCache()
     samples = small_catvnoncat[:6]

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from models import finetune, networks
-from models.finetune import FinetuneParams, augment, normalizer, train_network
+from models.finetune import FinetuneParams, augment, train_network
+from models.networks import normalizer
 from models.preprocess import Preprocessing
 from models.train import TrainConfig, train
 

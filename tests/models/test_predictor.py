@@ -91,3 +91,26 @@ def test_shared_cores_runs_alone_batches_in_a_second_session_with_the_same_answe
     assert as_peers_run_it.concurrent_runs == 1
     np.testing.assert_allclose(as_peers_run_it.infer(x), p.infer(x), atol=1e-6)
     np.testing.assert_allclose(plain.infer(x, alone=True), p.infer(x), atol=1e-6)
+
+
+def test_the_gpu_path_takes_uint8_pixels_and_scores_on_the_device_as_the_cpu_path_does(trained_fp32, photo_bytes):
+    """Torch on a GPU: preprocess stops at uint8, the runner normalises on the device and computes the
+    open-set score there (torch's operations of OodIndex.score); run here on the CPU with the same code."""
+    import torch
+
+    from models.predictor import _torch_runner
+    from models.preprocess import Preprocessing, preprocess_uint8
+
+    ckpt = trained_fp32.checkpoint
+    cpu = Predictor.from_checkpoint(ckpt, backend="torch")
+    assert not cpu.uint8_input and cpu.preprocess(photo_bytes[0]).dtype == np.float32
+    gpu_style = Predictor(cpu.labels, cpu.preprocessing, _torch_runner(ckpt, torch.device("cpu"), 2, score_on_device=True), "torch")
+    gpu_style.uint8_input = True
+    pixels = np.stack([gpu_style.preprocess(b) for b in photo_bytes])
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, np.stack([preprocess_uint8(b, Preprocessing.from_dict(ckpt["preprocessing"])) for b in photo_bytes]))
+    expected = cpu.infer_scored(cpu.preprocess_batch(photo_bytes))
+    got = gpu_style.infer_scored(pixels)
+    assert not np.isnan(expected[:, -1]).any()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(gpu_style.infer_scored(cpu.preprocess_batch(photo_bytes)), expected, atol=1e-5)  # float32 still works
