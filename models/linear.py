@@ -23,6 +23,8 @@ takes as many as its slowest head.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import threading
 import time
@@ -42,6 +44,21 @@ TOLERANCE_GRAD = 1e-6  # L-BFGS stops when every gradient entry (preconditioned 
 TOLERANCE_CHANGE = 1e-10  # ... or when an iteration changes the loss (or any parameter) by less than this
 DENSE_ELEMENTS = 1 << 23  # a fit of at most this many values (32 MB as float32) copies its rows once instead
 TRACE: list[dict] | None = None  # a list: every fit_joint appends {heads, rows, passes, seconds} (bench/train_scale.py --trace)
+DEVICE_ROWS = 8192  # rows of a device pass's GEMM at once (float32 sums within, float64 across)
+_PASSES_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("passes_device", default=None)
+
+
+@contextlib.contextmanager
+def passes_on(device: torch.device | None):
+    """The fits started on this thread inside the block run their passes on `device` (a training on
+    a GPU: models/train.py), the rows copied there once a fit; None: on the CPU workers (_Passes).
+    On an H200 host, whose 16 vCPUs gave the CPU passes less than this machine's 2 do, the head of
+    the 50,000-image training took 26 s of 104 (bench/RESULTS.md)."""
+    token = _PASSES_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _PASSES_DEVICE.reset(token)
 
 
 class Stopped(Exception):
@@ -165,8 +182,10 @@ def fit_joint(X: np.ndarray, y: np.ndarray, num_classes: int, specs: Sequence[Sp
     workers, started = max(1, workers or torch.get_num_threads()), time.perf_counter()
     for l2 in {s.l2 for s in specs} if preconditioner is not None else ():
         preconditioner.factor(l2)  # a Cholesky of D x D (0.1-0.2 s at D = 2560), on the process's threads
+    device = _PASSES_DEVICE.get()
     with torch_threads(1):  # the workers are the parallelism: one torch thread each
-        passes = _Passes(X, y, num_classes, [_rows(X, s.rows) for s in specs], workers, should_stop)
+        passes = (_Passes(X, y, num_classes, [_rows(X, s.rows) for s in specs], workers, should_stop) if device is None
+                  else _DevicePasses(X, y, num_classes, [_rows(X, s.rows) for s in specs], device, should_stop))
         try:
             mean, std = passes.standardisation()
             solvers = [_Solver(m, s, float(passes.count[m]), mean[m].clone(), np.where(std[m].numpy() > 1e-6, std[m].numpy(), 1.0),
@@ -190,10 +209,8 @@ class _Passes:
 
     def __init__(self, X, y, num_classes, rows: list[np.ndarray], workers: int, should_stop):
         self.Xt, self.k, self.should_stop, self.passes = torch.from_numpy(np.asarray(X)), num_classes, should_stop, 0
-        self.union = union = np.unique(np.concatenate(rows)) if len(rows) > 1 else np.sort(rows[0])
-        member = np.zeros((len(union), len(rows)), np.float32)  # how often each row counts in each head (0 or 1)
-        for m, r in enumerate(rows):
-            np.add.at(member[:, m], np.searchsorted(union, r), 1.0)
+        self.union, member = _membership(rows)  # member: how often each row counts in each head (0 or 1)
+        union = self.union
         d = X.shape[1]
         self.dense = None
         if len(union) * d <= DENSE_ELEMENTS:  # small: the rows once as float32, a block per worker (no gather per pass)
@@ -358,6 +375,90 @@ class _Passes:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def _membership(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted union of the heads' rows, (union, heads) float32: how often each row counts in each head)."""
+    union = np.unique(np.concatenate(rows)) if len(rows) > 1 else np.sort(rows[0])
+    member = np.zeros((len(union), len(rows)), np.float32)
+    for m, r in enumerate(rows):
+        np.add.at(member[:, m], np.searchsorted(union, r), 1.0)
+    return union, member
+
+
+class _DevicePasses:
+    """_Passes on a device (a GPU): the union of the heads' rows copied there once as float32
+    (50,000 x 2560: 512 MB of the card), then each pass is the same loss and gradient as
+    _Passes.loss for every head at once, DEVICE_ROWS rows a GEMM, summed in float64; what goes back
+    to the solvers (on the host) is a few (K, D) sums a pass."""
+
+    def __init__(self, X, y, num_classes, rows: list[np.ndarray], device: torch.device, should_stop):
+        self.k, self.should_stop, self.passes, self.device = num_classes, should_stop, 0, device
+        self.union, member = _membership(rows)
+        self.Xt = torch.from_numpy(np.asarray(X))
+        self.x = torch.empty(len(self.union), X.shape[1], device=device)
+        for s in range(0, len(self.union), DEVICE_ROWS):  # gathered a chunk at a time: no whole copy on the host
+            should_stop()
+            self.x[s : s + DEVICE_ROWS] = self.Xt[torch.from_numpy(self.union[s : s + DEVICE_ROWS])].to(device).float()
+        self.onehot = torch.nn.functional.one_hot(torch.from_numpy(y[self.union].astype(np.int64)), num_classes).float().to(device)
+        self.member = torch.from_numpy(member).to(device)
+        self.count = torch.from_numpy(member.sum(0).astype(np.float64))  # rows per head
+
+    def _chunks(self):
+        for s in range(0, len(self.union), DEVICE_ROWS):
+            self.should_stop()
+            yield self.x[s : s + DEVICE_ROWS], self.onehot[s : s + DEVICE_ROWS], self.member[s : s + DEVICE_ROWS]
+
+    def standardisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float64 (heads, D) of each head's rows, on the host: sums of the rows centred
+        on their overall mean (float32 GEMMs a chunk, float64 across)."""
+        centre = self.x.mean(0)
+        heads, d = self.member.shape[1], self.x.shape[1]
+        s1 = torch.zeros(heads, d, dtype=torch.float64, device=self.device)
+        s2 = torch.zeros_like(s1)
+        for x, _, mk in self._chunks():
+            dev = x - centre
+            s1 += (mk.T @ dev).double()
+            s2 += (mk.T @ (dev * dev)).double()
+        n = self.count.to(self.device)[:, None].clamp(min=1)
+        mean = s1 / n
+        return (centre.double() + mean).cpu(), (s2 / n - mean * mean).clamp(min=0).sqrt().cpu()
+
+    def loss(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[float, torch.Tensor, torch.Tensor]]:
+        """As _Passes.loss (class 0's differences only, K - 1 columns a head)."""
+        heads, k, dev = list(batch), self.k, self.device
+        self.passes += 1
+        w = torch.cat([batch[m][0][1:] - batch[m][0][0] for m in heads]).to(dev)  # (heads x (K-1), D)
+        b = torch.cat([batch[m][1][1:] - batch[m][1][0] for m in heads]).to(dev)
+        cols = torch.tensor(heads, device=dev)
+        h, d = len(heads), self.x.shape[1]
+        loss_sum = torch.zeros(h, dtype=torch.float64, device=dev)
+        gx = torch.zeros(h * (k - 1), d, dtype=torch.float64, device=dev)
+        gb = torch.zeros(h * (k - 1), dtype=torch.float64, device=dev)
+        for x, onehot, member in self._chunks():
+            mk, n = member[:, cols], len(x)
+            if k == 2:
+                z = torch.addmm(b, x, w.T)
+                yf = onehot[:, 1:]
+                loss = (torch.nn.functional.softplus(z) - yf * z) * mk
+                g = (torch.sigmoid(z) - yf) * mk
+            else:
+                z = torch.cat([torch.zeros(n, h, 1, device=dev), torch.addmm(b, x, w.T).view(n, h, k - 1)], 2)
+                loss = (torch.logsumexp(z, 2) - (z * onehot[:, None, :]).sum(2)) * mk
+                g = torch.softmax(z, 2)
+                g -= onehot[:, None, :]
+                g *= mk[:, :, None]
+                g = g[:, :, 1:].reshape(n, h * (k - 1))
+            loss_sum += loss.double().sum(0)
+            gx += (g.T @ x).double()
+            gb += g.double().sum(0)
+        loss_sum, gx, gb = loss_sum.cpu(), gx.cpu().view(h, k - 1, d), gb.cpu().view(h, k - 1)
+        gx = torch.cat([-gx.sum(1, keepdim=True), gx], 1)  # class 0's: minus the others' (G's rows sum to zero)
+        gb = torch.cat([-gb.sum(1, keepdim=True), gb], 1)
+        return {m: (float(loss_sum[i]), gx[i], gb[i]) for i, m in enumerate(heads)}
+
+    def close(self):
+        self.x = self.onehot = self.member = None
 
 
 class _Solver:

@@ -199,7 +199,8 @@ def train(samples: list[Sample], config: TrainConfig, *, device: str = "cpu", fe
     # 2. the model: frozen features + linear head, or end-to-end training
     arch, prep = _architecture(cfg, len(labels)), _preprocessing(cfg)
     job = _Job(samples, y, tr, va, groups, cfg, arch, prep, dev, emit, stop, timings)
-    fitted = _fit_linear(job, feature_cache, pretrained_weights) if cfg.mode == "linear" else _fit_finetune(job, pretrained_weights)
+    with linear.passes_on(dev if dev.type == "cuda" else None):  # a GPU worker fits the head there too
+        fitted = _fit_linear(job, feature_cache, pretrained_weights) if cfg.mode == "linear" else _fit_finetune(job, pretrained_weights)
 
     # 3. honest metrics on held-out images, before and after the temperature
     t = time.perf_counter()

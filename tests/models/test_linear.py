@@ -93,3 +93,43 @@ def test_a_joint_fit_stops_when_asked_and_leaves_no_thread(monkeypatch, workers)
         linear.fit_joint(X, y, 3, [linear.Spec(None, 0.01), linear.Spec(np.arange(200), 0.1)], should_stop=should_stop, workers=workers)
     assert threading.active_count() == before
 
+
+
+def test_passes_on_a_device_give_the_heads_the_cpu_passes_give(monkeypatch):
+    """A GPU training's head (linear.passes_on): the same loss and gradient, summed on the device, so
+    the same heads as the CPU workers' passes. Run here with device "cpu": the same code and torch ops."""
+    X, y = _blobs(n=400, d=40)
+    y2 = (y == 0).astype(np.int64)
+    rng = np.random.default_rng(5)
+    a = np.sort(rng.choice(400, 300, replace=False))
+    monkeypatch.setattr(linear, "DEVICE_ROWS", 64)  # several chunks a pass
+    made = []
+    real = linear._DevicePasses.__init__
+    monkeypatch.setattr(linear._DevicePasses, "__init__", lambda self, *a, **k: (made.append(1), real(self, *a, **k))[1])
+    Xh = X.astype(np.float16)
+    for labels, k in ((y, 3), (y2, 2)):
+        specs = [linear.Spec(a, 0.1), linear.Spec(None, 0.01)]
+        host = linear.fit_joint(Xh, labels, k, specs, workers=2)
+        with linear.passes_on(torch.device("cpu")):
+            dev = linear.fit_joint(Xh, labels, k, specs)
+        for h, d in zip(host, dev):
+            np.testing.assert_allclose(d.mean, h.mean, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(d.scale, h.scale, rtol=1e-4)
+            np.testing.assert_allclose(d.logits(Xh), h.logits(Xh), atol=2e-2)
+    assert len(made) == 2
+    linear.fit_joint(Xh, y, 3, [linear.Spec(None, 0.1)], workers=1)  # outside the block: the CPU passes again
+    assert len(made) == 2
+
+
+def test_a_device_fit_stops_when_asked(monkeypatch):
+    X, y = _blobs(n=300)
+    monkeypatch.setattr(linear, "DEVICE_ROWS", 32)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        if len(calls) > 20:
+            raise KeyboardInterrupt
+
+    with linear.passes_on(torch.device("cpu")), pytest.raises(KeyboardInterrupt):
+        linear.fit_joint(X, y, 3, [linear.Spec(None, 0.01), linear.Spec(np.arange(200), 0.1)], should_stop=should_stop)
