@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
 
 from models import networks  # noqa: E402
+from models.malloc import keep_freed_memory  # noqa: E402
 from models.preprocess import preprocess, preprocess_uint8  # noqa: E402
 
 
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
+    keep_freed_memory()  # as the worker and the API do at start (models/malloc.py): no mmap + page faults per image
     prep = networks.default_preprocessing("efficientnet_lite0", 288)
     sets = {"CIFAR-10 32x32": cifar(args.images),
             "photos/test": [p.read_bytes() for p in sorted((DATASETS / "photos" / "test").glob("*/*.jpg"))]}
