@@ -134,6 +134,13 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
         if all(p.parent == folder for p in files):
             raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
                              "the label, pass a label for all of them, or upload them unlabeled")
+        splits = sorted({p.relative_to(folder).parts[0] for p in files
+                         if len(p.relative_to(folder).parts) >= 3 and p.relative_to(folder).parts[0].lower() in SPLIT_FOLDERS})
+        if splits:  # the service could not tell once the subfolders are flattened into names
+            listed = ", ".join(f"{s}/" for s in splits)
+            raise ValueError(f"{folder} has split folders with folders inside ({listed}): felis would read "
+                             f"{' and '.join(splits)} as labels. Upload a folder that holds one folder per label "
+                             f"({folder / splits[0]}, say), one split at a time: felis keeps its own validation split")
         members = []
         for p in files:
             parts = p.relative_to(folder).parts
@@ -144,6 +151,10 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
     by_path = dict(members)
     for chunk in _chunks([p for p, _ in members], max_files, max_bytes):
         yield Batch(archive=_zip([(p, by_path[p]) for p in chunk]), temporary=True)
+
+
+# folder names of a dataset's splits (as service.domain.uploads.SPLIT_FOLDERS: the client imports no service code)
+SPLIT_FOLDERS = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval", "holdout"})
 
 
 def _flat(parts: tuple[str, ...]) -> str:

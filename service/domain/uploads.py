@@ -148,6 +148,7 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
     names = [_member_name(i) for i in infos]
     problems = [_member_problem(info, name, settings) for info, name in zip(infos, names, strict=True)]
     wrapper = _wrapper([name for name, problem in zip(names, problems, strict=True) if problem is None])
+    _refuse_split_folders([name for name, problem in zip(names, problems, strict=True) if problem is None], wrapper)
     out: list[Candidate] = []
     for info, name, reason in zip(infos, names, problems, strict=True):
         parts = PurePosixPath(name).parts
@@ -238,6 +239,29 @@ def _wrapper(names: list[str]) -> tuple[str, ...]:
     while images and all(len(p) >= depth + 3 for p in images) and len({p[depth] for p in images}) == 1:
         depth += 1
     return images[0][:depth] if depth else ()
+
+
+SPLIT_FOLDERS = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval", "holdout"})
+
+
+def _refuse_split_folders(names: list[str], wrapper: tuple[str, ...]) -> None:
+    """A dataset zipped with its splits (train/cat/, test/cat/) would have 'train' and 'test' as its
+    labels, each holding every class: refused (InvalidRequest split_folders), naming the folders.
+    A split folder that holds images itself is a label (pictures of trains); one split alone
+    wraps its label folders (_wrapper) and is read as they are."""
+    splits = set()
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if parts[:len(wrapper)] == wrapper:
+            parts = parts[len(wrapper):]
+        if len(parts) >= 3 and parts[0].lower() in SPLIT_FOLDERS and PurePosixPath(parts[-1]).suffix.lower() in _IMAGE_SUFFIXES:
+            splits.add(parts[0])
+    if splits:
+        listed = ", ".join(f"{s}/" for s in sorted(splits))
+        raise InvalidRequest(
+            f"the archive has split folders with folders inside ({listed}): felis would read {' and '.join(sorted(splits))} as labels. "
+            "Zip one folder per label at the top (cat/, noncat/), the splits' images together or one split at a "
+            "time: felis keeps its own validation split", code="split_folders")
 
 
 def _member_problem(info: zipfile.ZipInfo, name: str, settings: Settings) -> str | None:

@@ -108,6 +108,29 @@ def test_a_folder_per_label_becomes_an_archive(tmp_path):
     assert not batches[0].archive.exists()  # temporary zips are removed
 
 
+def test_a_folder_of_split_folders_is_refused_before_anything_is_sent(tmp_path):
+    """myset/train/cat/, myset/test/cat/: before, each image went up as train/cat_1.jpg, the label
+    'train' holding every class (the service cannot tell once the subfolders are flattened)."""
+    for split in ("train", "test"):
+        for label in ("cat", "noncat"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for src in asset_images("train", label)[:2]:
+                (tmp_path / split / label / src.name).write_bytes(src.read_bytes())
+    with pytest.raises(ValueError, match=r"split folders with folders inside \(test/, train/\).*one folder per label"):
+        list(up.plan(tmp_path))
+    (batch,) = list(up.plan(tmp_path / "train"))  # one split: its label folders are the labels
+    assert {n.split("/")[0] for n in _members(batch)} == {"cat", "noncat"}
+    batch.cleanup()
+    (tmp_path / "trains").mkdir()
+    (tmp_path / "trains" / "a.jpg").write_bytes(asset_images("train", "cat")[0].read_bytes())
+    (tmp_path / "train" / "b.jpg").write_bytes(asset_images("train", "cat")[1].read_bytes())
+    with pytest.raises(ValueError, match="train/"):  # train/ still holds folders
+        list(up.plan(tmp_path))
+    from service.domain.uploads import SPLIT_FOLDERS
+
+    assert up.SPLIT_FOLDERS == SPLIT_FOLDERS  # the client's copy of the service's names
+
+
 def test_a_flat_folder_needs_a_label_and_then_gets_it(tmp_path):
     for p in asset_images("train", "cat")[:3]:
         (tmp_path / p.name).write_bytes(p.read_bytes())

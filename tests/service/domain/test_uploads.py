@@ -216,6 +216,35 @@ def test_wrapping_folders_are_told_by_the_images(session, store, settings, names
     assert datasets.label_counts(session, ds) == {"cat": 1, "noncat": 1}
 
 
+@pytest.mark.parametrize("names", [
+    ["myset/train/cat/a.jpg", "myset/train/noncat/b.png", "myset/test/cat/c.jpg"],  # zip -r of a split dataset
+    ["Train/cat/a.jpg", "Train/noncat/b.png", "Val/noncat/c.jpg"],  # without a wrapper, any case
+    ["set/test/cat/a.jpg", "set/test/noncat/b.png", "set/dog/c.jpg"],  # a split folder beside a label folder
+])
+def test_a_zip_of_split_folders_is_refused_not_read_as_labels_train_and_test(session, store, settings, names):
+    """train/cat/, test/cat/: before, the split folders became the labels ('train', 'test'), each
+    holding cats and non-cats alike. Refused, with what to zip instead; nothing stored."""
+    ds = datasets.create(session, "pets")
+    images = [p.read_bytes() for p in asset_images("train", "cat")[:2] + asset_images("train", "noncat")[:1]]
+    with pytest.raises(InvalidRequest) as e:
+        uploads.ingest(session, store, ds, uploads.archive_candidates(_zip(dict(zip(names, images))), settings), settings)
+    assert e.value.code == "split_folders"
+    split = names[0].split("/")[-3]
+    assert f"{split}/" in str(e.value) and "split folders with folders inside" in str(e.value) and "one folder per label" in str(e.value)
+    assert session.query(Image).count() == 0
+
+
+@pytest.mark.parametrize("names, labels", [
+    (["set/train/a.jpg", "set/cat/b.jpg"], {"cat": 1, "train": 1}),  # pictures of trains: train/ holds images, it is a label
+    (["export/set/validation/cat/a.jpg", "export/set/validation/noncat/b.png"], {"cat": 1, "noncat": 1}),  # one split alone wraps
+])
+def test_split_names_that_are_labels_or_wrappers_are_read_as_such(session, store, settings, names, labels):
+    ds = datasets.create(session, "pets")
+    images = [p.read_bytes() for p in asset_images("train", "cat")[:1] + asset_images("train", "noncat")[:1]]
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(_zip(dict(zip(names, images))), settings), settings)
+    assert datasets.label_counts(session, ds) == labels and report.count("created") == 2
+
+
 def test_a_zip_of_utf8_names_without_the_utf8_flag_keeps_its_names(session, store, settings):
     """Some zip tools write UTF-8 names without setting the flag that says so; read as code page
     437 (zipfile's rule), Café.jpg came out Cafe\u2560\u00fc.jpg. Names that decode as UTF-8 are UTF-8."""
