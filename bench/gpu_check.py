@@ -515,7 +515,6 @@ async def _drive(predictor, images: list[bytes], concurrency: int, max_batch: in
     pool = ThreadPoolExecutor(cpu_count(), thread_name_prefix="decode")
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
-    sizes: list[int] = []
     start = time.perf_counter()
     measure, end = start + warmup_s, start + warmup_s + seconds
 
