@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     training_time_limit: int = 3900  # seconds; hard kill by Celery
     training_lease_seconds: int = 120  # a running training whose heartbeat is older is stale (>= 1.5 x db_retry_seconds)
     training_redeliver_after_seconds: int = 1800  # a queued training sent this long ago and never claimed is sent again
+    # ... and sooner, this long after it was sent, when the broker's queue is empty: its message was lost
+    # (a Redis restart without its data); a message in the queue still waits for redeliver_after
+    training_lost_after_seconds: int = Field(60, ge=1)
     training_sweep_seconds: float = 0  # how often each worker sweeps for stale and unsent trainings; 0: lease / 4 (at least 5 s)
     db_retry_seconds: float = 60  # a worker retries progress and heartbeat writes through a database outage this long
     keep_versions: int = 0  # retention: keep the newest N versions of each dataset (and the default); 0 keeps all

@@ -90,11 +90,11 @@ def _start_sweep_loop(**_: object) -> None:
         from service.domain.trainings import sweep
         from service.store.blobs import get_store
         from service.store.db import new_session
-        from service.store.queue import enqueue_shard, enqueue_training
+        from service.store.queue import enqueue_shard, enqueue_training, queue_depth
 
         while not stop.wait(interval):
             try:
-                sweep(settings, enqueue_training, enqueue_shard=enqueue_shard)
+                sweep(settings, enqueue_training, enqueue_shard=enqueue_shard, queue_empty=lambda: queue_depth() == 0)
                 with new_session() as session:
                     cleanup.purge(session, get_store())
                     cleanup.collect(session, get_store(), settings)

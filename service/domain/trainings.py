@@ -540,7 +540,7 @@ def fail_shard(shard_id: int, token: str, code: str, message: str) -> None:
             status=Status.FAILED, finished_at=_now(s), error={"code": code, "message": message}))
 
 
-def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float) -> tuple[dict[str, int], list[int], list[str]]:
+def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float, redeliver_s: float) -> tuple[dict[str, int], list[int], list[str]]:
     """Shards of extracting trainings: a silent RUNNING one QUEUED again (or, past MAX_ATTEMPTS,
     its training FAILED worker_lost); QUEUED ones never confirmed sent, or sent long ago, to send;
     trainings whose shards are all DONE but still EXTRACTING (a safety net) QUEUED."""
@@ -566,7 +566,7 @@ def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float) -> tupl
         TrainingShard.status == ShardStatus.QUEUED, TrainingShard.training_id.in_(waiting),
         or_(and_(TrainingShard.enqueued_at.is_(None), TrainingShard.created_at < _ago(s, unsent_grace_s)),
             and_(TrainingShard.enqueued_at.is_(None), TrainingShard.attempts > 0),
-            TrainingShard.enqueued_at < _ago(s, settings.training_redeliver_after_seconds)))))
+            TrainingShard.enqueued_at < _ago(s, redeliver_s)))))
     extracted = []
     for training_id in s.scalars(waiting.where(~Training.id.in_(
             select(TrainingShard.training_id).where(TrainingShard.status != ShardStatus.DONE)))).all():
@@ -579,10 +579,20 @@ def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float) -> tupl
 
 
 def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s: float = 5.0,
-          enqueue_shard: Callable[[int], None] | None = None) -> dict[str, int]:
+          enqueue_shard: Callable[[int], None] | None = None, queue_empty: Callable[[], bool] | None = None) -> dict[str, int]:
     """Settle what a dead worker, a dead API or a down broker left behind; returns counts.
-    enqueue_shard: how shard messages are sent (None: shards are not swept)."""
+    enqueue_shard: how shard messages are sent (None: shards are not swept). queue_empty: whether
+    the broker's queue holds no message now (None: unknown); when it does not, whatever was sent
+    more than training_lost_after_seconds ago and is still unclaimed lost its message and is sent
+    again (a message delivered meanwhile finds its training claimed and does nothing)."""
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "sent": 0}
+    redeliver = settings.training_redeliver_after_seconds
+    if queue_empty is not None and settings.training_lost_after_seconds < redeliver:
+        try:
+            if queue_empty():
+                redeliver = settings.training_lost_after_seconds
+        except Exception:  # noqa: BLE001 -- the broker unreachable: the next sweep looks again
+            log.debug("sweep: the queue's depth is unknown", exc_info=True)
     lease = settings.training_lease_seconds
     requeued: list[str] = []
     with session_scope() as s:
@@ -614,9 +624,9 @@ def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s:
         unsent = s.scalars(select(Training.id).where(
             Training.status == Status.QUEUED, Training.cancel_requested.is_(False),
             or_(and_(Training.enqueued_at.is_(None), Training.created_at < _ago(s, unsent_grace_s)),
-                Training.enqueued_at < _ago(s, settings.training_redeliver_after_seconds)),
+                Training.enqueued_at < _ago(s, redeliver)),
         )).all()
-        shard_counts, shards, extracted = _sweep_shards(s, settings, unsent_grace_s) if enqueue_shard else ({}, [], [])
+        shard_counts, shards, extracted = _sweep_shards(s, settings, unsent_grace_s, redeliver) if enqueue_shard else ({}, [], [])
     counts.update(shard_counts)
     for training_id in dict.fromkeys([*requeued, *extracted, *unsent]):
         if send(training_id, enqueue):

@@ -105,6 +105,31 @@ def test_a_training_whose_message_was_never_sent_is_sent_by_the_sweep(session, s
     assert trainings.sweep(settings, sent.append)["sent"] == 1 and sent[-1] == lost  # ...unless never claimed for long
 
 
+def test_a_sent_message_the_broker_lost_is_sent_again_once_the_queue_is_seen_empty(session, settings, pets):
+    """A Redis restart without its data: the training was sent, its message is gone, no worker will
+    ever claim it. Before, it waited training_redeliver_after_seconds (30 minutes). Now a sweep that
+    finds the broker's queue empty sends what was sent training_lost_after_seconds ago and is unclaimed;
+    a queue that still holds messages (a long queue on purpose) or cannot be read changes nothing."""
+    t = _queued(session, settings)
+    assert trainings.send(t, lambda _id: None)
+    _age(session, t, settings.training_lost_after_seconds + 1, Training.enqueued_at)
+    sent: list[str] = []
+
+    def unreadable() -> bool:
+        raise ConnectionError("broker down")
+
+    for queue_empty in (None, lambda: False, unreadable):
+        assert trainings.sweep(settings, sent.append, queue_empty=queue_empty)["sent"] == 0
+    assert trainings.sweep(settings, sent.append, queue_empty=lambda: True)["sent"] == 1 and sent == [t]
+    assert trainings.sweep(settings, sent.append, queue_empty=lambda: True)["sent"] == 0  # just sent: not again at once
+    fresh = _queued(session, settings)
+    assert trainings.send(fresh, lambda _id: None)
+    assert trainings.sweep(settings, sent.append, queue_empty=lambda: True)["sent"] == 0  # sent a moment ago: on its way
+    token = trainings.claim(t, "w1", settings.training_lease_seconds)
+    _age(session, fresh, settings.training_lost_after_seconds + 1, Training.enqueued_at)
+    assert token and trainings.sweep(settings, sent.append, queue_empty=lambda: True)["sent"] == 1 and sent[-1] == fresh
+
+
 def test_claims_are_exclusive_and_a_duplicate_message_is_harmless(session, settings, pets):
     t = _queued(session, settings)
     token = trainings.claim(t, "w1", settings.training_lease_seconds)
