@@ -67,7 +67,15 @@ def _open(data: bytes) -> Image.Image:
             raise InvalidImage("unsupported_format", f"{known} is not supported: convert it to JPEG or PNG") from None
         raise InvalidImage("not_an_image", "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as e:  # broken headers
+        if _riff_webp_cut_short(data):
+            raise InvalidImage("truncated_image", f"the WebP file is truncated: {len(data)} of the "
+                               f"{int.from_bytes(data[4:8], 'little') + 8} bytes its header announces") from None
         raise InvalidImage("not_an_image", f"unreadable image header: {e}") from None
+
+
+def _riff_webp_cut_short(data: bytes) -> bool:
+    """A WebP (RIFF....WEBP) shorter than its RIFF header's size: Pillow cannot open it at all."""
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) < int.from_bytes(data[4:8], "little") + 8
 
 
 def _load(img: Image.Image) -> None:

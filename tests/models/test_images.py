@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import ImageInfo, InvalidImage, decode_rgb, hamming, inspect_image, perceptual_hash
+from models.images import ImageInfo, InvalidImage, decode_rgb, hamming, inspect_and_hash, inspect_image, perceptual_hash
 
 MAX_PIXELS = 50_000_000
 
@@ -107,6 +107,20 @@ def test_truncated_jpeg_and_png(photo_bytes, photo):
     with pytest.raises(InvalidImage) as e:
         inspect_image(photo_bytes[0][: len(photo_bytes[0]) // 2], max_pixels=MAX_PIXELS)
     assert e.value.code == "truncated_image"
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_a_truncated_webp_is_truncated_not_unknown(photo, fraction):
+    """Pillow cannot even open a cut WebP ('could not create decoder object'): it answered not_an_image,
+    as if the bytes were no image at all. Its RIFF header says how long it should be."""
+    data = _encode(photo, "WEBP")
+    for check in (lambda d: inspect_image(d, max_pixels=MAX_PIXELS), lambda d: inspect_and_hash(d, max_pixels=MAX_PIXELS), decode_rgb):
+        with pytest.raises(InvalidImage) as e:
+            check(data[: int(len(data) * fraction)])
+        assert e.value.code == "truncated_image" and "WebP" in e.value.message
+    with pytest.raises(InvalidImage) as e:  # a RIFF file of another kind is still no image of ours
+        inspect_image(b"RIFF" + (100).to_bytes(4, "little") + b"WAVEfmt " + bytes(20), max_pixels=MAX_PIXELS)
+    assert e.value.code == "not_an_image"
 
 
 def _png_claiming(width: int, height: int) -> bytes:
