@@ -83,6 +83,10 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_RESTARTS = 5  # `felis up` starts a new worker when its worker exits, up to this many times...
+WORKER_RESTART_WINDOW_S = 600.0  # ... within this many seconds; then it stops
+
+
 def _up(args: argparse.Namespace) -> int:
     """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
     from service.config import bind_refusal, get_settings
@@ -97,10 +101,11 @@ def _up(args: argparse.Namespace) -> int:
     init_db()
     exe = [sys.executable, "-m", "service.cli"]
     port = str(args.port or settings.port)
-    procs = [
-        subprocess.Popen(exe + ["worker", "--queues", GPU_QUEUE, "--concurrency", "1"]),
-        subprocess.Popen(exe + ["api", "--port", port]),
-    ]
+
+    def start_worker() -> subprocess.Popen:
+        return subprocess.Popen(exe + ["worker", "--queues", GPU_QUEUE, "--concurrency", "1"])
+
+    procs = [start_worker(), subprocess.Popen(exe + ["api", "--port", port])]
     print(f"felis: embedded mode, data in {settings.data_dir}, API on http://{settings.host}:{port}", flush=True)
     stopping = False
 
@@ -111,10 +116,18 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0
+    worker_starts: list[float] = [time.monotonic()]
     while not stopping:
-        for p in procs:
-            if p.poll() is not None:
-                print(f"felis: a child process exited with {p.returncode}; stopping", file=sys.stderr)
+        for i, p in enumerate(procs):
+            if p.poll() is None or stopping:
+                continue
+            recent = [t for t in worker_starts if time.monotonic() - t < WORKER_RESTART_WINDOW_S]
+            if i == 0 and len(recent) < WORKER_RESTARTS:  # the worker (its watchdog stops a wedged one): start another
+                print(f"felis: the worker exited with {p.returncode}; starting a new one", file=sys.stderr, flush=True)
+                procs[0] = start_worker()
+                worker_starts = recent + [time.monotonic()]
+            else:
+                print(f"felis: {'the worker' if i == 0 else 'the API'} exited with {p.returncode}; stopping", file=sys.stderr)
                 code, stopping = p.returncode or 1, True
         time.sleep(0.2)
     for p in procs:

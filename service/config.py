@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # ... and sooner, this long after it was sent, when the broker's queue is empty: its message was lost
     # (a Redis restart without its data); a message in the queue still waits for redeliver_after
     training_lost_after_seconds: int = Field(60, ge=1)
+    # a message the worker took and no pool process started this long (the process it went to died) is
+    # given back to the broker (worker/watchdog.py); 0: never
+    worker_stuck_task_seconds: float = Field(60, ge=0)
     training_sweep_seconds: float = 0  # how often each worker sweeps for stale and unsent trainings; 0: lease / 4 (at least 5 s)
     db_retry_seconds: float = 60  # a worker retries progress and heartbeat writes through a database outage this long
     keep_versions: int = 0  # retention: keep the newest N versions of each dataset (and the default); 0 keeps all

@@ -27,6 +27,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # for Flower
     )
+    from worker.watchdog import StuckTaskWatchdog
+
+    app.steps["consumer"].add(StuckTaskWatchdog)  # a message no pool process started is given back
     return app
 
 

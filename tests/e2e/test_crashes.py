@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ASSETS, DATASETS, needs_datasets, zip_folder
 from tests.utils import servers
 from tests.utils.processes import (Proc, create_postgres_database, felis_env, free_port, migrate, wait_ready,
-                                   wait_training)
+                                   start_felis, wait_training)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.production,
               pytest.mark.skipif(not servers.available()["redis"], reason="redis-server not installed")]
@@ -330,6 +330,49 @@ def test_a_pool_process_killed_mid_training_is_replaced_and_the_training_runs_ag
         for p in procs:
             p.stop()
         drop()
+
+
+def test_a_pool_process_killed_after_a_task_was_handed_to_it_does_not_wedge_the_worker(tmp_path):
+    """`felis up`; SIGKILL the worker's pool process after the main process has taken a message and
+    handed it over, before the task started (the process is stopped with SIGSTOP so the moment is
+    certain; a review hit it by chance between two shards). Celery then holds the message as
+    reserved for ever: its one prefetch slot is taken, nothing else is fetched, no lease runs (the
+    training never started), re-sent copies pile up unconsumed, and every training stayed queued
+    until a restart. Now the worker's watchdog gives the message back and ends the worker, and `felis
+    up` starts a new one. (With Redis, in one run, the pool handed the job to its new process by
+    itself; the embedded broker's never did.)"""
+    import subprocess
+
+    up, base = start_felis("up", tmp_path, FELIS_WORKER_STUCK_TASK_SECONDS="5", FELIS_TRAINING_SWEEP_SECONDS="2",
+                           FELIS_TRAINING_LOST_AFTER_SECONDS="10")
+    log = next(tmp_path.glob("up-*.log"))
+    try:
+        c = httpx.Client(base_url=base, timeout=60)
+        assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+        c.post("/v1/datasets/pets/images", files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+        time.sleep(10)  # the pool process idle a while (a pool process still starting never had the job)
+        (worker,) = subprocess.run(["pgrep", "-f", "service.cli worker", "-P", str(up.popen.pid)], capture_output=True, text=True).stdout.split()
+        (child,) = subprocess.run(["pgrep", "-P", worker], capture_output=True, text=True).stdout.split()
+        os.kill(int(child), signal.SIGSTOP)
+        t = c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"]
+
+        def received() -> bool:  # Celery's "Task felis.train[<message id>] received"
+            return any("felis.train[" in line and "received" in line for line in log.read_text(errors="replace").splitlines())
+
+        deadline = time.monotonic() + 60
+        while not received() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert received(), "the worker never took the message"
+        time.sleep(3)
+        os.kill(int(child), signal.SIGKILL)
+        done = wait_training(c, t, timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        second = c.post("/v1/datasets/pets/trainings", json={**FAST, "seed": 1}).json()["id"]
+        assert wait_training(c, second, timeout=120)["status"] == "succeeded"  # the new worker takes work
+        assert up.popen.poll() is None and _versions(c) == [1, 2]
+        assert "starting a new one" in log.read_text(errors="replace")
+    finally:
+        up.stop()
 
 
 def test_an_api_started_while_postgres_is_down_serves_not_ready_and_recovers(tmp_path, redis_server):
