@@ -27,6 +27,7 @@ from service.config import Settings, get_settings
 from service.domain import extraction, trainings, uploads, versions
 from service.domain.heartbeat import Heartbeat, heartbeat_interval
 from service.domain.trainings import LostOwnership, Status
+from service.errors import InvalidRequest
 from models.label_issues import pack_heldout
 from service.store.blobs import BlobStore, get_store, heldout_key, model_keys
 from service.store.db import session_scope
@@ -56,6 +57,10 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
     except LostOwnership:
         log.warning("training %s: another worker took it over; this run stops", training_id)
         return trainings.status_of(training_id)
+    except InvalidRequest as e:  # what the request would have been refused for, true by now (check_label_counts)
+        log.info("training %s: %s", training_id, e.message)
+        run.write(lambda: trainings.fail(training_id, e.code, e.message, token=token), "recording the failure")
+        return trainings.status_of(training_id)
     except Exception as e:
         code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"
         message = f"{type(e).__name__}: {e}"
@@ -76,6 +81,10 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
                            .order_by(Image.sha256)).all()
         options, dataset_id, dataset_name = dict(training.options), dataset.id, dataset.name
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
+    counts: dict[str, int] = {}
+    for _, _, label, _ in rows:
+        counts[label] = counts.get(label, 0) + 1
+    trainings.check_label_counts(counts, dataset_name, settings)  # images may have gone while it waited
     snapshot = _snapshot(rows)
     samples = [
         Sample(image_id=i, sha256=sha, label=label, phash=phash, load=extraction.loader(store, sha))

@@ -119,9 +119,24 @@ def request(
     dataset = datasets.get(session, dataset_name)
     config = resolve_options(options, settings)
     counts = datasets.label_counts(session, dataset)
+    check_label_counts(counts, dataset.name, settings)
+    _check_memory(session, dataset, config, sum(counts.values()), settings)
+    dataset = datasets.get(session, dataset_name, for_update=True)  # requests of one dataset, one at a time
+    _check_caps(session, dataset, key_id, settings)
+    training = Training(dataset_id=dataset.id, status=Status.QUEUED, options=config.to_dict(), request_id=request_id,
+                        key_id=key_id)
+    session.add(training)
+    session.flush()
+    return training
+
+
+def check_label_counts(counts: dict[str, int], dataset_name: str, settings: Settings) -> None:
+    """At least 2 labels of FELIS_MIN_IMAGES_PER_LABEL images each, else InvalidRequest
+    (too_few_labels, too_few_images): at the request, and again when the run reads the dataset
+    (images deleted or relabelled while it waited)."""
     if len(counts) < 2:
         raise InvalidRequest(
-            f"training needs at least 2 labels; dataset {dataset.name!r} has {len(counts)}",
+            f"training needs at least 2 labels; dataset {dataset_name!r} has {len(counts)}",
             code="too_few_labels",
             details={"label_counts": counts},
         )
@@ -132,14 +147,6 @@ def request(
             code="too_few_images",
             details={"label_counts": counts},
         )
-    _check_memory(session, dataset, config, sum(counts.values()), settings)
-    dataset = datasets.get(session, dataset_name, for_update=True)  # requests of one dataset, one at a time
-    _check_caps(session, dataset, key_id, settings)
-    training = Training(dataset_id=dataset.id, status=Status.QUEUED, options=config.to_dict(), request_id=request_id,
-                        key_id=key_id)
-    session.add(training)
-    session.flush()
-    return training
 
 
 def _check_memory(session: Session, dataset: Dataset, config: TrainConfig, n_images: int, settings: Settings) -> None:

@@ -108,3 +108,26 @@ def test_a_linear_run_that_never_records_its_version_leaves_no_held_out_blob(ses
     session.expire_all()
     row = versions.get(session, datasets.get(session, "pets"), session.get(Training, kept.id).model_version)
     assert all(store.exists(k) for k in versions.blob_keys(row)) and len(versions.blob_keys(row)) == 3
+
+
+@pytest.mark.parametrize("keep, code", [(2, "too_few_images"), (0, "too_few_labels")])
+def test_labels_thinned_after_the_request_fail_the_run_as_the_request_would_have_been_refused(
+        session, store, settings, pets, keep, code):
+    """The per-label minimum and the two labels were checked only at the request. Images deleted
+    while the training waited made it train anyway: on 16 cats and 2 non-cats it succeeded (one
+    non-cat to validate on) and, the dataset's first version, became its default. With no non-cat
+    left it failed as training_error (InvalidTrainConfig). The run checks again, with the request's codes."""
+    from service.domain import images
+    from service.store.tables import Image
+
+    t = trainings.request(session, "pets", {"image_size": 64, "cv_folds": 2}, settings)
+    session.commit()
+    noncats = session.scalars(select(Image.id).where(Image.dataset_id == pets.id, Image.label == "noncat")).all()
+    for image_id in noncats[keep:]:
+        images.delete(session, store, pets, image_id)
+    session.commit()
+    assert pipeline.run_training(t.id, settings=settings, store=store) == "failed"
+    session.expire_all()
+    row = session.get(Training, t.id)
+    assert row.error["code"] == code and str(settings.min_images_per_label if keep else 2) in row.error["message"]
+    assert row.model_version is None and versions.list_for(session, pets) == []
