@@ -58,8 +58,9 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         log.warning("training %s: another worker took it over; this run stops", training_id)
         return trainings.status_of(training_id)
     except InvalidRequest as e:  # what the request would have been refused for, true by now (check_label_counts)
-        log.info("training %s: %s", training_id, e.message)
-        run.write(lambda: trainings.fail(training_id, e.code, e.message, token=token), "recording the failure")
+        code, message = e.code, e.message
+        log.info("training %s: %s", training_id, message)
+        run.write(lambda: trainings.fail(training_id, code, message, token=token), "recording the failure")
         return trainings.status_of(training_id)
     except Exception as e:
         code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"
