@@ -112,4 +112,5 @@ def why_no_default(session: Session, dataset: Dataset) -> str:
     if session.scalar(select(ModelVersion.version).where(ModelVersion.dataset_id == dataset.id).limit(1)) is None:
         return f"dataset {dataset.name!r} has no trained model yet"
     return (f"dataset {dataset.name!r} has no default version (it was deleted): promote one "
-            f"(POST /v1/datasets/{dataset.name}/models/{{version}}/promote) or ask for ?version=")
+            f"(POST /v1/datasets/{dataset.name}/models/{{version}}/promote) or ask for ?version=; "
+            "the next training that succeeds becomes the default otherwise")

@@ -70,7 +70,8 @@ def create(training_id: str, token: str | None, *, architecture: str, labels: li
 def delete(session: Session, store: BlobStore, dataset_name: str, version: int, *, force: bool = False) -> None:
     """Delete one version and its blobs. The default version, or one a Custom Vision publish name
     serves, only with force, which leaves the dataset without a default (predict then answers
-    no_model until a promotion) and unpublishes the names. Its number is never given again. The
+    no_model until a promotion, or until the next training succeeds: a dataset without a default
+    takes its next version as the default, as it does its first) and unpublishes the names. Its number is never given again. The
     row goes first, its blobs listed as orphans in the same commit, then the blobs; after a crash
     in between, cleanup.collect deletes them."""
     dataset = datasets.get(session, dataset_name, for_update=True)
