@@ -242,6 +242,7 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
         "model_version": training.model_version,
         "error": training.error,
         "attempts": training.attempts,
+        "cancel_requested": bool(training.cancel_requested),  # a running one stops at its next step
         "worker": training.worker,
         "created_at": training.created_at,
         "started_at": training.started_at,
@@ -293,7 +294,7 @@ def cancel(session: Session, training_id: str) -> Training:
     training = get(session, training_id)
     if training.status in FINAL:
         raise Conflict(f"training {training_id} has already {training.status}", code="training_finished")
-    _cancel(session, Training.id == training_id, "cancelled before it started")
+    _cancel(session, Training.id == training_id, "cancelled before it started", "cancelled while its features were computed")
     session.commit()
     session.refresh(training)
     return training
@@ -305,12 +306,14 @@ def cancel_all(session: Session, dataset_id: int, reason: str) -> None:
     _cancel(session, Training.dataset_id == dataset_id, reason)
 
 
-def _cancel(session: Session, which: ColumnElement[bool], reason: str) -> None:
-    """Queued or extracting -> CANCELLED at once (a running shard sees it at its next batch);
-    running -> cancel_requested (the worker checks between steps)."""
-    session.execute(update(Training).where(which, Training.status.in_((Status.QUEUED, Status.EXTRACTING)))
-                    .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
-                            error={"code": "cancelled", "message": reason}))
+def _cancel(session: Session, which: ColumnElement[bool], reason: str, extracting_reason: str | None = None) -> None:
+    """Queued or extracting -> CANCELLED at once (a running shard sees it at its next batch), the
+    reason (an extracting one's own when given); running -> cancel_requested (the worker checks
+    between steps)."""
+    for status, why in ((Status.QUEUED, reason), (Status.EXTRACTING, extracting_reason or reason)):
+        session.execute(update(Training).where(which, Training.status == status)
+                        .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
+                                error={"code": "cancelled", "message": why}))
     session.execute(update(Training).where(which, Training.status == Status.RUNNING).values(cancel_requested=True))
 
 

@@ -194,6 +194,20 @@ def test_a_queued_training_is_cancelled_at_once(session, settings, pets):
     assert trainings.claim(t, "w1", settings.training_lease_seconds) is None
 
 
+def test_a_cancel_says_what_it_stopped_and_a_running_training_shows_it_was_asked(session, settings, pets):
+    """Before: an extracting training's cancel read 'cancelled before it started' (its features were
+    being computed), and a running one answered status running with nothing showing the cancel."""
+    queued, extracting, running = (_queued(session, settings) for _ in range(3))
+    session.execute(update(Training).where(Training.id == extracting).values(status=Status.EXTRACTING))
+    session.commit()
+    trainings.claim(running, "w1", settings.training_lease_seconds)
+    messages = {t: trainings.describe(session, trainings.cancel(session, t)) for t in (queued, extracting, running)}
+    assert messages[queued]["error"]["message"] == "cancelled before it started"
+    assert messages[extracting]["error"]["message"] == "cancelled while its features were computed"
+    assert messages[running]["status"] == "running" and messages[running]["cancel_requested"] is True
+    assert messages[queued]["cancel_requested"] is True and _row(session, extracting).status == Status.CANCELLED
+
+
 def test_retrying_rides_out_a_connection_loss_then_gives_up():
     calls = []
 
