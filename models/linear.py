@@ -330,8 +330,7 @@ class _Passes:
         use class 0's differences only, K - 1 columns a head (one for two classes), not K."""
         heads, k = list(batch), self.k
         self.passes += 1
-        w = torch.cat([batch[m][0][1:] - batch[m][0][0] for m in heads])  # (heads x (K-1), D)
-        b = torch.cat([batch[m][1][1:] - batch[m][1][0] for m in heads])
+        w, b = _differences(batch, heads)
         cols = torch.tensor(heads)
         every = heads == list(range(len(self.count)))
         h, d, nb = len(heads), self.Xt.shape[1], len(self.blocks)
@@ -343,20 +342,7 @@ class _Passes:
 
         def work(x, block, acc, i):
             _, yc, onehot, member = block
-            mk = member if every else member[:, cols]
-            n = len(x)
-            if k == 2:  # one logit difference z a head: cross-entropy softplus(z) - y z, gradient sigmoid(z) - y
-                z = torch.addmm(b, x, w.T)
-                yf = onehot[:, 1:]
-                loss = (torch.nn.functional.softplus(z) - yf * z) * mk
-                g = (torch.sigmoid(z) - yf) * mk
-            else:
-                z = torch.cat([torch.zeros(n, h, 1), torch.addmm(b, x, w.T).view(n, h, k - 1)], 2)
-                loss = (torch.logsumexp(z, 2) - (z * onehot[:, None, :]).sum(2)) * mk
-                g = torch.softmax(z, 2)
-                g -= onehot[:, None, :]
-                g *= mk[:, :, None]
-                g = g[:, :, 1:].reshape(n, h * (k - 1))
+            loss, g = _chunk_loss(x, onehot, member if every else member[:, cols], w, b, k)
             torch.sum(loss.double(), 0, out=loss_at[i])
             torch.mm(g.T, x, out=gx_at[i])
             torch.sum(g.double(), 0, out=gb_at[i])
@@ -365,16 +351,45 @@ class _Passes:
         gx = torch.zeros(h * (k - 1), d, dtype=torch.float64)
         for i in range(nb):  # in block order, in float64
             gx.add_(gx_at[i])
-        loss, gb = loss_at.sum(0), gb_at.sum(0)
-        gx = gx.view(h, k - 1, d)
-        gb = gb.view(h, k - 1)
-        gx = torch.cat([-gx.sum(1, keepdim=True), gx], 1)  # class 0's: minus the others' (G's rows sum to zero)
-        gb = torch.cat([-gb.sum(1, keepdim=True), gb], 1)
-        return {m: (float(loss[i]), gx[i], gb[i]) for i, m in enumerate(heads)}
+        return _per_head(heads, k, loss_at.sum(0), gx, gb_at.sum(0))
 
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def _differences(batch: dict[int, tuple[torch.Tensor, torch.Tensor]], heads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads' weights and biases as differences from class 0's: (heads x (K-1), D), (heads x (K-1),)."""
+    w = torch.cat([batch[m][0][1:] - batch[m][0][0] for m in heads])
+    b = torch.cat([batch[m][1][1:] - batch[m][1][0] for m in heads])
+    return w, b
+
+
+def _chunk_loss(x: torch.Tensor, onehot: torch.Tensor, mk: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's cross-entropy per row and head (n, heads) and its gradient in the logit differences
+    (n, heads x (K-1)), each row counted as often as mk says; x, onehot, mk on any one device."""
+    n, h = len(x), mk.shape[1]
+    if k == 2:  # one logit difference z a head: cross-entropy softplus(z) - y z, gradient sigmoid(z) - y
+        z = torch.addmm(b, x, w.T)
+        yf = onehot[:, 1:]
+        return (torch.nn.functional.softplus(z) - yf * z) * mk, (torch.sigmoid(z) - yf) * mk
+    z = torch.cat([torch.zeros(n, h, 1, device=x.device), torch.addmm(b, x, w.T).view(n, h, k - 1)], 2)
+    loss = (torch.logsumexp(z, 2) - (z * onehot[:, None, :]).sum(2)) * mk
+    g = torch.softmax(z, 2)
+    g -= onehot[:, None, :]
+    g *= mk[:, :, None]
+    return loss, g[:, :, 1:].reshape(n, h * (k - 1))
+
+
+def _per_head(heads: list[int], k: int, loss: torch.Tensor, gx: torch.Tensor, gb: torch.Tensor) -> dict[int, tuple[float, torch.Tensor, torch.Tensor]]:
+    """Summed loss (heads,), G^T x (heads x (K-1), D) and G (heads x (K-1),) on the host -> _Passes.loss's
+    answer, class 0's gradient restored as minus the others' (G's rows sum to zero)."""
+    h, d = len(heads), gx.shape[-1]
+    gx, gb = gx.view(h, k - 1, d), gb.view(h, k - 1)
+    gx = torch.cat([-gx.sum(1, keepdim=True), gx], 1)
+    gb = torch.cat([-gb.sum(1, keepdim=True), gb], 1)
+    return {m: (float(loss[i]), gx[i], gb[i]) for i, m in enumerate(heads)}
 
 
 def _membership(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -428,34 +443,18 @@ class _DevicePasses:
         """As _Passes.loss (class 0's differences only, K - 1 columns a head)."""
         heads, k, dev = list(batch), self.k, self.device
         self.passes += 1
-        w = torch.cat([batch[m][0][1:] - batch[m][0][0] for m in heads]).to(dev)  # (heads x (K-1), D)
-        b = torch.cat([batch[m][1][1:] - batch[m][1][0] for m in heads]).to(dev)
+        w, b = (t.to(dev) for t in _differences(batch, heads))
         cols = torch.tensor(heads, device=dev)
         h, d = len(heads), self.x.shape[1]
         loss_sum = torch.zeros(h, dtype=torch.float64, device=dev)
         gx = torch.zeros(h * (k - 1), d, dtype=torch.float64, device=dev)
         gb = torch.zeros(h * (k - 1), dtype=torch.float64, device=dev)
         for x, onehot, member in self._chunks():
-            mk, n = member[:, cols], len(x)
-            if k == 2:
-                z = torch.addmm(b, x, w.T)
-                yf = onehot[:, 1:]
-                loss = (torch.nn.functional.softplus(z) - yf * z) * mk
-                g = (torch.sigmoid(z) - yf) * mk
-            else:
-                z = torch.cat([torch.zeros(n, h, 1, device=dev), torch.addmm(b, x, w.T).view(n, h, k - 1)], 2)
-                loss = (torch.logsumexp(z, 2) - (z * onehot[:, None, :]).sum(2)) * mk
-                g = torch.softmax(z, 2)
-                g -= onehot[:, None, :]
-                g *= mk[:, :, None]
-                g = g[:, :, 1:].reshape(n, h * (k - 1))
+            loss, g = _chunk_loss(x, onehot, member[:, cols], w, b, k)
             loss_sum += loss.double().sum(0)
             gx += (g.T @ x).double()
             gb += g.double().sum(0)
-        loss_sum, gx, gb = loss_sum.cpu(), gx.cpu().view(h, k - 1, d), gb.cpu().view(h, k - 1)
-        gx = torch.cat([-gx.sum(1, keepdim=True), gx], 1)  # class 0's: minus the others' (G's rows sum to zero)
-        gb = torch.cat([-gb.sum(1, keepdim=True), gb], 1)
-        return {m: (float(loss_sum[i]), gx[i], gb[i]) for i, m in enumerate(heads)}
+        return _per_head(heads, k, loss_sum.cpu(), gx.cpu(), gb.cpu())
 
     def close(self):
         self.x = self.onehot = self.member = None
