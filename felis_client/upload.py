@@ -134,8 +134,8 @@ def _plan_folder(folder: Path, label: str | None, max_files: int, max_bytes: int
         if all(p.parent == folder for p in files):
             raise ValueError(f"{folder} has no label folders: put each label's images in a folder named after "
                              "the label, pass a label for all of them, or upload them unlabeled")
-        splits = sorted({p.relative_to(folder).parts[0] for p in files
-                         if len(p.relative_to(folder).parts) >= 3 and p.relative_to(folder).parts[0].lower() in SPLIT_FOLDERS})
+        splits = sorted({parts[0] for parts in (p.relative_to(folder).parts for p in files)
+                         if len(parts) >= 3 and parts[0].lower() in SPLIT_FOLDERS})
         if splits:  # the service could not tell once the subfolders are flattened into names
             listed = ", ".join(f"{s}/" for s in splits)
             raise ValueError(f"{folder} has split folders with folders inside ({listed}): felis would read "

@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 from sqlalchemy import select
@@ -82,10 +83,8 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
                            .order_by(Image.sha256)).all()
         options, dataset_id, dataset_name = dict(training.options), dataset.id, dataset.name
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
-    counts: dict[str, int] = {}
-    for _, _, label, _ in rows:
-        counts[label] = counts.get(label, 0) + 1
-    trainings.check_label_counts(counts, dataset_name, settings)  # images may have gone while it waited
+    # images may have gone while it waited
+    trainings.check_label_counts(dict(Counter(label for _, _, label, _ in rows)), dataset_name, settings)
     snapshot = _snapshot(rows)
     samples = [
         Sample(image_id=i, sha256=sha, label=label, phash=phash, load=extraction.loader(store, sha))

@@ -147,13 +147,12 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
         )
     names = [_member_name(i) for i in infos]
     problems = [_member_problem(info, name, settings) for info, name in zip(infos, names, strict=True)]
-    wrapper = _wrapper([name for name, problem in zip(names, problems, strict=True) if problem is None])
-    _refuse_split_folders([name for name, problem in zip(names, problems, strict=True) if problem is None], wrapper)
+    good = [name for name, problem in zip(names, problems, strict=True) if problem is None]
+    wrapper = _wrapper(good)
+    _refuse_split_folders(good, wrapper)
     out: list[Candidate] = []
     for info, name, reason in zip(infos, names, problems, strict=True):
-        parts = PurePosixPath(name).parts
-        if parts[:len(wrapper)] == wrapper:
-            parts = parts[len(wrapper):]
+        parts = _unwrapped(name, wrapper)
         label = parts[0] if len(parts) >= 2 and parts[0].lower() != UNLABELED else None
         if reason in ("absolute_path", "path_traversal"):
             label = None  # its folders mean nothing
@@ -241,6 +240,12 @@ def _wrapper(names: list[str]) -> tuple[str, ...]:
     return images[0][:depth] if depth else ()
 
 
+def _unwrapped(name: str, wrapper: tuple[str, ...]) -> tuple[str, ...]:
+    """A member's path parts below the wrapping folders (all of them for a member outside them)."""
+    parts = PurePosixPath(name).parts
+    return parts[len(wrapper):] if parts[:len(wrapper)] == wrapper else parts
+
+
 SPLIT_FOLDERS = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval", "holdout"})
 
 
@@ -251,9 +256,7 @@ def _refuse_split_folders(names: list[str], wrapper: tuple[str, ...]) -> None:
     wraps its label folders (_wrapper) and is read as they are."""
     splits = set()
     for name in names:
-        parts = PurePosixPath(name).parts
-        if parts[:len(wrapper)] == wrapper:
-            parts = parts[len(wrapper):]
+        parts = _unwrapped(name, wrapper)
         if len(parts) >= 3 and parts[0].lower() in SPLIT_FOLDERS and PurePosixPath(parts[-1]).suffix.lower() in _IMAGE_SUFFIXES:
             splits.add(parts[0])
     if splits:
