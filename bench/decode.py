@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,22 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from gpu_check import _cifar  # noqa: E402  (bench/gpu_check.py: CIFAR-10 images read from the archive)
 from ood import DATASETS, cpu_name  # noqa: E402  (bench/ood.py)
 
 from models import networks  # noqa: E402
 from models.malloc import keep_freed_memory  # noqa: E402
 from models.preprocess import preprocess, preprocess_uint8  # noqa: E402
-
-
-def cifar(n: int) -> list[bytes]:
-    out = []
-    with tarfile.open(DATASETS / "cifar10" / "cifar10-train.tar.gz") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                out.append(tar.extractfile(member).read())
-                if len(out) >= n:
-                    break
-    return out
 
 
 def rate(fn, images: list[bytes], threads: int, seconds: float) -> float:
@@ -90,7 +79,7 @@ def main() -> int:
     args = ap.parse_args()
     keep_freed_memory()  # as the worker and the API do at start (models/malloc.py): no mmap + page faults per image
     prep = networks.default_preprocessing("efficientnet_lite0", 288)
-    sets = {"CIFAR-10 32x32": cifar(args.images),
+    sets = {"CIFAR-10 32x32": [data for _, _, data in _cifar(DATASETS / "cifar10" / "cifar10-train.tar.gz", args.images)],
             "photos/test": [p.read_bytes() for p in sorted((DATASETS / "photos" / "test").glob("*/*.jpg"))]}
     print(f"machine: {cpu_name()}; {prep.image_size} px, {args.seconds:.0f} s a figure")
     print("| images | threads (or processes) | float32 (preprocess) img/s | uint8 (preprocess_uint8) img/s | uint8 / float32 | uint8 on as many processes |")

@@ -102,7 +102,7 @@ def preprocess_uint8(data: bytes | Image.Image, prep: Preprocessing, max_pixels:
                      min_side: int = 0) -> np.ndarray:
     """Image bytes (or a decoded picture) -> uint8 array (3, image_size, image_size): the same resized
     pixels as `preprocess`, not yet normalised. For a network on a GPU, which normalises them itself
-    (finetune.normalizer: the same float32 operations as to_array): a quarter of the bytes to copy,
+    (networks.normalizer: the same float32 operations as to_array): a quarter of the bytes to copy,
     and no float work on the decode threads (at 288 px about half of a small image's cost)."""
     return np.ascontiguousarray(np.asarray(resized_rgb(data, prep, max_pixels, min_side), dtype=np.uint8).transpose(2, 0, 1))
 
