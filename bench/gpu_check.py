@@ -583,7 +583,7 @@ def predict_phase(report: Report, device: str, datasets: Path, sizes: Sizes) -> 
 
 
 def _lite0(size: int, device: torch.device) -> torch.nn.Module:
-    """EfficientNet-Lite0 + average pooling + 2-class head with ImageNet weights, as _fit_finetune builds it."""
+    """EfficientNet-Lite0 + average pooling + 2-class head with ImageNet weights, as models.fit_finetune builds it."""
     from models import networks
 
     net = networks.build_classifier({"name": "efficientnet_lite0", "image_size": size, "pooling": "avg", "num_classes": 2})

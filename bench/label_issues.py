@@ -4,8 +4,8 @@
 
 What a user does: upload photos/train (600 cat, 600 noncat) with 5% of its labels flipped (30 of
 each label), train a default linear version, read GET .../label-issues. Here, per seed: flip 30
-random labels of each kind, compute every image's held-out probabilities as models.train's
-_fit_linear does (pHash near-duplicate groups, the 15% validation split, 5-fold group-aware folds
+random labels of each kind, compute every image's held-out probabilities as
+models.fit_linear does (pHash near-duplicate groups, the 15% validation split, 5-fold group-aware folds
 on the train split, out-of-fold logits for every l2 of linear.L2_GRID, l2 and temperature by the
 calibrated CV log-loss; the train split's rows take their out-of-fold logits at that l2, the
 validation rows the train-split head's), then score every rule of models.label_issues:

@@ -41,7 +41,7 @@ def real(datasets) -> dict:
 
 
 def _heldout(X: np.ndarray, y: np.ndarray, exclude: np.ndarray | None = None, l2: float | None = None) -> tuple[np.ndarray, float]:
-    """Out-of-fold probabilities as models.train's _fit_linear computes them (no validation split
+    """Out-of-fold probabilities as models.fit_linear computes them (no validation split
     here); with `exclude`, at the given l2, every head trained without those rows (the second pass)."""
     folds = kfold(y, np.arange(len(y)), 5, 0)
     if exclude is None:
