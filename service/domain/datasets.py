@@ -77,17 +77,35 @@ def unlabeled_count(session: Session, dataset: Dataset) -> int:
 
 
 def describe(session: Session, dataset: Dataset) -> dict[str, Any]:
-    counts = label_counts(session, dataset)
-    unlabeled = unlabeled_count(session, dataset)
-    return {
-        "name": dataset.name,
-        "labels": list(counts),
-        "image_count": sum(counts.values()) + unlabeled,
-        "label_counts": counts,
-        "unlabeled_count": unlabeled,
-        "default_version": dataset.default_version,
-        "created_at": dataset.created_at,
-    }
+    return describe_many(session, [dataset])[0]
+
+
+def describe_many(session: Session, rows: list[Dataset]) -> list[dict[str, Any]]:
+    """Each dataset as the API shows it; every dataset's label counts in one grouped query (a page
+    of 1,000 datasets costs one query, not two per dataset)."""
+    counts: dict[int, dict[str | None, int]] = {d.id: {} for d in rows}
+    if rows:
+        for dataset_id, label, n in session.execute(
+            select(Image.dataset_id, Image.label, func.count(Image.id))
+            .where(Image.dataset_id.in_(list(counts)))
+            .group_by(Image.dataset_id, Image.label)
+            .order_by(Image.dataset_id, Image.label)
+        ):
+            counts[dataset_id][label] = n
+    out = []
+    for d in rows:
+        labelled = {k: v for k, v in sorted(counts[d.id].items(), key=lambda kv: kv[0] or "") if k is not None}
+        unlabeled = counts[d.id].get(None, 0)
+        out.append({
+            "name": d.name,
+            "labels": list(labelled),
+            "image_count": sum(labelled.values()) + unlabeled,
+            "label_counts": labelled,
+            "unlabeled_count": unlabeled,
+            "default_version": d.default_version,
+            "created_at": d.created_at,
+        })
+    return out
 
 
 def mark_deleted(session: Session, name: str) -> Dataset:

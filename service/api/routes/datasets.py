@@ -32,7 +32,7 @@ def list_datasets(session: SessionDep, caller: CallerDep, limit: int = Query(100
         rows, total = keys.visible_datasets(session, caller.key_id, limit=limit, offset=offset)
     else:
         rows, total = datasets.list_all(session, limit=limit, offset=offset)
-    return {"data": [datasets.describe(session, d) for d in rows], "count": total}
+    return {"data": datasets.describe_many(session, rows), "count": total}
 
 
 @router.get("/{name}", dependencies=[Requires(Scope.PREDICT), InDataset])

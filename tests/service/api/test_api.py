@@ -36,6 +36,47 @@ def test_dataset_lifecycle_and_error_shape(client):
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
+def test_the_dataset_list_shows_each_datasets_counts_in_a_fixed_number_of_queries(client):
+    """GET /v1/datasets described each dataset with two queries of its own (its label counts,
+    its unlabeled count): a page of 1,000 datasets made 2,000 queries. Each row still equals the
+    dataset's own detail, and a page of 12 costs the same queries as a page of 2."""
+    from sqlalchemy import event
+
+    from service.store.db import get_engine
+
+    cats, others = asset_images("train", "cat"), asset_images("train", "noncat")
+    files = lambda paths: [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    for i in range(12):
+        client.post("/v1/datasets", json={"name": f"set-{i:02d}"})
+    client.post("/v1/datasets/set-01/images", data={"label": "cat"}, files=files(cats[:2]))
+    client.post("/v1/datasets/set-01/images", data={"label": "Noncat"}, files=files(others[:1]))
+    client.post("/v1/datasets/set-01/images", files=files(others[1:3]))  # unlabeled
+    client.post("/v1/datasets/set-02/images", files=files(cats[2:3]))
+
+    statements: list[str] = []
+    listener = lambda conn, cursor, statement, *a: statements.append(statement)  # noqa: E731
+    event.listen(get_engine(), "before_cursor_execute", listener)
+    try:
+        small = client.get("/v1/datasets", params={"limit": 2})
+        n_small = len(statements)
+        statements.clear()
+        page = client.get("/v1/datasets", params={"limit": 100})
+        n_page = len(statements)
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", listener)
+    assert small.status_code == 200 and page.status_code == 200
+    assert n_page == n_small, (n_small, n_page)
+    rows = page.json()["data"]
+    assert page.json()["count"] == 12 and [r["name"] for r in rows] == [f"set-{i:02d}" for i in range(12)]
+    for row in rows:
+        assert row == client.get(f"/v1/datasets/{row['name']}").json()
+    one, two = rows[1], rows[2]
+    assert (one["labels"], one["label_counts"], one["unlabeled_count"], one["image_count"]) == (
+        ["Noncat", "cat"], {"Noncat": 1, "cat": 2}, 2, 5)
+    assert (two["labels"], two["unlabeled_count"], two["image_count"]) == ([], 1, 1)
+    assert rows[0]["image_count"] == 0 and rows[0]["label_counts"] == {}
+
+
 def test_upload_statuses_201_207_422(client):
     client.post("/v1/datasets", json={"name": "pets"})
     cats = asset_images("train", "cat")
