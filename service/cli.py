@@ -33,10 +33,11 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_schema_once_reachable(say_every: float = 30.0) -> None:
-    """init_db, tried again every few seconds while the database does not answer: a worker that
-    starts (or whose container restarts) during an outage waits for it, saying so, instead of
-    exiting and lengthening its orchestrator's restart back-off. Stopping it (SIGTERM) still stops."""
+def _check_schema_once_reachable(who: str = "felis worker", say_every: float = 30.0) -> None:
+    """init_db, tried again every few seconds while the database does not answer: a worker (or
+    `felis up`) that starts, or whose container restarts, during an outage waits for it, saying
+    so in one line, instead of exiting with a traceback and lengthening its orchestrator's
+    restart back-off. Stopping it (SIGTERM, Ctrl-C) still stops."""
     from sqlalchemy.exc import OperationalError
 
     from service.store.db import init_db
@@ -46,13 +47,13 @@ def _check_schema_once_reachable(say_every: float = 30.0) -> None:
         try:
             init_db()
             if said is not None:
-                print("felis worker: the metadata store answers", file=sys.stderr, flush=True)
+                print(f"{who}: the metadata store answers", file=sys.stderr, flush=True)
             return
         except OperationalError as e:
             now = time.monotonic()
             if said is None or now - said >= say_every:
                 reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-                print(f"felis worker: waiting for the metadata store ({reason})", file=sys.stderr, flush=True)
+                print(f"{who}: waiting for the metadata store ({reason})", file=sys.stderr, flush=True)
                 said = now
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
@@ -65,14 +66,13 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.device.startswith("cuda:"):
         # one worker per GPU: pin this process (and its children) to its device
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.device.split(":", 1)[1])
-    if settings.mode == "production":  # Celery only logs what worker_process_init raises: refuse here
-        from service.errors import SchemaOutdated
+    from service.errors import SchemaOutdated
 
-        try:
-            _check_schema_once_reachable()
-        except SchemaOutdated as e:
-            print(f"felis worker: {e.message}", file=sys.stderr)
-            return 1
+    try:  # Celery only logs what worker_process_init raises: wait for the database, or refuse, here
+        _check_schema_once_reachable()
+    except SchemaOutdated as e:
+        print(f"felis worker: {e.message}", file=sys.stderr)
+        return 1
     from worker.app import celery_app
 
     argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency),
@@ -90,7 +90,7 @@ WORKER_RESTART_WINDOW_S = 600.0  # ... within this many seconds; then it stops
 def _up(args: argparse.Namespace) -> int:
     """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
     from service.config import bind_refusal, get_settings
-    from service.store.db import init_db
+    from service.errors import SchemaOutdated
 
     settings = get_settings()
     refusal = bind_refusal(settings, settings.host)
@@ -98,7 +98,11 @@ def _up(args: argparse.Namespace) -> int:
         print(f"felis up: {refusal}", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    init_db()
+    try:
+        _check_schema_once_reachable("felis up")  # a database configured but not up yet: wait for it
+    except SchemaOutdated as e:
+        print(f"felis up: {e.message}", file=sys.stderr)
+        return 1
     exe = [sys.executable, "-m", "service.cli"]
     port = str(args.port or settings.port)
 

@@ -51,6 +51,18 @@ def _wait_status(c: httpx.Client, training_id: str, status: str, timeout: float 
     raise TimeoutError(f"training {training_id} never {status}: {body}")
 
 
+def _waits_for_the_database(proc: Proc) -> None:
+    """The process says it waits for the metadata store, and goes on waiting, without a traceback."""
+    deadline = time.monotonic() + 60
+    while "waiting for the metadata store" not in proc.tail():
+        assert proc.popen.poll() is None, proc.tail()
+        assert time.monotonic() < deadline, proc.tail()
+        time.sleep(0.2)
+    time.sleep(3)  # a few more attempts fail
+    assert proc.popen.poll() is None, proc.tail()
+    assert "Traceback" not in proc.tail(), proc.tail()
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = servers.RedisServer(tmp_path / "redis")
@@ -434,14 +446,7 @@ def test_a_production_worker_started_while_postgres_is_down_waits_and_then_train
         pg.crash()
         worker = Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker.log")
         procs.append(worker)
-        deadline = time.monotonic() + 60
-        while "metadata store" not in worker.tail():
-            assert worker.popen.poll() is None, worker.tail()
-            assert time.monotonic() < deadline, worker.tail()
-            time.sleep(0.2)
-        time.sleep(3)  # a few more attempts fail
-        assert worker.popen.poll() is None, worker.tail()
-        assert "Traceback" not in worker.tail(), worker.tail()
+        _waits_for_the_database(worker)
         pg.start()
         port = free_port()
         procs.append(Proc(["api", "--port", str(port)], env, tmp_path / "api.log"))
@@ -456,4 +461,36 @@ def test_a_production_worker_started_while_postgres_is_down_waits_and_then_train
     finally:
         for p in reversed(procs):
             p.stop()
+        pg.stop()
+
+
+def test_felis_up_started_while_postgres_is_down_waits_and_then_serves(tmp_path, redis_server):
+    """`felis up` pointed at a PostgreSQL that is down (a laptop's database not started yet, a
+    container restarted first): before, it exited at once with a 40-line traceback. Now it waits,
+    saying why in one line, and starts the API and the worker once the database answers."""
+    pg = servers.PostgresCluster()
+    pg.start()
+    up = None
+    try:
+        env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=pg.url, FELIS_BROKER_URL=redis_server.url,
+                        FELIS_TORCH_THREADS="1")
+        migrate(env)
+        pg.crash()
+        port = free_port()
+        up = Proc(["up", "--port", str(port)], env, tmp_path / "up.log")
+        _waits_for_the_database(up)
+        pg.start()
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [up])
+        c = httpx.Client(base_url=base, timeout=60)
+        assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+        r = c.post("/v1/datasets/pets/images",
+                   files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+        assert r.json()["created"] == 32, r.text
+        t = c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"]
+        assert wait_training(c, t, timeout=240)["status"] == "succeeded", up.tail()
+        assert "Traceback" not in up.tail(200), up.tail(200)
+    finally:
+        if up:
+            up.stop()
         pg.stop()
