@@ -89,12 +89,11 @@ def describe_many(session: Session, rows: list[Dataset]) -> list[dict[str, Any]]
             select(Image.dataset_id, Image.label, func.count(Image.id))
             .where(Image.dataset_id.in_(list(counts)))
             .group_by(Image.dataset_id, Image.label)
-            .order_by(Image.dataset_id, Image.label)
         ):
             counts[dataset_id][label] = n
     out = []
     for d in rows:
-        labelled = {k: v for k, v in sorted(counts[d.id].items(), key=lambda kv: kv[0] or "") if k is not None}
+        labelled = dict(sorted((k, v) for k, v in counts[d.id].items() if k is not None))  # as training orders them
         unlabeled = counts[d.id].get(None, 0)
         out.append({
             "name": d.name,
