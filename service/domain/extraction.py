@@ -145,7 +145,8 @@ def run_shard(shard_id: int, *, settings: Settings | None = None, store: BlobSto
 
 
 def weights_path(settings: Settings) -> str | None:
-    """FELIS_PRETRAINED_WEIGHTS as models.train takes it (None: the architecture's default)."""
+    """FELIS_PRETRAINED_WEIGHTS as models.train takes it (None: the architecture's default,
+    models.networks.default_weights_path: a torchvision backbone's from torch.hub's cache)."""
     return str(settings.pretrained_weights) if settings.pretrained_weights else None
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.checkpoint import checkpoint_bytes, load_checkpoint, ood_index
-from models.train import Sample, TrainConfig, TrainingCancelled, train
+from models.train import Sample, TrainConfig, TrainingCancelled, WeightsUnavailable, train
 from service.config import Settings, get_settings
 from service.domain import extraction, trainings, uploads, versions
 from service.domain.heartbeat import Heartbeat, heartbeat_interval
@@ -62,6 +62,11 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         code, message = e.code, e.message
         log.info("training %s: %s", training_id, message)
         run.write(lambda: trainings.fail(training_id, code, message, token=token), "recording the failure")
+        return trainings.status_of(training_id)
+    except WeightsUnavailable as e:  # an offline worker without the backbone's file: the message says which, and where
+        message = str(e)
+        log.warning("training %s: %s", training_id, message)
+        run.write(lambda: trainings.fail(training_id, "weights_unavailable", message, token=token), "recording the failure")
         return trainings.status_of(training_id)
     except Exception as e:
         code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"

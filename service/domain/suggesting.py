@@ -22,7 +22,7 @@ from models.checkpoint import load_checkpoint
 from models.images import InvalidImage
 from models.suggest import suggest
 from service.config import Settings, get_settings
-from service.domain import suggestions
+from service.domain import extraction, suggestions
 from service.errors import NotFound
 from service.store.blobs import BlobStore, get_store, image_key
 from service.store.db import session_scope
@@ -52,7 +52,7 @@ def run_suggestions(dataset_id: int, version: int | None = None, *, settings: Se
     ckpt = load_checkpoint(store.get(checkpoint_key))
     onnx = store.get(onnx_key) if onnx_key and ckpt.get("mode") != "linear" else None
     labels, cache, after, done = list(ckpt["labels"]), BlobFeatureCache(store, settings), "", 0
-    weights = str(settings.pretrained_weights) if settings.pretrained_weights else None
+    weights = extraction.weights_path(settings)
     while True:
         with session_scope() as s:
             todo = suggestions.pending(s, dataset_id, version, after=after, limit=BATCH)

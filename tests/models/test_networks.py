@@ -52,8 +52,39 @@ def test_torchvision_weights_from_a_local_file(tmp_path):
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "other.pth")
     with pytest.raises(RuntimeError):
         networks.load_pretrained(backbone, "resnet18", str(tmp_path / "other.pth"))
-    with pytest.raises(ValueError):
-        networks.load_pretrained(backbone, "resnet18", None)  # no default download in felis
+
+
+def test_a_torchvision_backbone_without_a_file_starts_from_torch_hubs_cache(tmp_path, monkeypatch):
+    """No pretrained_weights for a torchvision backbone: before, every such training failed
+    ("needs a pretrained_weights file path") unless FELIS_PRETRAINED_WEIGHTS named a file, one
+    file for every architecture. Now its weights are torchvision's own, from torch.hub's cache
+    ($TORCH_HOME/hub/checkpoints, downloaded there when missing); here a file put there by hand,
+    as on an offline worker, is the one loaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(7)
+    reference = torchvision.models.resnet18(weights=None)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # torchvision's name for them
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    assert networks.default_weights_path("resnet18") == str(cached)
+    backbone, _ = networks.build_backbone({"name": "resnet18", "image_size": 64})
+    networks.load_pretrained(backbone, "resnet18", None)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(reference.children())[:-2]).eval()
+        torch.testing.assert_close(backbone.eval()(x), trunk(x))
+
+
+def test_weights_that_cannot_be_fetched_say_which_file_goes_where(tmp_path, monkeypatch):
+    """The cache cannot hold the file (here its folder is a file: no download is even tried):
+    WeightsUnavailable names the file, its URL and TORCH_HOME, not a bare OSError."""
+    (tmp_path / "torch").write_text("not a folder")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(networks.WeightsUnavailable) as e:
+        networks.default_weights_path("mobilenet_v3_small")
+    message = str(e.value)
+    assert "mobilenet_v3_small-047dcff4.pth" in message and "https://download.pytorch.org/" in message
+    assert str(tmp_path / "torch") in message and "TORCH_HOME" in message
 
 
 def test_efficientnet_weights_must_match(tmp_path):

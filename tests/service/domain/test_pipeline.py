@@ -131,3 +131,35 @@ def test_labels_thinned_after_the_request_fail_the_run_as_the_request_would_have
     row = session.get(Training, t.id)
     assert row.error["code"] == code and str(settings.min_images_per_label if keep else 2) in row.error["message"]
     assert row.model_version is None and versions.list_for(session, pets) == []
+
+
+def test_a_torchvision_backbone_trains_from_torch_hubs_cache_or_fails_saying_where_its_weights_go(
+        session, store, settings, pets, tmp_path, monkeypatch):
+    """architecture resnet18 with no FELIS_PRETRAINED_WEIGHTS: before, it failed as training_error
+    ("needs a pretrained_weights file path") on every worker. Now a worker whose torch.hub cache
+    cannot give the weights fails it as weights_unavailable naming the file; with the file in
+    the cache (put there by hand, as offline; a connected worker downloads it) it trains."""
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-cache"))
+    (tmp_path / "no-cache").write_text("a file where the cache folder should be")
+    options = {"architecture": "resnet18", "image_size": 64, "cv_folds": 2}
+    t = trainings.request(session, "pets", options, settings)
+    session.commit()
+    assert pipeline.run_training(t.id, settings=settings, store=store) == "failed"
+    session.expire_all()
+    error = session.get(Training, t.id).error
+    assert error["code"] == "weights_unavailable" and "resnet18-f37072fd.pth" in error["message"], error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)
+    t = trainings.request(session, "pets", options, settings)
+    session.commit()
+    assert pipeline.run_training(t.id, settings=settings, store=store) == "succeeded"
+    session.expire_all()
+    row = versions.get(session, pets, session.get(Training, t.id).model_version)
+    assert load_checkpoint(store.get(row.checkpoint_key))["architecture"]["name"] == "resnet18"
