@@ -123,12 +123,14 @@ def default_weights_path(name: str) -> str | None:
     return None
 
 
+DOWNLOAD_TIMEOUT_S = 60.0  # a connect or a read that waits longer fails the download (a firewall that drops packets)
+
+
 def torchvision_weights_file(name: str) -> str:
     """torchvision's default ImageNet weights of `name`, in torch.hub's cache
     ($TORCH_HOME/hub/checkpoints, the file name torchvision gives them): downloaded there first
-    when missing, with the hash in the file name checked, into a temporary file renamed when
-    whole (workers downloading at once never read half a file). An offline worker uses a file
-    put there by hand; WeightsUnavailable says which file and from where when it can do neither."""
+    when missing (download_weights). An offline worker uses a file put there by hand;
+    WeightsUnavailable says which file and from where when it can do neither."""
     import os
     from urllib.parse import urlparse
 
@@ -137,15 +139,40 @@ def torchvision_weights_file(name: str) -> str:
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     if not os.path.isfile(path):
-        match = torch.hub.HASH_REGEX.search(os.path.basename(path))
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+            download_weights(url, path)
+        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
             raise WeightsUnavailable(f"the ImageNet weights of {name} are not at {path} and could not be downloaded "
                                      f"from {url} ({type(e).__name__}: {e}); download that file there (or set TORCH_HOME "
                                      "to a folder whose hub/checkpoints holds it)") from None
     return path
+
+
+def download_weights(url: str, path: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """url -> path, as torch.hub downloads (the hash prefix in the file name checked), but with a
+    timeout on every wait (torch.hub's has none: a dropped connection hung the training until its
+    time limit) and into a temporary file renamed when whole, so that workers downloading at
+    once never read half a file. ValueError when the bytes do not match the name's hash."""
+    import hashlib
+    import os
+    import tempfile
+    import urllib.request
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".download-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if match and not digest.hexdigest().startswith(match.group(1)):
+            raise ValueError(f"the downloaded file's sha256 {digest.hexdigest()[:12]}... does not start with {match.group(1)}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_pretrained(backbone: nn.Module, name: str, path: str | None) -> None:

@@ -92,3 +92,49 @@ def test_efficientnet_weights_must_match(tmp_path):
     torch.save({"_conv_stem.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises((ValueError, RuntimeError)):
         networks.load_pretrained(backbone, "efficientnet_lite0", str(tmp_path / "bad.pth"))
+
+
+def test_weights_are_downloaded_whole_checked_and_never_wait_for_ever(tmp_path):
+    """download_weights against a real HTTP server on loopback: the file lands under its name only
+    when whole and its sha256 starts with the name's hash; wrong bytes leave nothing; a server that
+    accepts and never answers fails after the timeout (torch.hub's download has none: a firewall
+    that drops packets held the training until its time limit)."""
+    import hashlib
+    import http.server
+    import socket
+    import threading
+
+    payload = b"weights " * 5000
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = payload if self.path.startswith("/good") else b"something else"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection (the kernel does), never answers
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        good = tmp_path / "cache" / f"net-{prefix}.pth"
+        networks.download_weights(f"{base}/good", str(good))
+        assert good.read_bytes() == payload
+        bad = tmp_path / "cache" / f"other-{prefix}.pth"
+        with pytest.raises(ValueError, match="sha256"):
+            networks.download_weights(f"{base}/bad", str(bad))
+        with pytest.raises(OSError):
+            networks.download_weights(f"http://127.0.0.1:{silent.getsockname()[1]}/x", str(tmp_path / "cache" / "slow-abcd1234.pth"),
+                                      timeout=1.0)
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [good.name]  # no half or bad file left
+    finally:
+        server.shutdown()
+        silent.close()
