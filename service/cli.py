@@ -83,12 +83,15 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-WORKER_RESTARTS = 5  # `felis up` starts a new worker when its worker exits, up to this many times...
-WORKER_RESTART_WINDOW_S = 600.0  # ... within this many seconds; then it stops
+CHILD_RESTARTS = 5  # `felis up` starts a new worker (or API) when its own exits, up to this many times...
+CHILD_RESTART_WINDOW_S = 600.0  # ... each, within this many seconds; then it stops
+API_SETTLED_S = 30.0  # an API that exits (not killed) sooner than this after its start is not started again
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Embedded mode: the API and one worker as two child processes; Ctrl-C stops both."""
+    """Embedded mode: the API and one worker as two child processes, each started again when it
+    exits (the worker's watchdog ends a wedged one; the OOM killer picks the biggest process);
+    Ctrl-C stops both."""
     from service.config import bind_refusal, get_settings
     from service.errors import SchemaOutdated
 
@@ -106,10 +109,9 @@ def _up(args: argparse.Namespace) -> int:
     exe = [sys.executable, "-m", "service.cli"]
     port = str(args.port or settings.port)
 
-    def start_worker() -> subprocess.Popen:
-        return subprocess.Popen(exe + ["worker", "--queues", GPU_QUEUE, "--concurrency", "1"])
-
-    procs = [start_worker(), subprocess.Popen(exe + ["api", "--port", port])]
+    commands = {"the worker": exe + ["worker", "--queues", GPU_QUEUE, "--concurrency", "1"], "the API": exe + ["api", "--port", port]}
+    procs = {name: subprocess.Popen(command) for name, command in commands.items()}
+    starts = {name: [time.monotonic()] for name in commands}
     print(f"felis: embedded mode, data in {settings.data_dir}, API on http://{settings.host}:{port}", flush=True)
     stopping = False
 
@@ -120,25 +122,27 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0
-    worker_starts: list[float] = [time.monotonic()]
     while not stopping:
-        for i, p in enumerate(procs):
+        for name, p in procs.items():
             if p.poll() is None or stopping:
                 continue
-            recent = [t for t in worker_starts if time.monotonic() - t < WORKER_RESTART_WINDOW_S]
-            if i == 0 and len(recent) < WORKER_RESTARTS:  # the worker (its watchdog stops a wedged one): start another
-                print(f"felis: the worker exited with {p.returncode}; starting a new one", file=sys.stderr, flush=True)
-                procs[0] = start_worker()
-                worker_starts = recent + [time.monotonic()]
+            recent = [t for t in starts[name] if time.monotonic() - t < CHILD_RESTART_WINDOW_S]
+            # an API that fails at its start (the port taken) fails again: only one killed or
+            # that had been serving is started anew; any worker is (its watchdog exits with 75)
+            worth = name == "the worker" or p.returncode < 0 or time.monotonic() - starts[name][-1] > API_SETTLED_S
+            if worth and len(recent) < CHILD_RESTARTS:
+                print(f"felis: {name} exited with {p.returncode}; starting a new one", file=sys.stderr, flush=True)
+                procs[name] = subprocess.Popen(commands[name])
+                starts[name] = recent + [time.monotonic()]
             else:
-                print(f"felis: {'the worker' if i == 0 else 'the API'} exited with {p.returncode}; stopping", file=sys.stderr)
+                print(f"felis: {name} exited with {p.returncode}; stopping", file=sys.stderr)
                 code, stopping = p.returncode or 1, True
         time.sleep(0.2)
-    for p in procs:
+    for p in procs.values():
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 20
-    for p in procs:
+    for p in procs.values():
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

@@ -391,6 +391,39 @@ def test_a_pool_process_killed_after_a_task_was_handed_to_it_does_not_wedge_the_
         up.stop()
 
 
+def test_felis_up_starts_a_new_api_when_its_api_process_is_killed(tmp_path):
+    """`felis up` on a server: its API child SIGKILLed (the kernel's OOM killer picks the biggest
+    process, a stray kill). Before, `felis up` then stopped the worker too and exited: the service
+    stayed down until someone noticed. Now it starts a new API, as it does a new worker, and the
+    data is all there; a training queued before the kill still runs."""
+    import subprocess
+
+    up, base = start_felis("up", tmp_path)
+    log = next(tmp_path.glob("up-*.log"))
+    try:
+        c = httpx.Client(base_url=base, timeout=60)
+        assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+        c.post("/v1/datasets/pets/images", files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
+        t = c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"]
+        (api,) = subprocess.run(["pgrep", "-f", "service.cli api", "-P", str(up.popen.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(api), signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while True:
+            assert up.popen.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.3)
+        assert c.get("/v1/datasets/pets").json()["image_count"] == 32
+        assert wait_training(c, t, timeout=120)["status"] == "succeeded"
+        assert "the API exited" in log.read_text(errors="replace")
+    finally:
+        up.stop()
+
+
 def test_an_api_started_while_postgres_is_down_serves_not_ready_and_recovers(tmp_path, redis_server):
     """An API process that starts (or restarts) during a database outage: before, its start-up
     failed ("Application startup failed. Exiting.") and it stayed down after PostgreSQL came back.
