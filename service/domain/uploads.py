@@ -228,14 +228,19 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".
 
 def _wrapper(names: list[str]) -> tuple[str, ...]:
     """The folders that wrap the label folders (``zip -r set.zip set/``, or an export a few levels
-    deep): while every image (a name with an image suffix; every member when none has one) sits
-    at least two folders below one common folder, that folder wraps. Other files, a README beside
-    the label folders, and members refused for their path or size do not decide; members outside
-    the wrapper keep their whole path."""
+    deep): while every image (a name with an image suffix; every member when none has one) is
+    below one common folder, that folder wraps if its images sit in folders below it: all of
+    them, or most of them in two or more folders (a stray set/preview.jpg beside set/cat/ and
+    set/noncat/ is then stored unlabeled, not the whole set as label 'set'). Other files, a README
+    beside the label folders, and members refused for their path or size do not decide; members
+    outside the wrapper keep their whole path."""
     parts = [PurePosixPath(n).parts for n in names]
     images = [p for p in parts if PurePosixPath(p[-1]).suffix.lower() in _IMAGE_SUFFIXES] or parts
     depth = 0
-    while images and all(len(p) >= depth + 3 for p in images) and len({p[depth] for p in images}) == 1:
+    while images and all(len(p) >= depth + 2 for p in images) and len({p[depth] for p in images}) == 1:
+        deep = [p for p in images if len(p) >= depth + 3]
+        if len(deep) < len(images) and not (len({p[depth + 1] for p in deep}) >= 2 and 2 * len(deep) > len(images)):
+            break
         depth += 1
     return images[0][:depth] if depth else ()
 

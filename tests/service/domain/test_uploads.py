@@ -216,6 +216,25 @@ def test_wrapping_folders_are_told_by_the_images(session, store, settings, names
     assert datasets.label_counts(session, ds) == {"cat": 1, "noncat": 1}
 
 
+@pytest.mark.parametrize("names, labels", [
+    # a stray image beside the label folders: before, 'set' did not wrap and was the label of all five
+    (["set/cat/a.jpg", "set/cat/b.jpg", "set/noncat/c.jpg", "set/noncat/d.jpg", "set/preview.jpg"],
+     ["cat", "cat", "noncat", "noncat", None]),
+    # most images in the folder itself, a few in its subfolders: one label's folder, as before
+    (["cat/a.jpg", "cat/b.jpg", "cat/c.jpg", "cat/kittens/d.jpg", "cat/old/e.jpg"], ["cat"] * 5),
+    # one subfolder beside images: a label's folder with a folder inside, as before
+    (["set/cat/a.jpg", "set/cat/b.jpg", "set/c.jpg", "set/d.jpg", "set/e.jpg"], ["set"] * 5),
+])
+def test_a_stray_image_beside_the_label_folders_does_not_make_the_wrapper_a_label(session, store, settings, names, labels):
+    """zip -r set.zip set/ of set/cat/, set/noncat/ and one set/preview.jpg: every image was stored
+    as label 'set' (201, no warning), one bogus class in place of two. The wrapper goes when most
+    images sit in two or more folders below it; the images beside those folders are unlabeled."""
+    ds = datasets.create(session, "pets")
+    images = [p.read_bytes() for p in asset_images("train", "cat")[:5]]
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(_zip(dict(zip(names, images))), settings), settings)
+    assert [r["label"] for r in report.results] == labels and report.count("created") == 5
+
+
 @pytest.mark.parametrize("names", [
     ["myset/train/cat/a.jpg", "myset/train/noncat/b.png", "myset/test/cat/c.jpg"],  # zip -r of a split dataset
     ["Train/cat/a.jpg", "Train/noncat/b.png", "Val/noncat/c.jpg"],  # without a wrapper, any case
