@@ -74,17 +74,21 @@ def validate_label(label: str) -> str:
 class LabelSpelling:
     """A dataset's labels by their letter-case-folded form: a label that differs from one the
     dataset holds only in case (Cat beside cat) is that label, spelled as stored (its most used
-    spelling, where an older dataset holds several); new ones are kept as first spelled."""
+    spelling, where a dataset holds several: relabelling by hand keeps the spelling given); a
+    spelling the dataset holds stays as sent; new ones are kept as first spelled."""
 
     def __init__(self, session: Session, dataset_id: int):
         rows = session.execute(select(Image.label).where(Image.dataset_id == dataset_id, Image.label.is_not(None))
-                               .group_by(Image.label).order_by(func.count(Image.id).desc(), Image.label)).scalars()
+                               .group_by(Image.label).order_by(func.count(Image.id).desc(), Image.label)).scalars().all()
+        self._held = set(rows)
         self._known: dict[str, str] = {}
         for label in rows:
             self._known.setdefault(label.casefold(), label)
 
     def __call__(self, label: str | None) -> str | None:
-        return None if label is None else self._known.setdefault(label.casefold(), label)
+        if label is None or label in self._held:
+            return label
+        return self._known.setdefault(label.casefold(), label)
 
 
 @dataclass

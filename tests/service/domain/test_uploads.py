@@ -184,6 +184,25 @@ def test_labels_that_differ_only_in_letter_case_are_one_label(session, store, se
     assert datasets.label_counts(session, ds) == {"cat": 3, "noncat": 2}
 
 
+def test_a_label_sent_as_a_stored_spelling_keeps_that_spelling(session, store, settings):
+    """A dataset that holds Cat (3 images, relabelled by hand) and cat (1): label=cat was stored
+    as Cat, the most used spelling, though the dataset holds cat as sent. A spelling the dataset
+    holds is kept; one it does not hold still takes the most used spelling."""
+    from service.domain import images
+
+    ds = datasets.create(session, "pets")
+    cats = asset_images("train", "cat")
+    report = uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[:4]), "cat"), settings)
+    for r in report.results[:3]:
+        images.relabel(session, ds, r["image_id"], "Cat")
+    assert datasets.label_counts(session, ds) == {"Cat": 3, "cat": 1}
+    report = uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[4:5]), "cat"), settings)
+    assert [r["label"] for r in report.results] == ["cat"]
+    report = uploads.ingest(session, store, ds, uploads.files_candidates(_files(cats[5:6]), "CAT"), settings)
+    assert [r["label"] for r in report.results] == ["Cat"]
+    assert datasets.label_counts(session, ds) == {"Cat": 4, "cat": 2}
+
+
 def test_a_windows_zips_backslashes_are_folders(session, store, settings):
     """PowerShell's Compress-Archive (before PowerShell 7) writes cat\\1.jpg: unzip and 7-Zip read
     folders there; before, every member was rejected absolute_path."""
