@@ -28,7 +28,7 @@ from service.config import Settings, get_settings
 from service.domain import extraction, trainings, uploads, versions
 from service.domain.heartbeat import Heartbeat, heartbeat_interval
 from service.domain.trainings import LostOwnership, Status
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, NotFound
 from models.label_issues import pack_heldout
 from service.store.blobs import BlobStore, get_store, heldout_key, model_keys
 from service.store.db import session_scope
@@ -52,7 +52,7 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
     run = _Run(training_id, token, settings)
     run.heartbeat.start()
     try:
-        return _run(run, settings, store, device or settings.device)
+        return _run_reading_again(run, settings, store, device or settings.device)
     except TrainingCancelled:
         return Status.CANCELLED if run.write(lambda: trainings.cancelled(training_id, token), "recording the cancel") else trainings.status_of(training_id)
     except LostOwnership:
@@ -78,6 +78,33 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         run.heartbeat.stop()
 
 
+READ_AGAIN = 3  # times a run lists the dataset again when images it listed went while it read them
+
+
+def _run_reading_again(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
+    """_run; when an image's bytes are gone because the image was deleted after the run listed
+    the dataset (its blob purged once FELIS_BLOB_GRACE_SECONDS passed: a long extraction or
+    fine-tuning), the run lists the dataset again and goes on without it (what it computed is in
+    the feature cache). Bytes missing for an image the dataset still holds end the run (NotFound
+    blob_missing), as they would every time."""
+    for attempt in range(READ_AGAIN + 1):
+        try:
+            return _run(run, settings, store, device)
+        except NotFound as e:
+            if e.code != "blob_missing" or attempt == READ_AGAIN or not _listed_images_went(run.training_id, run.listed):
+                raise
+            log.info("training %s: images were deleted while it read them (%s): listing the dataset again", run.training_id, e.message)
+    raise AssertionError("unreachable")
+
+
+def _listed_images_went(training_id: str, listed: set[str]) -> bool:
+    """Whether some of the images a run listed are no longer in its dataset (labelled)."""
+    with session_scope() as s:
+        dataset_id = s.get(Training, training_id).dataset_id
+        held = set(s.scalars(select(Image.id).where(Image.dataset_id == dataset_id, Image.label.is_not(None))))
+    return bool(listed - held)
+
+
 def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
     training_id = run.training_id
     with session_scope() as s:
@@ -88,6 +115,7 @@ def _run(run: "_Run", settings: Settings, store: BlobStore, device: str) -> str:
                            .order_by(Image.sha256)).all()
         options, dataset_id, dataset_name = dict(training.options), dataset.id, dataset.name
         rows = [(i.id, i.sha256, i.label, i.phash) for i in images]
+    run.listed = {i for i, _, _, _ in rows}
     # images may have gone while it waited
     trainings.check_label_counts(dict(Counter(label for _, _, label, _ in rows)), dataset_name, settings)
     snapshot = _snapshot(rows)
@@ -217,6 +245,7 @@ class _Run:
 
     def __init__(self, training_id: str, token: str, settings: Settings):
         self.training_id, self.token, self.settings = training_id, token, settings
+        self.listed: set[str] = set()  # the image ids its last listing of the dataset gave
         self._last_write = 0.0
         self._last_check = 0.0
         self._cancelled = False

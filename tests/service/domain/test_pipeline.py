@@ -9,7 +9,8 @@ from sqlalchemy import select
 from models.checkpoint import load_checkpoint
 from service.domain import datasets, pipeline, trainings, versions
 from service.store.blobs import model_keys
-from service.store.tables import Training
+from service.store.db import session_scope
+from service.store.tables import Dataset, Training
 
 
 @pytest.fixture
@@ -163,3 +164,38 @@ def test_a_torchvision_backbone_trains_from_torch_hubs_cache_or_fails_saying_whe
     session.expire_all()
     row = versions.get(session, pets, session.get(Training, t.id).model_version)
     assert load_checkpoint(store.get(row.checkpoint_key))["architecture"]["name"] == "resnet18"
+
+
+def test_images_deleted_while_the_run_reads_them_are_left_out_not_a_failed_training(session, store, settings, pets, monkeypatch):
+    """A run lists the dataset's images at its start and reads their bytes as it goes. Images
+    deleted meanwhile, their bytes purged (after FELIS_BLOB_GRACE_SECONDS: a long in-process
+    extraction or fine-tuning), failed the whole training as training_error 'NotFound: blob
+    images/6c/... is missing'. Now the run reads the dataset again and trains on what is left
+    (the features it computed are cached); here two images go between the listing and the reads."""
+    from service.domain import images
+    from service.store.blobs import image_key
+    from service.store.tables import Image
+
+    t = trainings.request(session, "pets", {"image_size": 64, "cv_folds": 2}, settings)
+    session.commit()
+    doomed = session.scalars(select(Image).where(Image.dataset_id == pets.id, Image.label == "cat").limit(2)).all()
+    gone = [(i.id, i.sha256) for i in doomed]
+    original, calls = trainings.check_label_counts, []
+
+    def delete_after_the_listing(*args, **kwargs):  # the run has its list; the images go now, bytes and all
+        calls.append(1)
+        if len(calls) == 1:
+            with session_scope() as s:
+                for image_id, sha in gone:
+                    images.delete(s, store, s.get(Dataset, pets.id), image_id)
+                s.commit()
+            for _, sha in gone:
+                store.delete(image_key(sha))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainings, "check_label_counts", delete_after_the_listing)
+    assert pipeline.run_training(t.id, settings=settings, store=store) == "succeeded"
+    session.expire_all()
+    training = session.get(Training, t.id)
+    ckpt = load_checkpoint(store.get(versions.get(session, pets, training.model_version).checkpoint_key))
+    assert ckpt["dataset"]["image_count"] == 30 and len(calls) == 2, ckpt["dataset"]
