@@ -8,6 +8,7 @@ near-duplicate detection (perceptual_hash). No torch here, so the upload path do
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ def _known_unsupported(data: bytes) -> str | None:
     return None
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:
     if not data:
         raise InvalidImage("empty_file", "the file is empty")
     try:
@@ -60,7 +61,7 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise InvalidImage("image_too_large", str(e)) from None
+        raise InvalidImage("image_too_large", _too_large(str(e), max_pixels)) from None
     except UnidentifiedImageError:
         known = _known_unsupported(data)
         if known:
@@ -71,6 +72,15 @@ def _open(data: bytes) -> Image.Image:
             raise InvalidImage("truncated_image", f"the WebP file is truncated: {len(data)} of the "
                                f"{int.from_bytes(data[4:8], 'little') + 8} bytes its header announces") from None
         raise InvalidImage("not_an_image", f"unreadable image header: {e}") from None
+
+
+def _too_large(pillow_message: str, max_pixels: int | None) -> str:
+    """Pillow's bomb guard fires at twice its own limit, before felis's check can: its message
+    names Pillow's limit (178956970), not the one the caller set, which is the one to quote."""
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    if max_pixels is None or not found:
+        return pillow_message
+    return f"{found.group(1)} pixels exceeds {max_pixels}"
 
 
 def _riff_webp_cut_short(data: bytes) -> bool:
@@ -105,7 +115,7 @@ def inspect_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> ImageIn
     The size is checked from the header before any pixel is decoded (decompression bombs).
     JPEGs are decoded at reduced DCT scale: every byte is still read, but no big buffer is made.
     """
-    img = _open(data)
+    img = _open(data, max_pixels)
     with img:
         info = _checked_header(img, max_pixels, min_side)
         if img.format in ("JPEG", "MPO"):
@@ -118,7 +128,7 @@ def inspect_and_hash(data: bytes, *, max_pixels: int, min_side: int = 8) -> tupl
     """inspect_image(data) and perceptual_hash(data) with one decode instead of two (what an
     upload checks of every file): the same answers and the same InvalidImage codes, the pixels
     decoded once at the perceptual hash's scale (every byte is still read)."""
-    img = _open(data)
+    img = _open(data, max_pixels)
     with img:
         info = _checked_header(img, max_pixels, min_side)
         return info, _phash(_decoded_rgb(img, PHASH_DECODE_SIDE))
@@ -167,7 +177,7 @@ def decode_rgb(data: bytes, size_hint: int | None = None, max_pixels: int | None
     min_side: "image_too_small" under it (predict checks what upload checks; stored images were
     checked when they came in, under the setting of that day, so training passes 0).
     """
-    img = _open(data)
+    img = _open(data, max_pixels)
     _check_format_and_size(img, max_pixels, min_side)
     return _decoded_rgb(img, size_hint)
 
