@@ -121,10 +121,8 @@ class ProtocolRoute(APIRoute):
             except e.FelisError as exc:
                 return cls.render_domain(exc)
             except RequestValidationError as exc:
-                first = (exc.errors() or [{}])[0]
-                where = ".".join(str(x) for x in first.get("loc", ()) if x not in cls.validation_loc_skips)
                 return cls.render_error(cls.validation_status, "validation_error",
-                                        f"{where or 'request'}: {first.get('msg', 'invalid request')}")
+                                        validation_message(exc.errors(), request.headers.get("content-type"), cls.validation_loc_skips))
             except StarletteHTTPException as exc:  # e.g. the body over FELIS_MAX_REQUEST_BYTES, counted while read
                 code = "request_too_large" if exc.status_code == 413 else "http_error"
                 return cls.render_error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
@@ -143,11 +141,28 @@ async def _felis_error(_: Request, exc: e.FelisError) -> JSONResponse:
                         headers=headers_for(exc))
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+def validation_message(errors: list[dict], content_type: str | None, skips: tuple[str, ...] = ("body",)) -> str:
+    """The first error of a request the schema refused, as one line that says what to change:
+    where it is and pydantic's words, or, for a body that is no JSON object, why (not JSON at
+    all and where it breaks; sent as another content type, which is never parsed)."""
+    first = (errors or [{}])[0]
+    loc, kind = tuple(first.get("loc", ())), first.get("type")
+    if kind == "json_invalid":
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"body: not valid JSON{at} ({(first.get('ctx') or {}).get('error', 'JSON decode error')})"
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "list_type", "missing"):
+        media = (content_type or "").split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return f"body: send JSON with 'Content-Type: application/json' (this request's: {media or 'none'})"
+        return "body: a JSON object is required" if kind != "list_type" else "body: a JSON array is required"
+    where = ".".join(str(x) for x in loc if x not in skips)
+    return f"{where or 'request'}: {first.get('msg', 'invalid request')}"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = [{"loc": list(err.get("loc", ())), "message": err.get("msg", "")} for err in exc.errors()]
-    first = details[0] if details else {"loc": [], "message": "invalid request"}
-    where = ".".join(str(x) for x in first["loc"] if x != "body") or "request"
-    return JSONResponse(error_body("validation_error", f"{where}: {first['message']}", details), status_code=422)
+    return JSONResponse(error_body("validation_error", validation_message(exc.errors(), request.headers.get("content-type")), details),
+                        status_code=422)
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

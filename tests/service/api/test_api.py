@@ -77,6 +77,21 @@ def test_the_dataset_list_shows_each_datasets_counts_in_a_fixed_number_of_querie
     assert rows[0]["image_count"] == 0 and rows[0]["label_counts"] == {}
 
 
+@pytest.mark.parametrize("body, content_type, message", [
+    (b"{not json", "application/json", "body: not valid JSON at character 1 (Expecting property name enclosed in double quotes)"),
+    (b'{"name": "pets"}', "text/plain", "body: send JSON with 'Content-Type: application/json' (this request's: text/plain)"),
+    (b"name=pets", "application/x-www-form-urlencoded", "body: send JSON with 'Content-Type: application/json' "
+                                                          "(this request's: application/x-www-form-urlencoded)"),
+    (b"[1]", "application/json", "body: a JSON object is required"),
+])
+def test_a_body_that_is_no_json_object_says_why(client, body, content_type, message):
+    """Before: '1: JSON decode error' (a character offset as the place), and for JSON sent as
+    text/plain or a form 'Input should be a valid dictionary', though the body was one."""
+    r = client.post("/v1/datasets", content=body, headers={"content-type": content_type})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+    assert r.json()["error"]["message"] == message
+
+
 def test_upload_statuses_201_207_422(client):
     client.post("/v1/datasets", json={"name": "pets"})
     cats = asset_images("train", "cat")
