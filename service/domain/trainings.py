@@ -8,6 +8,7 @@
             out over the worker pool; no worker is held; the last shard to finish ─► QUEUED again,
             and the run that claims it finds every feature cached and fits the head
     shard: QUEUED ──claim_shard──► RUNNING ──finish_shard──► DONE  (fail_shard: the training FAILED)
+           QUEUED | RUNNING ──its training cancelled or failed──► STOPPED
     QUEUED | EXTRACTING ──cancel──► CANCELLED;  RUNNING ──cancel──► cancel_requested, the worker stops
     sweep: RUNNING with no heartbeat for a lease ─► QUEUED again (attempts < MAX_ATTEMPTS),
            FAILED worker_lost, or CANCELLED when cancel was requested; QUEUED whose message was
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, and_, cast, func, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, Select, and_, cast, func, or_, select, update
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -75,6 +76,7 @@ class ShardStatus(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    STOPPED = "stopped"  # its training ended (cancelled, or failed by another shard) before it did
 
 
 class LostOwnership(Exception):
@@ -314,6 +316,7 @@ def _cancel(session: Session, which: ColumnElement[bool], reason: str, extractin
         session.execute(update(Training).where(which, Training.status == status)
                         .values(status=Status.CANCELLED, cancel_requested=True, finished_at=_now(session),
                                 error={"code": "cancelled", "message": why}))
+    _stop_shards(session, select(Training.id).where(which, Training.status == Status.CANCELLED))
     session.execute(update(Training).where(which, Training.status == Status.RUNNING).values(cancel_requested=True))
 
 
@@ -546,8 +549,18 @@ def fail_shard(shard_id: int, token: str, code: str, message: str) -> None:
             return
         s.execute(update(TrainingShard).where(_shard_owned(shard_id, token)).values(
             status=ShardStatus.FAILED, finished_at=_now(s), error={"code": code, "message": message}))
-        s.execute(update(Training).where(Training.id == training_id, Training.status == Status.EXTRACTING).values(
-            status=Status.FAILED, finished_at=_now(s), error={"code": code, "message": message}))
+        if s.execute(update(Training).where(Training.id == training_id, Training.status == Status.EXTRACTING).values(
+                status=Status.FAILED, finished_at=_now(s), error={"code": code, "message": message})).rowcount:
+            _stop_shards(s, [training_id])
+
+
+def _stop_shards(s: Session, training_ids: list[str] | Select) -> None:
+    """The unfinished shards of trainings that ended (cancelled, failed): STOPPED, their claims
+    dropped. A worker still computing one sees it at its next check and stops."""
+    s.execute(update(TrainingShard).where(TrainingShard.training_id.in_(training_ids),
+                                          TrainingShard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
+              .values(status=ShardStatus.STOPPED, claim_token=None, finished_at=_now(s))
+              .execution_options(synchronize_session=False))
 
 
 def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float, redeliver_s: float) -> tuple[dict[str, int], list[int], list[str]]:
@@ -566,8 +579,9 @@ def _sweep_shards(s: Session, settings: Settings, unsent_grace_s: float, redeliv
             message = f"the worker computing shard {sh.id}'s features stopped responding {sh.attempts} times"
             if s.execute(update(TrainingShard).where(guard).values(status=ShardStatus.FAILED, finished_at=_now(s),
                          error={"code": "worker_lost", "message": message}).execution_options(synchronize_session=False)).rowcount:
-                s.execute(update(Training).where(Training.id == sh.training_id, Training.status == Status.EXTRACTING)
-                          .values(status=Status.FAILED, finished_at=_now(s), error={"code": "worker_lost", "message": message}))
+                if s.execute(update(Training).where(Training.id == sh.training_id, Training.status == Status.EXTRACTING)
+                             .values(status=Status.FAILED, finished_at=_now(s), error={"code": "worker_lost", "message": message})).rowcount:
+                    _stop_shards(s, [sh.training_id])
                 counts["shards_failed"] += 1
         else:
             counts["shards_requeued"] += s.execute(update(TrainingShard).where(guard).values(

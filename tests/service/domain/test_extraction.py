@@ -112,8 +112,10 @@ def test_a_shard_lost_too_often_fails_its_training(session, store, sharded, pets
     session.expire_all()
     training = session.get(Training, tid)
     assert training.status == Status.FAILED and training.error["code"] == "worker_lost"
+    assert [sh.status for sh in _shards(session, tid)] == [ShardStatus.FAILED] + [ShardStatus.STOPPED] * 3
 
 
+@pytest.mark.usefixtures("metadata_store")
 def test_cancelling_an_extracting_training_stops_its_shards(session, store, sharded, pets):
     tid = _request(session, sharded)
     pipeline.run_training(tid, settings=sharded, store=store)
@@ -123,6 +125,10 @@ def test_cancelling_an_extracting_training_stops_its_shards(session, store, shar
     assert trainings.shard_progress(first.id, token, 5) is False  # the running shard stops at its next beat
     assert extraction.run_shard(second.id, settings=sharded, store=store) == "skipped"
     assert trainings.sweep(sharded, lambda _t: None, enqueue_shard=lambda _s: None).get("shards_sent", 0) == 0
+    # none is left queued or running on a cancelled training (before: the claimed one stayed running)
+    assert [(sh.status, sh.claim_token) for sh in _shards(session, tid)] == [(ShardStatus.STOPPED, None)] * 4
+    assert trainings.finish_shard(first.id, token) is None  # a late finish changes nothing
+    assert _shards(session, tid)[0].status == ShardStatus.STOPPED
 
 
 def test_a_shard_that_cannot_compute_fails_its_training_with_the_reason(session, store, sharded, pets, monkeypatch):
@@ -138,6 +144,7 @@ def test_a_shard_that_cannot_compute_fails_its_training_with_the_reason(session,
     session.expire_all()
     training = session.get(Training, tid)
     assert training.status == Status.FAILED and training.error == {"code": "feature_error", "message": "OSError: disk on fire"}
+    assert [sh.status for sh in _shards(session, tid)] == [ShardStatus.FAILED] + [ShardStatus.STOPPED] * 3
 
 
 def test_deleting_the_trainings_of_a_dataset_removes_their_shards(session, store, sharded, pets):
