@@ -128,8 +128,9 @@ def _upload(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     skipped = f"{report['skipped']} already there, " if report.get("skipped") else ""
+    ignored = f", {report['ignored']} hidden files ignored" if report.get("ignored") else ""
     print(f"{skipped}{report['created']} created, {report['duplicates']} duplicates, {report['rejected']} rejected "
-          f"({len(report['results'])} files sent)")
+          f"({len(report['results'])} files sent{ignored})")
     rejected = [r for r in report["results"] if r["status"] == "rejected"]
     if rejected:
         reasons = Counter(r.get("reason") or "unknown" for r in rejected)

@@ -221,4 +221,5 @@ def merge_reports(reports: list[dict]) -> dict:
         "created": sum(1 for r in results if r.get("status") == "created"),
         "duplicates": sum(1 for r in results if r.get("status") == "duplicate"),
         "rejected": sum(1 for r in results if r.get("status") == "rejected"),
+        "ignored": sum(rep.get("ignored", 0) for rep in reports),  # a zip's hidden members, skipped by the server
     }

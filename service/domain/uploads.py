@@ -99,11 +99,13 @@ class Candidate:
     label: str | None  # None: stored unlabeled
     read: Callable[[], bytes] | None = None
     reason: str | None = None  # set when rejected before reading
+    hidden: bool = False  # a zip's dot file, dot folder or __MACOSX/ member: skipped, counted as ignored
 
 
 @dataclass
 class UploadReport:
     results: list[dict[str, Any]] = field(default_factory=list)
+    ignored: int = 0  # hidden members skipped (Candidate.hidden): in no result
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r["status"] == status)
@@ -114,6 +116,7 @@ class UploadReport:
             "created": self.count("created"),
             "duplicates": self.count("duplicate"),
             "rejected": self.count("rejected"),
+            "ignored": self.ignored,
         }
 
 
@@ -135,13 +138,15 @@ def files_candidates(files: list[tuple[str, Callable[[], bytes]]], label: str | 
 
 def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate]:
     """Members of a zip with one top-level folder per label (an extra wrapping folder is allowed);
-    images at its top level or in an `unlabeled/` folder are stored unlabeled."""
+    images at its top level or in an `unlabeled/` folder are stored unlabeled; hidden members (dot
+    files and folders, __MACOSX/: what macOS and editors add) are skipped, counted as ignored."""
     try:
         _count_entries(fileobj, settings)
         zf = zipfile.ZipFile(fileobj)
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise InvalidRequest(f"archive is not a readable zip file: {e}", code="invalid_archive") from e
+    hidden = [Candidate(filename=i.filename, label=None, hidden=True) for i in infos if not i.is_dir() and _is_junk(i.filename)]
     infos = [i for i in infos if not i.is_dir() and not _is_junk(i.filename)]  # at most max_archive_members: counted above
     total = sum(i.file_size for i in infos)
     if total > settings.max_archive_bytes:
@@ -154,7 +159,7 @@ def archive_candidates(fileobj: IO[bytes], settings: Settings) -> list[Candidate
     good = [name for name, problem in zip(names, problems, strict=True) if problem is None]
     wrapper = _wrapper(good)
     _refuse_split_folders(good, wrapper)
-    out: list[Candidate] = []
+    out: list[Candidate] = hidden
     for info, name, reason in zip(infos, names, problems, strict=True):
         parts = _unwrapped(name, wrapper)
         label = parts[0] if len(parts) >= 2 and parts[0].lower() != UNLABELED else None
@@ -351,8 +356,11 @@ def ingest(
     """Validate every candidate, store the new ones, and report one result per file, in order.
     The new ones become visible together when it returns; when it raises, none of them."""
     candidates = list(candidates)
+    hidden = sum(c.hidden for c in candidates)
+    candidates = [c for c in candidates if not c.hidden]
     if not candidates:
-        raise InvalidRequest("the upload holds no files", code="empty_upload")
+        why = f": the archive holds only {hidden} hidden files (dot files, dot folders, __MACOSX/)" if hidden else ""
+        raise InvalidRequest(f"the upload holds no files{why}", code="empty_upload")
     limit = max(settings.max_files_per_request, settings.max_archive_members)  # loose files / a zip's members
     if len(candidates) > limit:
         raise TooLarge(f"{len(candidates)} files in one request; the limit is {limit}", code="too_many_files")
@@ -360,7 +368,7 @@ def ingest(
     for c in candidates:
         if c.label is not None and c.reason is None:
             c.label = spell(c.label)
-    report = UploadReport()
+    report = UploadReport(ignored=hidden)
     upload_id = new_id()
     staged: dict[str, str] = {}  # sha256 -> the id of its staged row, the image's id once published
     pending: list[tuple[int, str, bool]] = []  # (result, sha256, first file of those bytes): known at publish

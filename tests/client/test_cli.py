@@ -42,9 +42,18 @@ def test_create_list_upload(felis, tmp_path):
     code, out, _ = felis("upload", "clipets", str(junk), *map(str, asset_images("test", "cat")), "--label", "cat")
     assert code == 0
     assert "4 created, 0 duplicates, 1 rejected" in out and "not_an_image 1" in out and "junk.jpg: not_an_image" in out
+    import zipfile
+
+    made_on_a_mac = tmp_path / "mac.zip"  # the hidden members a Finder zip adds: skipped by the server, and said
+    with zipfile.ZipFile(made_on_a_mac, "w") as zf:
+        zf.writestr("cat/a.jpg", asset_images("test", "noncat")[0].read_bytes())
+        zf.writestr("__MACOSX/cat/._a.jpg", b"\0" * 20)
+        zf.writestr("cat/.DS_Store", b"x")
+    code, out, _ = felis("upload", "clipets", str(made_on_a_mac))
+    assert code == 0 and "1 created, 0 duplicates, 0 rejected (1 files sent, 2 hidden files ignored)" in out
     code, out, _ = felis("datasets")
     line = next(l for l in out.splitlines() if l.startswith("clipets"))
-    assert "36" in line and "cat 20" in line and "noncat 16" in line
+    assert "37" in line and "cat 21" in line and "noncat 16" in line
 
 
 def test_bad_input_is_one_line_not_a_traceback(felis, felis_url):

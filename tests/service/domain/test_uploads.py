@@ -300,6 +300,23 @@ def test_a_zip_of_utf8_names_without_the_utf8_flag_keeps_its_names(session, stor
     assert [(r["filename"], r["label"], r["status"]) for r in report.results] == [("cat/Café.jpg", "cat", "created")]
 
 
+def test_hidden_members_are_skipped_and_counted_as_ignored(session, store, settings):
+    """A zip's dot files, dot folders and __MACOSX/ are not images to store, but the report says
+    how many it skipped (before: they vanished, so created + duplicates + rejected fell short of
+    the files the user zipped with no word why); a zip of nothing else says so."""
+    ds = datasets.create(session, "pets")
+    cat, noncat = asset_images("train", "cat")[0].read_bytes(), asset_images("train", "noncat")[0].read_bytes()
+    buf = _zip({"cat/a.jpg": cat, "noncat/b.jpg": noncat, "cat/.c.jpg": cat, ".cats/d.jpg": noncat,
+                "__MACOSX/cat/._a.jpg": b"\0" * 20, ".DS_Store": b"x"})
+    report = uploads.ingest(session, store, ds, uploads.archive_candidates(buf, settings), settings)
+    assert sorted(r["filename"] for r in report.results) == ["cat/a.jpg", "noncat/b.jpg"]
+    assert report.as_dict()["ignored"] == 4 and report.as_dict()["created"] == 2
+    with pytest.raises(InvalidRequest) as e:
+        uploads.ingest(session, store, ds, uploads.archive_candidates(_zip({"__MACOSX/._a.jpg": cat, ".x/b.jpg": cat}), settings),
+                       settings)
+    assert e.value.code == "empty_upload" and "2 hidden files" in str(e.value)
+
+
 def test_zip_without_label_folders_is_all_unlabeled(session, store, settings):
     ds = datasets.create(session, "pets")
     buf = _zip({"a.jpg": asset_images()[0].read_bytes()})
@@ -455,7 +472,7 @@ def test_the_per_file_report_is_as_before(felis, monkeypatch):
                    ("other.jpg", "created", None)]
     ids = [r["image_id"] for r in report.results]
     assert ids[1] == old[0]["image_id"] and ids[2] is None and ids[3] == ids[0]
-    assert report.as_dict() | {"results": None} == {"results": None, "created": 2, "duplicates": 2, "rejected": 1}
+    assert report.as_dict() | {"results": None} == {"results": None, "created": 2, "duplicates": 2, "rejected": 1, "ignored": 0}
     rows = {i.id: i for i in felis.rows(ds.id)}
     assert len(rows) == 4 and rows[ids[0]].filename == "new.jpg" and rows[ids[4]].sha256 == _sha(cats[3])
 
