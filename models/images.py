@@ -32,7 +32,7 @@ class InvalidImage(Exception):
 @dataclass(frozen=True)
 class ImageInfo:
     format: str  # Pillow format name, e.g. "JPEG"
-    width: int  # pixels, as stored (before EXIF rotation)
+    width: int  # pixels, as displayed (EXIF orientation applied, as decode_rgb does)
     height: int  # pixels
     mode: str  # Pillow mode as stored, e.g. "RGB", "L", "CMYK", "I;16", "P"
 
@@ -138,7 +138,25 @@ def _checked_header(img: Image.Image, max_pixels: int, min_side: int) -> ImageIn
     """What inspect_image checks before decoding: a supported format, the pixel bound, the sides."""
     fmt, (w, h), mode = img.format or "", img.size, img.mode
     _check_format_and_size(img, max_pixels, min_side)
+    if _orientation(img) in _QUARTER_TURNS:
+        w, h = h, w
     return ImageInfo(format="JPEG" if fmt == "MPO" else fmt, width=w, height=h, mode=mode)
+
+
+_ORIENTATION = 0x0112  # the EXIF tag exif_transpose follows
+_QUARTER_TURNS = (5, 6, 7, 8)  # the orientations whose display swaps width and height
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation from what the header holds, decoding no pixel (a PNG's eXIf chunk
+    after its pixels is not looked for: Pillow would decode them to find it). None when absent or
+    unreadable: the decode that follows says what is wrong with the file."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    try:
+        return img.getexif().get(_ORIENTATION)
+    except Exception:  # a truncated or malformed EXIF block: Pillow raises struct, OS or value errors
+        return None
 
 
 def _check_format_and_size(img: Image.Image, max_pixels: int | None, min_side: int) -> None:

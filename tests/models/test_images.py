@@ -1,6 +1,7 @@
 import io
 import struct
 import zlib
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -70,8 +71,13 @@ def test_exif_orientation_is_applied(photo):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     data = _encode(img, "JPEG", exif=exif.tobytes())
-    assert inspect_image(data, max_pixels=MAX_PIXELS).width == 80  # as stored
     assert decode_rgb(data).size == (40, 80)  # as displayed
+    # the sides an image row and the API show are the displayed ones too, as the thumbnail's and
+    # what training sees (before: 80 x 40, as stored, for a photo every viewer shows 40 x 80)
+    info, _ = inspect_and_hash(data, max_pixels=MAX_PIXELS)
+    assert (info.width, info.height) == (40, 80) == astuple(inspect_image(data, max_pixels=MAX_PIXELS))[1:3]
+    plain = _encode(img, "JPEG")
+    assert astuple(inspect_image(plain, max_pixels=MAX_PIXELS))[1:3] == (80, 40)
 
 
 def test_draft_mode_decodes_big_jpeg_smaller_but_not_below_hint(photo_bytes):

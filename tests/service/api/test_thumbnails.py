@@ -76,7 +76,7 @@ def test_exif_orientation_is_applied(client):
     buf = io.BytesIO()
     photo.save(buf, "JPEG", quality=95, exif=exif.tobytes())
     image = _upload(client, "rotated.jpg", buf.getvalue())
-    assert (image["width"], image["height"]) == (1600, 1067)  # as stored
+    assert (image["width"], image["height"]) == (1067, 1600)  # as shown, as its thumbnail is
     thumb = _jpeg(_thumb(client, image))
     assert thumb.size == (107, 160)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
