@@ -4,6 +4,7 @@ are mapped to HTTP status codes here and nowhere else."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
@@ -156,6 +157,9 @@ def validation_message(errors: list[dict], content_type: str | None, skips: tupl
             return f"body: send JSON with 'Content-Type: application/json' (this request's: {media or 'none'})"
         return "body: a JSON object is required" if kind != "list_type" else "body: a JSON array is required"
     where = ".".join(str(x) for x in loc if x not in skips)
+    given = first.get("input")
+    if isinstance(given, float) and not math.isfinite(given):  # JSON's NaN, Infinity, 1e999: over and under every bound
+        return f"{where or 'request'}: must be a finite number, not {'NaN' if math.isnan(given) else given}"
     return f"{where or 'request'}: {first.get('msg', 'invalid request')}"
 
 

@@ -92,6 +92,18 @@ def test_a_body_that_is_no_json_object_says_why(client, body, content_type, mess
     assert r.json()["error"]["message"] == message
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_number_that_is_not_finite_is_named_so(client, value):
+    """Python's JSON reader takes NaN and Infinity; the answer was 'Input should be less than or
+    equal to 1' for a NaN threshold, which it is not, and not more than that either."""
+    client.post("/v1/datasets", json={"name": "pets"})
+    r = client.put("/v1/datasets/pets/models/1/thresholds/cat", content=f'{{"threshold": {value}}}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+    assert r.json()["error"]["message"] == "threshold: must be a finite number, not " + ("NaN" if value == "NaN" else
+                                                                                         "-inf" if value[0] == "-" else "inf")
+
+
 def test_upload_statuses_201_207_422(client):
     client.post("/v1/datasets", json={"name": "pets"})
     cats = asset_images("train", "cat")
