@@ -80,6 +80,8 @@ def fan_out(training_id: str, token: str, sha256s: list[str], config: TrainConfi
     from service.store.queue import enqueue_shard
 
     ids = write(lambda: trainings.start_extraction(training_id, token, ranges), "fanning out its features")
+    if ids is None:
+        raise TrainingCancelled("cancelled before its features were fanned out")
     log.info("training %s: %d images' features in %d shards", training_id, len(missing), len(ids))
     for shard_id in ids:
         if not trainings.send_shard(shard_id, enqueue_shard):

@@ -450,16 +450,19 @@ def has_shards(training_id: str) -> bool:
         return s.scalar(select(TrainingShard.id).where(TrainingShard.training_id == training_id).limit(1)) is not None
 
 
-def start_extraction(training_id: str, token: str, ranges: list[tuple[str, str | None, int]]) -> list[int]:
+def start_extraction(training_id: str, token: str, ranges: list[tuple[str, str | None, int]]) -> list[int] | None:
     """RUNNING (this run's claim) -> EXTRACTING with one QUEUED shard per (lo, hi, images) range;
-    returns the shard ids, whose messages the caller sends after this commit (send_shard). The
+    returns the shard ids, whose messages the caller sends after this commit (send_shard), or
+    None when the user asked it to stop (cancel_requested: the run records the cancel). The
     claim is released: this run's attempt does not count against MAX_ATTEMPTS. Raises
     LostOwnership when the run no longer owns the training."""
     with session_scope() as s:
-        done = s.execute(update(Training).where(_owned(training_id, token)).values(
+        done = s.execute(update(Training).where(_owned(training_id, token), Training.cancel_requested.is_not(True)).values(
             status=Status.EXTRACTING, claim_token=None, worker=None, attempts=Training.attempts - 1,
             progress={"phase": "features"}, heartbeat_at=_now(s))).rowcount
         if done != 1:
+            if s.scalar(select(Training.id).where(_owned(training_id, token))) is not None:
+                return None  # still this run's, so the update missed for cancel_requested (checked in the same statement)
             raise LostOwnership(training_id)
         shards = [TrainingShard(training_id=training_id, index=i, lo=lo, hi=hi, images=n, done=0, status=ShardStatus.QUEUED,
                                 attempts=0) for i, (lo, hi, n) in enumerate(ranges)]

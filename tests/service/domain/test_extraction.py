@@ -199,3 +199,22 @@ def test_a_running_shard_stops_within_seconds_of_a_cancel(session, store, sharde
     # well under the 20 s of the next heartbeat, with room for a loaded machine (2.55 s was seen
     # with other tests and benchmarks on the same 2 cores): how fast it stops is bench/'s business
     assert time.monotonic() - cancelled_at < 8
+
+
+def test_a_cancel_just_before_the_fan_out_cancels_the_training(session, store, sharded, pets, monkeypatch):
+    """The user cancels a running training while its run is about to hand its features to shards
+    (cancel_requested: the run stops at its next check). Before, the fan-out moved it to
+    extracting anyway: the cancel was lost until every shard had computed its features, the head
+    fit had been claimed and had looked again, and the user watched a cancelled training extract."""
+    tid = _request(session, sharded)
+    real_plan = extraction.plan
+
+    def plan_then_cancel(missing, shard_images):
+        with session_scope() as s:
+            assert trainings.cancel(s, tid).status == Status.RUNNING  # asked to stop
+        return real_plan(missing, shard_images)
+
+    monkeypatch.setattr(extraction, "plan", plan_then_cancel)
+    assert pipeline.run_training(tid, settings=sharded, store=store) == Status.CANCELLED
+    assert _shards(session, tid) == []
+    assert session.get(Training, tid).error["code"] == "cancelled"
