@@ -18,6 +18,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -121,6 +122,12 @@ def _create(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     source: Any = args.paths[0] if len(args.paths) == 1 else args.paths
+    if isinstance(source, str) and Path(source).is_dir() and not args.label and not args.unlabeled:
+        from felis_client.upload import one_label_hint
+
+        hint = one_label_hint(Path(source))
+        if hint:
+            print(f"note: {hint}", file=sys.stderr, flush=True)
     bar = _Bar("uploading", unit="B")
     with _client(args) as felis:
         try:

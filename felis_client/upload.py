@@ -52,6 +52,22 @@ def _visible_files(folder: Path) -> list[Path]:
     return out
 
 
+def one_label_hint(folder: Path) -> str | None:
+    """A folder whose images all lie below its one subfolder, itself a folder of folders
+    (PetImages/Cat/, PetImages/Dog/, as Kaggle's cats-and-dogs zip unpacks): a note that every
+    image gets that subfolder's name as its label, and how to make its folders the labels instead.
+    (Which is meant cannot be told from the folders: cat/indoor/ beside cat/outdoor/ is one label.)"""
+    parts = [p.relative_to(folder).parts for p in _visible_files(folder)]
+    if not parts or len({p[0] for p in parts}) != 1 or any(len(p) < 3 for p in parts):
+        return None
+    inner = sorted({p[1] for p in parts})
+    if len(inner) < 2:
+        return None
+    shown = ", ".join(f"{name}/" for name in inner[:3]) + (", ..." if len(inner) > 3 else "")
+    return (f"every image gets the label '{parts[0][0]}' (its folders {shown} become part of the file names); "
+            f"if those folders are the labels, upload {folder / parts[0][0]} instead")
+
+
 def _chunks(paths: list[Path], max_files: int, max_bytes: int) -> Iterator[list[Path]]:
     chunk: list[Path] = []
     size = 0

@@ -49,6 +49,11 @@ def test_create_list_upload(felis, tmp_path):
         zf.writestr("cat/a.jpg", asset_images("test", "noncat")[0].read_bytes())
         zf.writestr("__MACOSX/cat/._a.jpg", b"\0" * 20)
         zf.writestr("cat/.DS_Store", b"x")
+    for label in ("Cat", "Dog"):  # Kaggle's PetImages/Cat/, PetImages/Dog/: one label, and a note before the upload
+        (tmp_path / "kaggle" / "PetImages" / label).mkdir(parents=True)
+        (tmp_path / "kaggle" / "PetImages" / label / "1.jpg").write_bytes(asset_images("test", "cat")[0].read_bytes())
+    code, out, err = felis("upload", "clipets", str(tmp_path / "kaggle"))
+    assert code == 0 and "note: every image gets the label 'PetImages'" in err and "2 already there" in out
     code, out, _ = felis("upload", "clipets", str(made_on_a_mac))
     assert code == 0 and "1 created, 0 duplicates, 0 rejected (1 files sent, 2 hidden files ignored)" in out
     code, out, _ = felis("datasets")

@@ -131,6 +131,21 @@ def test_a_folder_of_split_folders_is_refused_before_anything_is_sent(tmp_path):
     assert up.SPLIT_FOLDERS == SPLIT_FOLDERS  # the client's copy of the service's names
 
 
+def test_a_folder_of_one_folder_of_folders_gets_a_note_not_a_guess(tmp_path):
+    """data/PetImages/Cat/, data/PetImages/Dog/ (Kaggle's zip unpacked): every image goes up as
+    label PetImages, as the rule says (a folder's subfolders are its labels); cat/indoor/ beside
+    cat/outdoor/ looks the same and is one label. The CLI says so before it sends anything."""
+    for label in ("Cat", "Dog"):
+        (tmp_path / "PetImages" / label).mkdir(parents=True)
+        for src in asset_images("train", "cat" if label == "Cat" else "noncat")[:2]:
+            (tmp_path / "PetImages" / label / src.name).write_bytes(src.read_bytes())
+    assert up.one_label_hint(tmp_path) == ("every image gets the label 'PetImages' (its folders Cat/, Dog/ become part of the "
+                                           f"file names); if those folders are the labels, upload {tmp_path / 'PetImages'} instead")
+    assert up.one_label_hint(tmp_path / "PetImages") is None and up.one_label_hint(TRAIN) is None
+    (tmp_path / "readme.jpg").write_bytes(asset_images("train", "cat")[0].read_bytes())
+    assert up.one_label_hint(tmp_path) is None  # an image beside it: no single label folder
+
+
 def test_a_flat_folder_needs_a_label_and_then_gets_it(tmp_path):
     for p in asset_images("train", "cat")[:3]:
         (tmp_path / p.name).write_bytes(p.read_bytes())
