@@ -398,11 +398,16 @@ def performance(session: Session, ref: ProjectRef, iteration: CvIteration, thres
 
 
 def _average_precision(curve: list[dict]) -> float:
-    """The area under the precision-recall steps of a threshold curve (rising thresholds: falling recall)."""
-    points = sorted(((c["recall"], c["precision"]) for c in curve if c.get("precision") is not None), reverse=True)
+    """The area under the precision-recall steps of a threshold curve: each rise in recall times
+    the precision where recall first reaches it, the highest threshold's, which is the best
+    precision of the points at that recall (lower thresholds only add false positives)."""
+    best: dict[float, float] = {}
+    for c in curve:
+        if c.get("precision") is not None:
+            best[c["recall"]] = max(best.get(c["recall"], 0.0), c["precision"])
     area, last_recall = 0.0, 0.0
-    for recall, precision in reversed(points):  # recall rising
-        area += (recall - last_recall) * precision
+    for recall in sorted(best):  # recall rising
+        area += (recall - last_recall) * best[recall]
         last_recall = recall
     return float(min(max(area, 0.0), 1.0))
 

@@ -123,3 +123,19 @@ def test_an_alias_names_a_version_of_its_dataset(session):
     cv.unpublish(session, ref, iteration)
     with pytest.raises(Conflict):
         cv.unpublish(session, ref, iteration)
+
+
+@pytest.mark.parametrize("positives, negatives, expected", [
+    ([0.9, 0.95], [0.1, 0.05], 1.0),  # separated: every threshold that finds both cats is precise
+    ([0.9, 0.4], [0.6, 0.1], (1 / 1 + 2 / 3) / 2),  # ranked cat, non-cat, cat, non-cat: AP's own definition
+])
+def test_average_precision_takes_each_recalls_best_precision(positives, negatives, expected):
+    """Before: a perfect model's averagePrecision was 0.75. Of the curve's points with the same
+    recall, the sort met the threshold-0 point first (precision = the label's share, 0.5)."""
+    import numpy as np
+
+    from models.evaluate import _threshold_curve
+
+    p = np.array(positives + negatives)
+    curve = _threshold_curve(p, np.array([True] * len(positives) + [False] * len(negatives)))
+    assert cv._average_precision(curve) == pytest.approx(expected)
