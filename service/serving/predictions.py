@@ -138,6 +138,18 @@ def decide(probs: dict[str, float], thresholds: dict[str, float]) -> str | None:
     return max(free, key=probs.__getitem__) if free else None
 
 
+def _none_readable(files: list[Upload], errors: list[InvalidImage]) -> InvalidRequest:
+    """The 422 of a request none of whose images could be read: the first one's code, and why
+    for each (in the message, the first few; in details, every one)."""
+    first, name = errors[0], files[0].filename
+    if len(files) == 1:
+        return InvalidRequest(f"{name}: {first.message}", code=first.code, details={"filename": name})
+    each = [{"filename": f.filename, "code": e.code, "message": e.message} for f, e in zip(files, errors, strict=True)]
+    shown = "; ".join(f"{e['filename']}: {e['message']}" for e in each[:3]) + (f"; and {len(each) - 3} more" if len(each) > 3 else "")
+    return InvalidRequest(f"none of the {len(files)} images could be read: {shown}", code=first.code,
+                          details={"filename": name, "files": each})
+
+
 async def predict(cache: ModelCache, dataset_name: str, version: int | None,
                   files: list[Upload], settings: Settings, *, alias: str | None = None) -> dict[str, Any]:
     """``version``, or the version the publish name ``alias`` names, else the dataset's default."""
@@ -158,9 +170,7 @@ async def predict(cache: ModelCache, dataset_name: str, version: int | None,
     finally:
         cache.release(model)
     if all(isinstance(r, InvalidImage) for r in results):
-        first = results[0]
-        name = files[0].filename
-        raise InvalidRequest(f"{name}: {first.message}", code=first.code, details={"filename": name})
+        raise _none_readable(files, results)
     out = []
     for upload, r in zip(files, results):
         name = upload.filename

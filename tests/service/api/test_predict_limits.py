@@ -173,3 +173,17 @@ def test_past_the_file_count_limits_uploads_and_predictions_answer_413_too_many_
             r = _predict(c, [(f"{i}.jpg", cat) for i in range(n)])
             assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files", (n, r.text)
         assert _predict(c, [(f"{i}.jpg", cat) for i in range(4)]).status_code == 200
+
+
+def test_when_every_file_is_refused_the_422_says_why_for_each(felis_env, monkeypatch, checkpoint):
+    """Before: the 422 named the first file only (empty.jpg: the file is empty); the user fixed
+    one file a request. Its code stays the first file's; its details list every file's reason."""
+    with _client(felis_env, monkeypatch, checkpoint) as c:
+        r = _predict(c, [("empty.jpg", b""), ("text.jpg", b"not an image, a note" * 4), ("one.png", _png(Image.new("RGB", (1, 1))))])
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "empty_file" and error["details"]["filename"] == "empty.jpg"
+    assert [(f["filename"], f["code"]) for f in error["details"]["files"]] == [
+        ("empty.jpg", "empty_file"), ("text.jpg", "not_an_image"), ("one.png", "image_too_small")]
+    assert error["message"].startswith("none of the 3 images could be read: empty.jpg: ")
+    assert "text.jpg: " in error["message"] and "one.png: " in error["message"]
