@@ -347,6 +347,10 @@ class Client:
         body = {"threshold": threshold} if min_precision is None else {"min_precision": min_precision}
         return self._json("PUT", f"/v1/datasets/{dataset}/models/{int(version)}/thresholds/{label}", json=body)
 
+    def clear_threshold(self, dataset: str, version: int, label: str) -> dict:
+        """Remove ``label``'s decision threshold (its decision: the likeliest label's again)."""
+        return self._json("DELETE", f"/v1/datasets/{dataset}/models/{int(version)}/thresholds/{label}")
+
     def set_ood_threshold(self, dataset: str, version: int, threshold: float | None = None,
                           flagged_fraction: float | None = None) -> dict:
         """The open-set threshold (predictions whose ``ood_score`` passes it are ``ood``): given

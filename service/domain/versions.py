@@ -215,6 +215,19 @@ def set_threshold(session: Session, dataset_name: str, version: int, label: str,
     return row
 
 
+def clear_threshold(session: Session, dataset_name: str, version: int, label: str) -> ModelVersion:
+    """The label's decision threshold removed (its decision is again the likeliest label's, among
+    the labels without one); a label without one is left as it is."""
+    dataset = datasets.get(session, dataset_name)
+    row = get(session, dataset, version)
+    if label not in row.labels:
+        raise InvalidRequest(f"label {label!r} is not one of {row.labels}", code="unknown_label")
+    if label in (row.thresholds or {}):
+        row.thresholds = {k: v for k, v in row.thresholds.items() if k != label}
+        session.commit()
+    return row
+
+
 def set_ood_threshold(session: Session, dataset_name: str, version: int, *,
                       threshold: float | None = None, flagged_fraction: float | None = None) -> ModelVersion:
     """Move the open-set threshold: given directly (a cosine distance, 0..2), or as the share of

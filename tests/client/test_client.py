@@ -365,6 +365,7 @@ def test_models_evaluation_promote_download_thresholds(felis, trained, tmp_path)
     assert path == tmp_path / "trained-v1.pt" and path.read_bytes() == blob and len(blob) > 100
     updated = felis.set_threshold("trained", 1, "cat", threshold=0.7)
     assert updated["thresholds"] == {"cat": 0.7}
+    assert felis.clear_threshold("trained", 1, "cat")["thresholds"] == {}
     calibrated = felis.model("trained", 1)["ood"]
     moved = felis.set_ood_threshold("trained", 1, flagged_fraction=0.5)["ood"]
     assert moved["flagged_fraction"] == 0.5 and moved["threshold"] <= calibrated["threshold"]

@@ -90,6 +90,13 @@ def set_threshold(name: str, label: str, body: ThresholdSet, session: SessionDep
     return versions.describe(row, datasets.get(session, name))
 
 
+@router.delete("/{version}/thresholds/{label}", dependencies=[Requires(Scope.WRITE)])
+def clear_threshold(name: str, label: str, session: SessionDep, version: int = VersionPath) -> dict:
+    """Remove the label's decision threshold, from the next prediction on (none set: the same answer)."""
+    row = versions.clear_threshold(session, name, version, label)
+    return versions.describe(row, datasets.get(session, name))
+
+
 class OodThresholdSet(BaseModel):
     model_config = ConfigDict(strict=True)
 

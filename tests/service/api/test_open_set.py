@@ -125,3 +125,18 @@ def test_a_version_without_an_index_answers_null_and_false(served):
     for p in r.json()["predictions"]:
         assert p["ood_score"] is None and p["ood"] is False and p["decision"] == p["label"]
     assert served.get("/v1/datasets/pets/models/2").json()["ood"] is None
+
+
+def test_a_labels_threshold_can_be_removed(served):
+    """Before: once set, a label's threshold could only be moved ({"threshold": null} answered 422
+    and there was no DELETE), and threshold 0 is not the same as none: every image cleared it."""
+    cat = _files([IN_DISTRIBUTION])
+    r = served.put("/v1/datasets/pets/models/1/thresholds/dog", json={"threshold": 0.0})
+    assert r.status_code == 200 and r.json()["thresholds"] == {"dog": 0.0}
+    assert served.post("/v1/datasets/pets/predict", files=cat).json()["predictions"][0]["decision"] == "dog"
+    r = served.delete("/v1/datasets/pets/models/1/thresholds/dog")
+    assert r.status_code == 200 and r.json()["thresholds"] == {}, r.text
+    assert served.post("/v1/datasets/pets/predict", files=cat).json()["predictions"][0]["decision"] == "cat"
+    assert served.delete("/v1/datasets/pets/models/1/thresholds/dog").status_code == 200  # none to remove: the same answer
+    r = served.delete("/v1/datasets/pets/models/1/thresholds/ship")
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "unknown_label")

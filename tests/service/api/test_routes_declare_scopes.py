@@ -45,6 +45,7 @@ CONTRACT: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/trainings/{training_id}/cancel"): W,
     ("POST", "/v1/datasets/{name}/models/{version}/promote"): W,
     ("PUT", "/v1/datasets/{name}/models/{version}/thresholds/{label}"): W,
+    ("DELETE", "/v1/datasets/{name}/models/{version}/thresholds/{label}"): W,
     ("PUT", "/v1/datasets/{name}/models/{version}/ood-threshold"): W,
     ("DELETE", "/v1/datasets/{name}/models/{version}"): W,
     ("POST", "/v1/keys"): A,
