@@ -23,6 +23,7 @@ LABEL_ISSUE_POLICIES = ("auto", "drop", "keep")
 MAX_L2 = 1e4  # the L2 grid is 0.01..1 on standardised features; far past it every weight is ~0 (and 1e308 overflows float32)
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range (a seed of 1e26 overflowed torch.manual_seed in the worker)
 FINETUNE_DEFAULTS = dict(epochs=6, learning_rate=5e-4, weight_decay=0.05, batch_size=32, label_smoothing=0.1)
+FINETUNE_ONLY = ("epochs", "time_budget_s", "learning_rate", "weight_decay", "augmentation", "label_smoothing", "patience")
 
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
@@ -107,6 +108,15 @@ class TrainConfig:
             need(self.mode != "finetune" and self.architecture != "simple_cnn", "precision", "int8 is for linear mode (a frozen, quantized backbone)")
             need(self.architecture in catalog.INT8_BACKBONES, "precision", f"int8 needs a range table; available for {sorted(catalog.INT8_BACKBONES)}")
         return self
+
+    def check_given(self, given: dict) -> None:
+        """After resolved(): refuse an option the request gave (not null) that this mode never
+        reads, rather than echo it as if it were used: a linear training has no epochs."""
+        if self.mode == "linear":
+            for name in FINETUNE_ONLY:
+                if given.get(name) is not None:
+                    raise InvalidTrainConfig(name, f"fine-tuning only; a training of {self.architecture} is linear (frozen "
+                                                   'features and a fitted head) unless its options say "mode": "finetune"')
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -101,6 +101,7 @@ def resolve_options(options: dict[str, Any], settings: Settings) -> TrainConfig:
     worker will use (int8 only with the pretrained weights its range table was measured on)."""
     try:
         config = TrainConfig.from_dict(options).resolved(int8_available=settings.pretrained_weights is None)
+        config.check_given(options)
     except InvalidTrainConfig as e:
         raise InvalidRequest(str(e), code="invalid_training_option", details={"field": e.field}) from e
     except (TypeError, ValueError) as e:

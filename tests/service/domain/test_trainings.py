@@ -53,6 +53,21 @@ def test_options_the_worker_cannot_use_are_refused_at_the_request(session, setti
     assert e.value.code == "invalid_training_option" and e.value.details == {"field": field}, e.value
 
 
+@pytest.mark.parametrize("field, value", [("epochs", 3), ("learning_rate", 0.5), ("weight_decay", 0.1), ("label_smoothing", 0.2),
+                                          ("patience", 3), ("time_budget_s", 5.0), ("augmentation", "none")])
+def test_a_fine_tuning_option_of_a_linear_training_is_refused_not_ignored(session, settings, pets, field, value):
+    """Before: {"epochs": 3} on the default (linear) architecture answered 202, and the options,
+    the version's config and `felis train --epochs 3` all said epochs 3, though a linear
+    training has no epochs. The message says how to fine-tune instead."""
+    with pytest.raises(InvalidRequest) as e:
+        trainings.request(session, "pets", {field: value}, settings)
+    assert e.value.code == "invalid_training_option" and e.value.details == {"field": field}
+    assert "fine-tuning only" in e.value.message and '"mode": "finetune"' in e.value.message
+    assert trainings.request(session, "pets", {field: value, "mode": "finetune"}, settings).options[field] == value
+    if field != "augmentation":  # a bool or a name, never null
+        assert trainings.request(session, "pets", {field: None}, settings).options["mode"] == "linear"  # null: the default
+
+
 # --- the lifecycle -------------------------------------------------------------------------------
 
 from datetime import timedelta  # noqa: E402
