@@ -50,7 +50,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p = add("train", _train, "start a training (and follow it with --wait)")
     p.add_argument("dataset")
     p.add_argument("--architecture", default=None, help="e.g. efficientnet_lite0, simple_cnn")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="passes over the images when fine-tuning (simple_cnn, or -o mode=finetune)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="any other training option; VALUE is read as JSON when it parses (repeatable)")

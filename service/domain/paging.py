@@ -36,5 +36,6 @@ def decode(kind: str, cursor: str) -> tuple[datetime, str]:
             raise ValueError("another list's cursor")
         stamp = datetime.fromisoformat(at)
         return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)), row_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"not a cursor this list gave: {e}", code="invalid_cursor") from None
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("not a cursor this list gave: send the next_cursor of the page before, unchanged, "
+                             "or leave cursor out for the first page", code="invalid_cursor") from None

@@ -296,7 +296,7 @@ def cancel(session: Session, training_id: str) -> Training:
     """A user's cancel: a queued training is cancelled at once; a running one is asked to stop."""
     training = get(session, training_id)
     if training.status in FINAL:
-        raise Conflict(f"training {training_id} has already {training.status}", code="training_finished")
+        raise Conflict(f"training {training_id} has already ended ({training.status})", code="training_finished")
     _cancel(session, Training.id == training_id, "cancelled before it started", "cancelled while its features were computed")
     session.commit()
     session.refresh(training)

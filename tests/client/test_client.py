@@ -352,6 +352,7 @@ def test_train_and_wait_report_progress(felis, trained):
     with pytest.raises(FelisError) as e:
         felis.cancel(trained["first"]["id"])
     assert (e.value.status, e.value.code) == (409, "training_finished")
+    assert str(e.value).endswith("has already ended (succeeded)")  # before: 'has already succeeded', 'has already cancelled'
 
 
 def test_models_evaluation_promote_download_thresholds(felis, trained, tmp_path):

@@ -74,3 +74,6 @@ def test_a_foreign_or_broken_cursor_is_a_clear_error(client, cursor):
     r = client.get("/v1/datasets/pets/images", params={"cursor": cursor})
     assert r.status_code == 422
     assert r.json()["error"]["code"] in ("invalid_cursor", "validation_error")  # too long: refused by the query's bound
+    if r.json()["error"]["code"] == "invalid_cursor":  # before: Python's words ("'utf-8' codec can't decode byte 0x81")
+        assert r.json()["error"]["message"] == ("not a cursor this list gave: send the next_cursor of the page before, "
+                                                "unchanged, or leave cursor out for the first page")
