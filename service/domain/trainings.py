@@ -228,9 +228,13 @@ def record_import(session: Session, dataset: Dataset, config: dict[str, Any]) ->
 
 
 def get(session: Session, training_id: str) -> Training:
+    """The training as the API shows it: NotFound once its dataset is deleted (its row stays, and
+    a running one goes on until its worker sees the cancel, until the dataset is purged)."""
     training = session.get(Training, training_id)
     if training is None:
         raise NotFound(f"training {training_id!r} does not exist", code="training_not_found")
+    if session.scalar(select(Dataset.deleted_at).where(Dataset.id == training.dataset_id)) is not None:
+        raise NotFound(f"training {training_id!r} does not exist: its dataset was deleted", code="training_not_found")
     return training
 
 

@@ -97,6 +97,10 @@ def test_deleting_a_dataset_frees_its_name_at_once_and_cancels_its_trainings(ses
     session.expire_all()
     assert session.get(Training, queued.id).status == Status.CANCELLED
     assert session.get(Training, running.id).cancel_requested
+    for t in (queued, running):  # gone from the API at once, as its dataset is (before: 'running', dataset 'pets',
+        with pytest.raises(NotFound) as e:  # beside the new dataset of that name, until the worker stopped)
+            trainings.get(session, t.id)
+        assert e.value.code == "training_not_found" and "its dataset was deleted" in e.value.message
     assert cleanup.purge(session, store) == 0  # its running training has not stopped yet
     assert trainings.cancel_requested(running.id, token) and trainings.cancelled(running.id, token)
     sha = session.scalars(select(Image.sha256).where(Image.dataset_id == old_id)).first()
