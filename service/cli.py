@@ -155,6 +155,8 @@ def _keys(args: argparse.Namespace) -> int:
     first key of a deployment: a one-shot container running `felis keys create --scope admin`)."""
     import json
 
+    from pydantic_core import to_jsonable_python  # times as the API writes them (ISO 8601, Z)
+
     from service.domain import keys
     from service.errors import FelisError
     from service.store.db import init_db, session_scope
@@ -164,13 +166,13 @@ def _keys(args: argparse.Namespace) -> int:
         with session_scope() as session:
             if args.keys_command == "create":
                 row, key = keys.create(session, args.scope, name=args.name or "", dataset_names=args.dataset)
-                print(json.dumps({**keys.describe_one(session, row), "key": key}, default=str))
+                print(json.dumps({**keys.describe_one(session, row), "key": key}, default=to_jsonable_python))
                 print("store the key now: it is not shown again", file=sys.stderr)
             elif args.keys_command == "revoke":
                 keys.revoke(session, args.id)
                 print(json.dumps({"id": args.id, "revoked": True}))
             else:
-                print(json.dumps(keys.list_keys(session), default=str, indent=2))
+                print(json.dumps(keys.list_keys(session), default=to_jsonable_python, indent=2))
     except FelisError as e:
         print(f"felis keys: {e.message} ({e.code})", file=sys.stderr)
         return 1

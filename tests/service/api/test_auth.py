@@ -364,6 +364,9 @@ def test_felis_keys_create_read_and_limited(felis_env, capsys):
     assert cli.main(["keys", "list"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {k["id"]: k["datasets"] for k in listed} == {made["id"]: None, limited["id"]: ["pets"]}
+    import re  # the API's time format (before: '2026-12-06 21:05:59.031615+00:00', str() of the datetime)
+
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", k["created_at"]) for k in [made, *listed]), listed
     for scope in keys.SCOPES:  # every scope can be given
         assert cli.build_parser().parse_args(["keys", "create", "--scope", scope]).scope == [scope]
 
