@@ -100,7 +100,8 @@ class Client:
     def upload(self, dataset: str, path: str | os.PathLike | Iterable[str | os.PathLike], label: str | None = None,
                on_progress: Callable[[int, int], None] | None = None, *, unlabeled: bool = False) -> dict:
         """Upload a folder with a folder per label, a zip, or image files (these need ``label``, or
-        ``unlabeled=True``: stored without a label, the service suggests one).
+        ``unlabeled=True``: stored without a label, the service suggests one; a folder's images too,
+        not a zip's, whose folders are its labels).
 
         Files whose bytes the dataset holds already are not sent (``skipped``): an upload that was
         interrupted resumes where it stopped when run again. Returns the merged per-file report

@@ -124,6 +124,10 @@ def plan(source: str | os.PathLike | Iterable[str | os.PathLike], label: str | N
     if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         if label:
             raise ValueError("a zip carries its labels as folders; do not pass a label with it")
+        if unlabeled:
+            raise ValueError("a zip carries its labels as folders, and is sent as it is: put the images to store "
+                             "unlabeled in its unlabeled/ folder (or at its top level), or unzip it and upload the "
+                             "folder with unlabeled (--unlabeled)")
         yield Batch(archive=paths[0])
         return
     if any(p.is_dir() or p.suffix.lower() == ".zip" for p in paths):

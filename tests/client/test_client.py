@@ -177,6 +177,8 @@ def test_zips_pass_through_and_files_need_a_label(tmp_path):
     assert batch.archive == archive and not batch.temporary
     with pytest.raises(ValueError, match="label"):
         list(up.plan(archive, label="cat"))
+    with pytest.raises(ValueError, match="unlabeled/ folder"):  # before: sent as it is, its folders became labels
+        list(up.plan(archive, unlabeled=True))
     with pytest.raises(ValueError, match="need a label"):
         list(up.plan(asset_images("test", "cat")))
     assert [b.label for b in up.plan(asset_images("test", "cat"), unlabeled=True)] == [None]
