@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
@@ -130,6 +131,9 @@ class ProtocolRoute(APIRoute):
             except OperationalError as exc:  # the metadata store is down: clients may retry
                 log.error("database error: %s", exc)
                 return cls.render_error(503, "database_unavailable", "the metadata store is unavailable")
+            except ClientDisconnect:
+                _log_gone(request)
+                return cls.render_error(CLIENT_GONE, "client_disconnected", CLIENT_GONE_MESSAGE)
             except Exception:
                 log.exception("unhandled error")
                 return cls.render_error(500, "internal_error", "an unexpected error occurred")
@@ -181,6 +185,20 @@ async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
     return JSONResponse(error_body("database_unavailable", "the metadata store is unavailable"), status_code=503)
 
 
+CLIENT_GONE = 499  # nginx's 'client closed request': no one reads it, but logs and metrics see no 5xx
+CLIENT_GONE_MESSAGE = "the client disconnected before its request was read"
+
+
+def _log_gone(request: Request) -> None:
+    log.info("%s %s: the client disconnected before its request was read", request.method, request.url.path)
+
+
+async def _client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+    """A client that went away mid-body (an interrupted upload, curl -m): its doing, not a fault."""
+    _log_gone(request)
+    return JSONResponse(error_body("client_disconnected", CLIENT_GONE_MESSAGE), status_code=CLIENT_GONE)
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("internal_error", "an unexpected error occurred"), status_code=500)
@@ -191,4 +209,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

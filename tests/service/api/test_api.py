@@ -190,3 +190,40 @@ def test_openapi_lists_every_resource(client):
               "/v1/trainings/{training_id}", "/v1/datasets/{name}/models/{version}/promote",
               "/v1/datasets/{name}/predict", "/healthz", "/readyz"):
         assert p in paths
+
+
+def test_a_client_that_goes_away_mid_upload_is_no_server_error(felis_env, caplog):
+    """Before: an upload whose client disconnected (curl -m, a killed script, a resumable upload
+    interrupted) logged 'unhandled error' with two tracebacks and counted as a 500, paging
+    whoever watches the 5xx rate. It is the client's doing: 499, logged at info, no traceback."""
+    import asyncio
+    import logging
+
+    from service.api.app import create_app
+
+    app = create_app()
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + asset_images("train", "cat")[0].read_bytes()[:500]
+    messages = iter([{"type": "http.request", "body": head, "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/datasets/pets/images", "raw_path": b"/v1/datasets/pets/images", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("localhost", 80),
+             "headers": [(b"host", b"localhost"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                         (b"content-length", b"100000")]}
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert starts and starts[0]["status"] == 499, sent
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert any("disconnected" in r.getMessage() for r in caplog.records)
