@@ -365,20 +365,35 @@ class Client:
 
     def predict(self, dataset: str, images: ImageInput | Iterable[ImageInput], version: int | None = None) -> dict:
         """Probabilities per image: paths, raw bytes, or (filename, bytes) pairs. Many images go as
-        several requests, all answered by the same version."""
+        several requests, all answered by the same version; an image that cannot be read has an
+        ``error`` in place of its probabilities, wherever the requests split. FelisError (422,
+        the first image's code) when none of them can be read, as the service answers."""
         items = [images] if isinstance(images, (str, os.PathLike, bytes, tuple)) else list(images)
         if not items:
             raise ValueError("no images to predict")
         answer: dict[str, Any] | None = None
+        predictions: list[dict[str, Any]] = []
+        unreadable: FelisError | None = None
         for start in range(0, len(items), PREDICT_BATCH):
             files = [("files", _image_part(x, start + i)) for i, x in enumerate(items[start:start + PREDICT_BATCH])]
             params = {"version": version} if version is not None else None
-            body = self._json("POST", f"/v1/datasets/{dataset}/predict", files=files, params=params)
+            try:
+                body = self._json("POST", f"/v1/datasets/{dataset}/predict", files=files, params=params)
+            except FelisError as e:  # every image of this request unreadable: each one's reason, as in a mixed answer
+                each = (e.details or {}).get("files") if e.status == 422 and isinstance(e.details, dict) else None
+                if not each:
+                    raise
+                unreadable = unreadable or e
+                predictions.extend({"filename": f["filename"], "error": {"code": f["code"], "message": f["message"]}}
+                                   for f in each)
+                continue
             if answer is None:
-                answer, version = body, body.get("model_version")  # later batches use the same version
-            else:
-                answer["predictions"].extend(body["predictions"])
-        assert answer is not None
+                answer, version = body, body.get("model_version")  # later requests use the same version
+            predictions.extend(body["predictions"])
+        if answer is None:
+            assert unreadable is not None
+            raise unreadable
+        answer["predictions"] = predictions
         return answer
 
 

@@ -142,9 +142,9 @@ def _none_readable(files: list[Upload], errors: list[InvalidImage]) -> InvalidRe
     """The 422 of a request none of whose images could be read: the first one's code, and why
     for each (in the message, the first few; in details, every one)."""
     first, name = errors[0], files[0].filename
-    if len(files) == 1:
-        return InvalidRequest(f"{name}: {first.message}", code=first.code, details={"filename": name})
     each = [{"filename": f.filename, "code": e.code, "message": e.message} for f, e in zip(files, errors, strict=True)]
+    if len(files) == 1:
+        return InvalidRequest(f"{name}: {first.message}", code=first.code, details={"filename": name, "files": each})
     shown = "; ".join(f"{e['filename']}: {e['message']}" for e in each[:3]) + (f"; and {len(each) - 3} more" if len(each) > 3 else "")
     return InvalidRequest(f"none of the {len(files)} images could be read: {shown}", code=first.code,
                           details={"filename": name, "files": each})

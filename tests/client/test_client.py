@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -402,6 +404,16 @@ def test_many_images_are_sent_in_batches_answered_by_one_version(felis, trained,
     images = asset_images("test", "cat") + asset_images("test", "noncat")
     answer = felis.predict("trained", images)
     assert len(answer["predictions"]) == 8 and answer["model_version"] == 1
+    # a request of unreadable images alone, first or last, is each image's error as in a mixed one
+    # (before: FelisError 422, and the good requests' predictions were lost)
+    bad = [("a.jpg", b"not an image" * 9), ("b.jpg", b""), ("a.jpg", b"not an image" * 9)]  # one request of 3
+    for order in (images[:3] + bad + images[3:6], bad + images[:6]):
+        got = felis.predict("trained", order)["predictions"]
+        assert [p.get("error", {}).get("code") for p in got] == [None if isinstance(x, Path) else
+                                                                 "not_an_image" if x[0] == "a.jpg" else "empty_file" for x in order]
+    with pytest.raises(FelisError) as e:  # none readable: as the service answers
+        felis.predict("trained", bad * 2)
+    assert (e.value.status, e.value.code) == (422, "not_an_image")
 
 
 def test_a_key_that_is_sent_is_checked(felis_url, no_felis_config):
