@@ -1,4 +1,5 @@
-"""``Client``: one method per endpoint of the felis API v1.
+"""``Client``: the felis API v1 as methods, one for each thing an app does with it (the
+thumbnails, a version's ONNX graph and deleting a version are reached with plain HTTP).
 
 Every method returns the JSON the API answers (a dict), except ``download`` and
 ``image_content`` (bytes), ``delete_*`` (None) and ``wait`` (the training in its final state).
@@ -344,7 +345,10 @@ class Client:
 
     def set_threshold(self, dataset: str, version: int, label: str, threshold: float | None = None,
                       min_precision: float | None = None) -> dict:
-        """A decision threshold for ``label``: given, or the lowest reaching ``min_precision`` on validation."""
+        """A decision threshold for ``label``: given, or the lowest reaching ``min_precision`` on
+        validation. Exactly one."""
+        if (threshold is None) == (min_precision is None):
+            raise ValueError("give exactly one of threshold and min_precision")
         body = {"threshold": threshold} if min_precision is None else {"min_precision": min_precision}
         return self._json("PUT", f"/v1/datasets/{dataset}/models/{int(version)}/thresholds/{label}", json=body)
 

@@ -371,6 +371,8 @@ def test_models_evaluation_promote_download_thresholds(felis, trained, tmp_path)
     updated = felis.set_threshold("trained", 1, "cat", threshold=0.7)
     assert updated["thresholds"] == {"cat": 0.7}
     assert felis.clear_threshold("trained", 1, "cat")["thresholds"] == {}
+    with pytest.raises(ValueError, match="exactly one"):  # before: threshold dropped, min_precision sent
+        felis.set_threshold("trained", 1, "cat", threshold=0.5, min_precision=0.99)
     calibrated = felis.model("trained", 1)["ood"]
     moved = felis.set_ood_threshold("trained", 1, flagged_fraction=0.5)["ood"]
     assert moved["flagged_fraction"] == 0.5 and moved["threshold"] <= calibrated["threshold"]
