@@ -401,6 +401,8 @@ class _TrainingWatcher:
             self._plain(progress)
         if status != self._status:
             self._status = status
+            if status in ("failed", "cancelled"):
+                self._epochs.discard()
             if status in ("succeeded", "failed", "cancelled"):
                 self.close()
             self._line(f"status: {status}")
@@ -414,6 +416,8 @@ class _TrainingWatcher:
         done = p.get("step") if p.get("steps") else p.get("done")
         key = (phase, epoch, steps)
         if key != self._bar_key:
+            if self._bar is not None and self._bar.total:  # its phase (or epoch) is over: drawn whole, not at the
+                self._bar.update(self._bar.total - self._bar.n)  # last look (progress is written twice a second)
             self.close()
             self._bar_key = key
             desc = f"{phase} {epoch}/{epochs}" if epoch and epochs else phase
@@ -473,6 +477,14 @@ class EpochTracker:
         if epoch is None:
             return []
         finished = []
+        if self.current is not None and p.get("phase") != self.current.get("phase"):
+            # the epochs are over (evaluating, saving, done: the state still carries the last
+            # epoch's numbers): the last one ran to its end
+            done = dict(self.current)
+            if epoch == done.get("epoch") and p.get("val_accuracy") is not None:
+                done["val_accuracy"] = p["val_accuracy"]
+            self.closed, self.current = done.get("epoch"), None
+            return [done]
         if self.current is not None and epoch != self.current.get("epoch"):
             done = dict(self.current)
             mid_next = (epoch == done.get("epoch", 0) + 1 and p.get("phase") == done.get("phase")
@@ -490,6 +502,10 @@ class EpochTracker:
         if done is not None:
             self.closed = done.get("epoch")
         return done
+
+    def discard(self) -> None:
+        """The training ended in its current epoch (cancelled, failed): that epoch never finished."""
+        self.current = None
 
 
 def _progress_fields(p: dict) -> str:

@@ -258,6 +258,7 @@ class _Run:
                                   what=f"training {self.training_id}: {what}")
 
     def report(self, progress: dict[str, Any], force: bool = False) -> None:
+        force = force or progress.get("phase", self._state.get("phase")) != self._state.get("phase")  # a new phase shows at once
         self._state.update(progress)
         self._state["updated_at"] = time.time()
         now = time.monotonic()

@@ -156,11 +156,44 @@ def test_training_watcher_draws_bars_or_prints_epochs():
             watcher.update(snapshot)
         watcher.close()
     assert "training 2/3" in tty.getvalue() and "loss" in tty.getvalue()
+    assert "40/40" in tty.getvalue()  # the loading bar, last seen at 10/40, ends whole when training begins (before: 10/40)
     lines = plain.getvalue().splitlines()
     assert [l for l in lines if l.startswith("epoch")] == [
         "epoch 1/3: loss 1.0000, val acc 0.600", "epoch 2/3: loss 0.5000, val acc 0.700",
         "epoch 3/3: loss 0.3333, val acc 0.800"]
     assert lines[-1] == "status: succeeded" and "phase: loading (10/40)" in lines
+
+
+def test_an_epoch_is_printed_when_it_ends_and_never_when_it_did_not():
+    """Before: the last epoch was printed after 'phase: done' (at the close), and a training
+    cancelled in epoch 3 printed 'epoch 3/5' with epoch 2's numbers, as if it had finished."""
+    def run(snapshots: list[dict]) -> list[str]:
+        out = io.StringIO()
+        watcher = _TrainingWatcher(stream=out)
+        for snapshot in snapshots:
+            watcher.update(snapshot)
+        watcher.close()
+        return out.getvalue().splitlines()
+
+    def training(epoch: int, step: int, epochs: int = 3, **more) -> dict:
+        return {"status": "running", "progress": {"phase": "training", "epoch": epoch, "epochs": epochs, "step": step,
+                                                  "steps": 2, "loss": 1.0 / epoch, **more}}
+
+    evaluating = {"status": "running", "progress": {"phase": "evaluating", "epoch": 3, "epochs": 3, "loss": 1 / 3,
+                                                    "val_accuracy": 0.8}}
+    done = {"status": "succeeded", "progress": {"phase": "done", "epoch": 3, "epochs": 3, "loss": 1 / 3, "val_accuracy": 0.8}}
+    lines = run([training(1, 2, val_accuracy=0.6), training(2, 2, val_accuracy=0.7), training(3, 1, val_accuracy=0.7),
+                 evaluating, done])
+    assert lines == ["phase: training", "status: running", "epoch 1/3: loss 1.0000, val acc 0.600",
+                     "epoch 2/3: loss 0.5000, val acc 0.700", "epoch 3/3: loss 0.3333, val acc 0.800", "phase: evaluating",
+                     "phase: done", "status: succeeded"]
+    cancelled = {"status": "cancelled", "progress": {"phase": "training", "epoch": 3, "epochs": 5, "step": 1, "steps": 2,
+                                                     "loss": 0.4, "val_accuracy": 0.7}}
+    lines = run([training(1, 2, 5, val_accuracy=0.6), training(2, 2, 5, val_accuracy=0.7), training(3, 1, 5, val_accuracy=0.7),
+                 cancelled])
+    assert [l for l in lines if l.startswith("epoch")] == ["epoch 1/5: loss 1.0000, val acc 0.600",
+                                                          "epoch 2/5: loss 0.5000, val acc 0.700"]
+    assert lines[-1] == "status: cancelled"
 
 
 def test_epoch_tracker_recovers_a_missed_end_of_epoch():

@@ -199,3 +199,16 @@ def test_images_deleted_while_the_run_reads_them_are_left_out_not_a_failed_train
     training = session.get(Training, t.id)
     ckpt = load_checkpoint(store.get(versions.get(session, pets, training.model_version).checkpoint_key))
     assert ckpt["dataset"]["image_count"] == 30 and len(calls) == 2, ckpt["dataset"]
+
+
+def test_a_new_phase_is_written_at_once_not_throttled(monkeypatch, settings):
+    """Progress is written at most twice a second, but a phase change always: before, 'training'
+    reported right after a features batch waited for the next write, and the client's bar for
+    the features stayed at its first batch (32/213)."""
+    written: list[dict] = []
+    monkeypatch.setattr(pipeline.trainings, "report_progress", lambda _t, _k, state: written.append(state) or True)
+    run = pipeline._Run("t-1", "token", settings)
+    run.report({"phase": "features", "done": 32, "total": 213})
+    run.report({"done": 64})  # throttled: within half a second of the last write
+    run.report({"phase": "training", "epoch": 1, "epochs": 3})
+    assert [w["phase"] for w in written] == ["features", "training"] and written[-1]["done"] == 64
