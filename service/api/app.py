@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.malloc import keep_freed_memory
 from service.api import errors
-from service.api.auth import bootstrap_admin_key, make_limiters
+from service.api.auth import KnownKeys, bootstrap_admin_key, make_limiters
 from service.api.customvision import content as cv_content
 from service.api.customvision import prediction as cv_prediction
 from service.api.customvision import training as cv_training
@@ -106,6 +106,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="felis", version="0.1.0", lifespan=lifespan,
                   description="Upload labeled images, train on a worker, predict over HTTP.")
     app.state.limiters = make_limiters(settings)  # rate limits: through Redis when configured, else per process
+    app.state.known_keys = KnownKeys()  # keys checked lately: still taken while the database is down
     # what each route requires (scope, rate limit, metrics) is declared on the route: service.api.auth
     v1 = APIRouter(prefix="/v1", responses=errors.ERROR_RESPONSES)
     for router in (datasets.router, images.router, label_issues.router, suggestions.router, trainings.router, events.router,

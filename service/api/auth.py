@@ -28,8 +28,11 @@ one, see deps.py); a key costs one hop and one read (two for a key limited to da
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,6 +40,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, params
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.ratelimit import Limits, Rate
@@ -134,20 +138,67 @@ def _check_key(key: str) -> keys.Grant:
         return keys.check(session, key)
 
 
+KEY_OUTAGE_GRACE_S = 300.0  # while the database is down, a key this process found valid this recently still is
+_KNOWN_KEYS_MAX = 10_000
+
+
+class KnownKeys:
+    """The grants of the keys this process checked lately, by the key's SHA-256 (never the key):
+    what lets a caller whose key was valid a moment ago go on predicting from loaded versions
+    while the metadata store is down, as keyless callers do. A key found invalid is forgotten at
+    once; one revoked during the outage cannot be, as nothing can be revoked then."""
+
+    def __init__(self, grace_s: float = KEY_OUTAGE_GRACE_S):
+        self.grace_s = grace_s
+        self._grants: dict[str, tuple[keys.Grant, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _id(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def remember(self, key: str, grant: keys.Grant) -> None:
+        with self._lock:
+            self._grants.pop(self._id(key), None)
+            self._grants[self._id(key)] = (grant, time.monotonic())
+            while len(self._grants) > _KNOWN_KEYS_MAX:  # the oldest first (insertion order)
+                self._grants.pop(next(iter(self._grants)))
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._grants.pop(self._id(key), None)
+
+    def recent(self, key: str) -> keys.Grant | None:
+        with self._lock:
+            known = self._grants.get(self._id(key))
+        return known[0] if known and time.monotonic() - known[1] <= self.grace_s else None
+
+
 async def authenticate(request: Request, key: str, address: str) -> Caller:
     """The caller whose key was sent (however it was sent: /v1's headers, Custom Vision's): 401
     ``invalid_api_key`` for a bad one, which counts against ``address``'s failed attempts; 429
-    while that address has sent too many, good key or not."""
+    while that address has sent too many, good key or not. While the metadata store is down, a
+    key this process found valid in the last KEY_OUTAGE_GRACE_S is taken (KnownKeys); any other
+    answers 503 database_unavailable, as it cannot be checked."""
     limiters: Limits = request.app.state.limiters
+    known: KnownKeys = request.app.state.known_keys
     await limiters.check(FAILED_KEYS, address)  # this address sent too many bad keys: wait, good key or not
     try:
         grant = await run_in_threadpool(_check_key, key)
     except Unauthorized:
+        known.forget(key)
         try:
             await limiters.take(FAILED_KEYS, address)
         except RateLimited:
             pass
         raise
+    except DBAPIError:
+        grant = known.recent(key)
+        if grant is None:
+            raise
+        log.warning("the metadata store is unreachable: key %s taken as checked in the last %.0f s", grant.key_id, known.grace_s)
+        return Caller(address, grant)
+    known.remember(key, grant)
     return Caller(address, grant)
 
 

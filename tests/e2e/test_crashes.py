@@ -23,14 +23,14 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.production,
 FAST = {"architecture": "simple_cnn", "epochs": 2, "seed": 0}
 
 
-def _felis(tmp_path, db_url: str, broker_url: str, **env: str) -> tuple[httpx.Client, list[Proc]]:
+def _felis(tmp_path, db_url: str, broker_url: str, key: str | None = None, **env: str) -> tuple[httpx.Client, list[Proc]]:
     env = felis_env(FELIS_DATA_DIR=str(tmp_path / "var"), FELIS_DATABASE_URL=db_url, FELIS_BROKER_URL=broker_url,
                     FELIS_TRAINING_SWEEP_SECONDS="1", FELIS_TORCH_THREADS="1", **env)
     port = free_port()
     procs = [Proc(["api", "--port", str(port)], env, tmp_path / "api.log"),
              Proc(["worker", "--queues", "gpu", "--concurrency", "1"], env, tmp_path / "worker.log")]
     wait_ready(f"http://127.0.0.1:{port}", procs)
-    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {key}"} if key else None)
     assert c.post("/v1/datasets", json={"name": "pets"}).status_code == 201
     r = c.post("/v1/datasets/pets/images", files={"archive": ("s.zip", zip_folder(ASSETS / "cifar-cat" / "train"), "application/zip")})
     assert r.json()["created"] == 32
@@ -145,19 +145,24 @@ def test_postgres_crashed_during_a_training_the_training_still_succeeds(tmp_path
 @pytest.mark.skipif(not servers.available()["postgres"], reason="needs initdb and root (runs it as postgres)")
 def test_predict_keeps_answering_from_loaded_versions_while_postgres_is_down(tmp_path, redis_server):
     """Before: predict ran its version query on the event loop and failed with the database; now
-    a version this process has loaded keeps answering, others get 503, and /healthz stays quick."""
+    a version this process has loaded keeps answering, others get 503, and /healthz stays quick.
+    With keys required (production's default): before, every request failed with 503 there, as
+    the key was looked up in the database; a key this process checked lately is still taken."""
+    admin = "felis-test-admin-key-0123456789abcdef"
     pg = servers.PostgresCluster()
     pg.start()
     try:
-        c, procs = _felis(tmp_path, pg.url, redis_server.url)
+        c, procs = _felis(tmp_path, pg.url, redis_server.url, key=admin, FELIS_API_KEYS_REQUIRED="true",
+                          FELIS_BOOTSTRAP_ADMIN_KEY=admin)
         try:
             assert wait_training(c, c.post("/v1/datasets/pets/trainings", json=FAST).json()["id"])["status"] == "succeeded"
             assert wait_training(c, c.post("/v1/datasets/pets/trainings", json={**FAST, "seed": 1}).json()["id"])["status"] == "succeeded"
             image = (ASSETS / "cifar-cat" / "test" / "cat" / "0000.jpg").read_bytes()
+            app_key, unseen = (c.post("/v1/keys", json={"scopes": ["predict"], "name": name}).json()["key"] for name in "ab")
 
-            def predict(version: int | None = None) -> httpx.Response:
+            def predict(version: int | None = None, key: str = app_key) -> httpx.Response:
                 return c.post("/v1/datasets/pets/predict" + (f"?version={version}" if version else ""),
-                              files={"files": ("0000.jpg", image, "image/jpeg")})
+                              files={"files": ("0000.jpg", image, "image/jpeg")}, headers={"Authorization": f"Bearer {key}"})
 
             assert predict().json()["model_version"] == 1
             pg.crash()
@@ -166,6 +171,8 @@ def test_predict_keeps_answering_from_loaded_versions_while_postgres_is_down(tmp
                 assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
             r = predict(version=2)  # never looked up by this process
             assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+            r = predict(key=unseen)  # a key this process never checked cannot be told from a guess
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
             t0 = time.monotonic()
             assert c.get("/healthz").status_code == 200 and time.monotonic() - t0 < 2
             pg.start()
@@ -173,6 +180,7 @@ def test_predict_keeps_answering_from_loaded_versions_while_postgres_is_down(tmp
             while predict(version=2).status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert predict(version=2).json()["model_version"] == 2
+            assert predict(key="felis_0000_not-a-key").status_code == 401  # checked again once it answers
         finally:
             for p in procs:
                 p.stop()
