@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.checkpoint import checkpoint_bytes, load_checkpoint, ood_index
@@ -68,14 +69,34 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         log.warning("training %s: %s", training_id, message)
         run.write(lambda: trainings.fail(training_id, "weights_unavailable", message, token=token), "recording the failure")
         return trainings.status_of(training_id)
+    except DBAPIError as e:
+        if not trainings.is_transient(e):
+            return _failed(run, e)
+        # the database was away longer than FELIS_DB_RETRY_SECONDS: not the training's fault
+        log.warning("training %s: the metadata store stayed unreachable (%s); the training goes back to the queue",
+                    training_id, type(e.orig).__name__)
+        try:
+            if run.write(lambda: trainings.release(training_id, token), "giving the training back"):
+                from service.store.queue import enqueue_training
+
+                trainings.send(training_id, enqueue_training)  # the sweep sends it when this fails
+            return trainings.status_of(training_id)
+        except DBAPIError:  # still away: the row stays running, and the sweep queues it again after its lease
+            return Status.RUNNING
     except Exception as e:
-        code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"
-        message = f"{type(e).__name__}: {e}"
-        log.exception("training %s failed", training_id)
-        run.write(lambda: trainings.fail(training_id, code, message, token=token), "recording the failure")
-        return trainings.status_of(training_id)
+        return _failed(run, e)
     finally:
         run.heartbeat.stop()
+
+
+def _failed(run: "_Run", e: Exception) -> str:
+    """An unexpected error: the training FAILED with its type and words (time_limit past Celery's)."""
+    training_id, token = run.training_id, run.token
+    code = "time_limit" if type(e).__name__ == "SoftTimeLimitExceeded" else "training_error"
+    message = f"{type(e).__name__}: {e}"
+    log.exception("training %s failed", training_id)
+    run.write(lambda: trainings.fail(training_id, code, message, token=token), "recording the failure")
+    return trainings.status_of(training_id)
 
 
 READ_AGAIN = 3  # times a run lists the dataset again when images it listed went while it read them

@@ -10,6 +10,7 @@
     shard: QUEUED ──claim_shard──► RUNNING ──finish_shard──► DONE  (fail_shard: the training FAILED)
            QUEUED | RUNNING ──its training cancelled or failed──► STOPPED
     QUEUED | EXTRACTING ──cancel──► CANCELLED;  RUNNING ──cancel──► cancel_requested, the worker stops
+    RUNNING ──release (the database away longer than the run's retries)──► QUEUED, sent again
     sweep: RUNNING with no heartbeat for a lease ─► QUEUED again (attempts < MAX_ATTEMPTS),
            FAILED worker_lost, or CANCELLED when cancel was requested; QUEUED whose message was
            never confirmed sent (broker down, or the API died between commit and send) is sent;
@@ -408,6 +409,19 @@ def succeed(session: Session, training_id: str, token: str | None, version: int)
         raise LostOwnership(training_id)
 
 
+def release(training_id: str, token: str) -> bool:
+    """RUNNING (this run's claim) -> QUEUED, its message to be sent again: the run lost the
+    database for longer than FELIS_DB_RETRY_SECONDS, which is no fault of the training (its next
+    run starts over, on the features cached so far); the attempt does not count. A run asked to
+    stop meanwhile is CANCELLED instead. False when the run no longer owns it."""
+    with session_scope() as s:
+        if s.execute(update(Training).where(_owned(training_id, token), Training.cancel_requested.is_not(True)).values(
+                status=Status.QUEUED, claim_token=None, worker=None, attempts=Training.attempts - 1, enqueued_at=None,
+                heartbeat_at=None, progress={"phase": "queued"})).rowcount == 1:
+            return True
+    return cancelled(training_id, token)
+
+
 def cancelled(training_id: str, token: str) -> bool:
     """RUNNING -> CANCELLED, when the worker stopped at the user's request."""
     with session_scope() as s:
@@ -426,21 +440,24 @@ def fail(training_id: str, code: str, message: str, token: str | None = None) ->
 
 def retrying(fn: Callable[[], T], *, seconds: float, what: str) -> T:
     """Run a database write, retrying with backoff through a connection loss (a PostgreSQL
-    failover, a restart) for up to ``seconds``; then the error stands."""
+    failover, a restart) for up to ``seconds``, the last try at its end; then the error stands."""
     deadline = time.monotonic() + seconds
     delay = 0.2
     while True:
         try:
             return fn()
         except DBAPIError as e:
-            if not _transient(e) or time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if not is_transient(e) or left <= 0:
                 raise
-            log.warning("%s: the database is unreachable (%s); retrying in %.1f s", what, type(e.orig).__name__, delay)
-            time.sleep(delay)
+            wait = min(delay, left)
+            log.warning("%s: the database is unreachable (%s); retrying in %.1f s", what, type(e.orig).__name__, wait)
+            time.sleep(wait)
             delay = min(delay * 2, 5.0)
 
 
-def _transient(e: DBAPIError) -> bool:
+def is_transient(e: DBAPIError) -> bool:
+    """A lost or refused connection (the database restarting, failing over), not a bad statement."""
     from sqlalchemy.exc import OperationalError
 
     return e.connection_invalidated or isinstance(e, OperationalError)

@@ -51,6 +51,17 @@ def _wait_status(c: httpx.Client, training_id: str, status: str, timeout: float 
     raise TimeoutError(f"training {training_id} never {status}: {body}")
 
 
+def _training_in_its_epochs(c: httpx.Client) -> str:
+    """A 30-epoch training, once its worker reports epochs (its progress writes go on for a while)."""
+    t = c.post("/v1/datasets/pets/trainings", json={**FAST, "epochs": 30}).json()["id"]
+    body = _wait_status(c, t, "running")
+    deadline = time.monotonic() + 60
+    while not (body.get("progress") or {}).get("epoch") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        body = c.get(f"/v1/trainings/{t}").json()
+    return t
+
+
 def _waits_for_the_database(proc: Proc) -> None:
     """The process says it waits for the metadata store, and goes on waiting, without a traceback."""
     deadline = time.monotonic() + 60
@@ -123,18 +134,41 @@ def test_postgres_crashed_during_a_training_the_training_still_succeeds(tmp_path
     try:
         c, procs = _felis(tmp_path, pg.url, redis_server.url, FELIS_DB_RETRY_SECONDS="40")
         try:
-            t = c.post("/v1/datasets/pets/trainings", json={**FAST, "epochs": 30}).json()["id"]
-            body = _wait_status(c, t, "running")
-            deadline = time.monotonic() + 60
-            while not (body.get("progress") or {}).get("epoch") and time.monotonic() < deadline:
-                time.sleep(0.2)
-                body = c.get(f"/v1/trainings/{t}").json()
+            t = _training_in_its_epochs(c)
             pg.crash()
             time.sleep(5)  # the worker's progress writes and heartbeats now fail
             pg.start()
             done = wait_training(c, t, timeout=300)
             assert done["status"] == "succeeded" and done["attempts"] == 1, done
             assert _versions(c) == [1]
+        finally:
+            for p in procs:
+                p.stop()
+    finally:
+        pg.stop()
+
+
+@pytest.mark.skipif(not servers.available()["postgres"], reason="needs initdb and root (runs it as postgres)")
+def test_postgres_down_longer_than_the_retries_sends_the_training_back_to_the_queue(tmp_path, redis_server):
+    """Before: once the worker's writes had retried for FELIS_DB_RETRY_SECONDS (here 8 s), the run
+    recorded the failure as soon as PostgreSQL was back (an outage shorter than two windows):
+    failed, training_error, a driver's message, and the user had to ask again (seen with a 57 s
+    restart against the default 60 s). Now the run gives the training back (queued, the attempt
+    not counted) and it is trained again. (Down past both windows, the row stays running and the
+    sweep queues it after its lease, as before.)"""
+    pg = servers.PostgresCluster()
+    pg.start()
+    try:
+        c, procs = _felis(tmp_path, pg.url, redis_server.url, FELIS_DB_RETRY_SECONDS="8", FELIS_TRAINING_LEASE_SECONDS="60")
+        try:
+            t = _training_in_its_epochs(c)
+            pg.crash()
+            time.sleep(8)  # past the worker's 8 s of retries (6.2 s before), within the next write's
+            pg.start()
+            done = wait_training(c, t, timeout=300)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, done
+            assert _versions(c) == [1]
+            assert "goes back to the queue" in procs[1].log_path.read_text(), procs[1].tail()
         finally:
             for p in procs:
                 p.stop()

@@ -241,6 +241,23 @@ def test_retrying_rides_out_a_connection_loss_then_gives_up():
         trainings.retrying(down, seconds=0.5, what="test")
 
 
+def test_retrying_tries_once_more_at_the_end_of_its_window():
+    """Before: it gave up as soon as its next back-off would pass the window, up to 5 s early,
+    so a 57 s PostgreSQL restart failed a training that FELIS_DB_RETRY_SECONDS=60 should ride
+    out. A database back 0.9 s into a 1 s window is now reached (the back-offs: 0.2, 0.4, then
+    what is left)."""
+    import time
+
+    start = time.monotonic()
+
+    def back_after_0_9_s():
+        if time.monotonic() - start < 0.9:
+            raise OperationalError("UPDATE trainings", {}, ConnectionError("connection refused"))
+        return "ok"
+
+    assert trainings.retrying(back_after_0_9_s, seconds=1.0, what="test") == "ok"
+
+
 def test_a_lease_shorter_than_the_retry_window_is_refused_at_start():
     from service.config import Settings
 
