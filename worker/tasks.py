@@ -89,7 +89,7 @@ def _start_sweep_loop(**_: object) -> None:
         from service.domain import cleanup
         from service.domain.trainings import sweep
         from service.store.blobs import get_store
-        from service.store.db import new_session
+        from service.store.db import is_unreachable, new_session, unreachable_reason
         from service.store.queue import enqueue_shard, enqueue_training, queue_depth
 
         while not stop.wait(interval):
@@ -98,8 +98,11 @@ def _start_sweep_loop(**_: object) -> None:
                 with new_session() as session:
                     cleanup.purge(session, get_store())
                     cleanup.collect(session, get_store(), settings)
-            except Exception:
-                log.warning("sweep failed", exc_info=True)
+            except Exception as e:
+                if is_unreachable(e):  # a database outage: one line a round, not a traceback
+                    log.warning("sweep skipped: the database is unreachable (%s)", unreachable_reason(e))
+                else:
+                    log.warning("sweep failed", exc_info=True)
 
     threading.Thread(target=loop, daemon=True, name="felis-sweep").start()
     signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 from service.config import Settings
+from service.store.db import is_unreachable, unreachable_reason
 
 log = logging.getLogger("felis.heartbeat")
 
@@ -41,5 +42,8 @@ class Heartbeat:
                     log.warning("%s: no longer ours; heartbeat stops", self.name)
                     self.lost.set()
                     return
-            except Exception:  # a missed beat is not fatal; the lease allows several
-                log.warning("heartbeat for %s failed", self.name, exc_info=True)
+            except Exception as e:  # a missed beat is not fatal; the lease allows several
+                if is_unreachable(e):  # a database outage: one line a beat, not a traceback
+                    log.warning("heartbeat for %s: the database is unreachable (%s)", self.name, unreachable_reason(e))
+                else:
+                    log.warning("heartbeat for %s failed", self.name, exc_info=True)

@@ -48,7 +48,7 @@ from service import limits
 from service.config import Settings
 from service.domain import datasets, paging
 from service.errors import Conflict, InvalidRequest, NotFound, TooMany
-from service.store.db import session_scope
+from service.store.db import is_unreachable, session_scope
 from service.store.tables import ApiKey, Dataset, Image, Training, TrainingShard, utcnow
 
 log = logging.getLogger("felis.trainings")
@@ -458,9 +458,7 @@ def retrying(fn: Callable[[], T], *, seconds: float, what: str) -> T:
 
 def is_transient(e: DBAPIError) -> bool:
     """A lost or refused connection (the database restarting, failing over), not a bad statement."""
-    from sqlalchemy.exc import OperationalError
-
-    return e.connection_invalidated or isinstance(e, OperationalError)
+    return is_unreachable(e)
 
 
 # --- shards: a training's features computed on the whole worker pool ----------------------------

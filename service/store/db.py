@@ -161,3 +161,16 @@ def reset_caches() -> None:
         get_engine().dispose()
     get_engine.cache_clear()
     _sessionmaker.cache_clear()
+
+
+def is_unreachable(e: BaseException) -> bool:
+    """A lost or refused connection (the database restarting, failing over), not a bad statement."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(e, DBAPIError) and (e.connection_invalidated or isinstance(e, OperationalError))
+
+
+def unreachable_reason(e: BaseException) -> str:
+    """One line for a log: the driver's first line (a traceback per beat says nothing more)."""
+    cause = getattr(e, "orig", None) or e
+    return f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
