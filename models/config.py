@@ -5,7 +5,7 @@ fills them in. The service validates (`from_dict`) and resolves a request's conf
 training is requested; the resolved copy is what the training row, the version row, the
 checkpoint and the API show. The None that stay after resolving mean what their comment says
 (l2: picked by cross-validation; time_budget_s: no limit; patience: never stop early; the
-finetune-only fields in linear mode: unused).
+finetune-only fields in linear mode: unused, and augmentation there 'none').
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class TrainConfig:
             c.width = c.width or defaults["width"]
         c.pooling = c.pooling or ("avgmax" if c.mode == "linear" else "avg")
         c.batch_size = c.batch_size or defaults["batch_size"]
-        c.augmentation = AUGMENTATIONS[c.augmentation]
+        c.augmentation = AUGMENTATIONS[c.augmentation] if c.mode == "finetune" else "none"  # frozen features: none
         if c.precision == "auto":
             c.precision = catalog.default_precision(c.architecture, c.mode) if int8_available else "fp32"
         if c.mode == "finetune":

@@ -13,7 +13,7 @@ def test_request_stores_the_resolved_config(session, settings, pets):
     assert t.options["mode"] == "linear" and t.options["image_size"] == 288
     assert t.options["precision"] == "int8" and t.options["pooling"] == "avgmax"
     assert t.options["crop_fraction"] == 0.875 and t.options["batch_size"] == 32
-    assert t.options["augmentation"] == "crop+flip"
+    assert t.options["augmentation"] == "none"  # a linear training augments nothing (before: 'crop+flip', unused)
     assert trainings.describe(session, t)["options"] == t.options
     assert None not in (t.options[k] for k in ("mode", "image_size", "precision", "pooling", "batch_size"))
 
