@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from models.images import decode_rgb
 from models.split import NEAR_DUPLICATE_BITS, near_duplicate_components
 from service.domain import paging, suggestions
-from service.domain.uploads import orphan_blobs, validate_label
+from service.domain.uploads import UNLABELED, orphan_blobs, validate_label
 from service.errors import InvalidRequest, NotFound, StorageFull
 from service.store.blobs import BlobStore, image_key, thumbnail_key
 from service.store.tables import Dataset, Image
@@ -44,8 +44,13 @@ def list_images(
 ) -> tuple[list[Image], int, str | None]:
     """A page of the dataset's images, oldest first: those with `label`, or (labeled) only the
     labelled or only the unlabeled ones; after `cursor` (paging.py) or `offset`. Returns the
-    rows, how many match, and the cursor of the next page (None after the last)."""
+    rows, how many match, and the cursor of the next page (None after the last). The reserved
+    label `unlabeled` (a zip's folder of images without one) is `labeled=False`."""
     where = [Image.dataset_id == dataset.id]
+    if label is not None and label.lower() == UNLABELED:
+        label, labeled = None, False if labeled is None else labeled
+        if labeled:
+            raise InvalidRequest("label 'unlabeled' and labeled=true match no image: leave one out", code="invalid_label")
     if label is not None:
         where.append(Image.label == label)
     if labeled is not None:

@@ -75,6 +75,9 @@ def test_the_unlabeled_images_are_counted_apart_and_not_trained_on(served):
     assert detail["image_count"] == 40 + n
     assert served.get("/v1/datasets/pets/models/1").json()["snapshot"]["image_count"] == 40
     assert served.get("/v1/datasets/pets/images", params={"labeled": "false"}).json()["count"] == n
+    # the reserved name reads as the folder it names (before: count 0, as no image has the label)
+    for spelled in ("unlabeled", "Unlabeled"):
+        assert served.get("/v1/datasets/pets/images", params={"label": spelled}).json()["count"] == n
 
 
 def test_every_unlabeled_image_gets_a_suggestion_most_certain_first(served):
