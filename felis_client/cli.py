@@ -66,14 +66,14 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p = add("label-issues", _label_issues, "list the images a version's training says are probably mislabelled")
     p.add_argument("dataset")
     p.add_argument("--version", type=int, default=None, help="a model version (default: the dataset's default)")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
+    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="show at most N (default 50)")
     p.add_argument("--fix", action="store_true", help="relabel every listed image with its suggested label")
 
     p = add("suggestions", _suggestions, "list the labels the default version suggests for unlabeled images")
     p.add_argument("dataset")
     p.add_argument("--order", choices=("uncertain", "certain"), default="uncertain",
                    help="uncertain (default): what to label by hand first; certain: what to accept")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50)")
+    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="show at most N (default 50)")
     p.add_argument("--accept", action="store_true", help="label every listed image with its suggestion")
 
     p = add("import-customvision", _import_customvision,
@@ -517,6 +517,20 @@ def _progress_fields(p: dict) -> str:
     return ", ".join(parts)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (--limit 0 listed one row)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+BROKEN_PIPE = 141  # the shell's status of a command whose reader went away (128 + SIGPIPE), as head leaves cat's
+
+
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """API and input errors as one line on stderr and an exit code, not a traceback."""
 
@@ -524,7 +538,13 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         from felis_client import FelisError
 
         try:
-            return command(args)
+            code = command(args)
+            sys.stdout.flush()  # here, where a reader that went away is caught, not at the interpreter's exit
+            return code
+        except BrokenPipeError:  # `felis predict ... | head -2`: the reader has what it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own recipe: no second error at exit's flush
+            os.dup2(devnull, sys.stdout.fileno())
+            return BROKEN_PIPE
         except FelisError as e:
             print(f"{_prog(args)} {args.command}: {e}", file=sys.stderr)
             return 1

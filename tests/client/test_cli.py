@@ -61,6 +61,19 @@ def test_create_list_upload(felis, tmp_path):
     assert "37" in line and "cat 21" in line and "noncat 16" in line
 
 
+def test_a_reader_that_goes_away_is_no_traceback(felis, felis_url):
+    """`felis datasets | true` (or `| head -2`): before, a BrokenPipeError traceback and an
+    'Exception ignored' line; now the shell's usual 141, and nothing on stderr. --limit 0 listed
+    one row; it is refused as bad input."""
+    felis("create", "pipes")
+    run = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m service.cli datasets --url {felis_url} | true"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 141 and run.stderr == "", run.stderr
+    with pytest.raises(SystemExit) as e:
+        main(["label-issues", "pipes", "--limit", "0", "--url", felis_url])
+    assert e.value.code == 2
+
+
 def test_bad_input_is_one_line_not_a_traceback(felis, felis_url):
     code, _, err = felis("upload", "nowhere", str(TRAIN))
     assert code == 1 and "dataset_not_found" in err and "Traceback" not in err
