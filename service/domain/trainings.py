@@ -252,6 +252,7 @@ def describe(session: Session, training: Training) -> dict[str, Any]:
         "attempts": training.attempts,
         "cancel_requested": bool(training.cancel_requested),  # a running one stops at its next step
         "worker": training.worker,
+        "heartbeat_at": training.heartbeat_at,  # its worker's last sign of life: older than a lease, it is queued again
         "created_at": training.created_at,
         "started_at": training.started_at,
         "finished_at": training.finished_at,
@@ -657,7 +658,8 @@ def sweep(settings: Settings, enqueue: Callable[[str], None], *, unsent_grace_s:
                           "error": {"code": "worker_lost", "message": f"the worker stopped responding {t.attempts} times"}}
                 key = "failed"
             else:
-                values = {"status": Status.QUEUED, "claim_token": None, "enqueued_at": None}
+                values = {"status": Status.QUEUED, "claim_token": None, "enqueued_at": None, "worker": None,
+                          "progress": {"phase": "queued", "requeued": "its worker stopped responding"}}
                 key = "requeued"
             # guarded by the token the dead run held, so two sweepers never both act on one training
             done = s.execute(update(Training).where(Training.id == t.id, silent,

@@ -278,3 +278,18 @@ def test_no_status_word_is_spelled_outside_the_owner_module():
                  if path.name != "trainings.py" for n, line in enumerate(path.read_text().splitlines(), 1)
                  if words.search(line)]
     assert offenders == []
+
+
+def test_a_training_whose_worker_went_silent_shows_it_and_is_queued_without_that_worker(session, settings, pets):
+    """Before: for a lease after its worker died the training showed that worker and frozen
+    progress, with nothing to tell it stale; once queued again it still named the dead worker
+    and its old progress. It now shows its worker's last heartbeat, and queued again, no worker."""
+    t = _queued(session, settings)
+    token = trainings.claim(t, "w2@dead", settings.training_lease_seconds)
+    trainings.report_progress(t, token, {"phase": "features", "done": 224, "total": 1200})
+    shown = trainings.describe(session, _row(session, t))
+    assert shown["worker"] == "w2@dead" and shown["heartbeat_at"] is not None
+    _age(session, t, settings.training_lease_seconds + 5)
+    assert trainings.sweep(settings, lambda _t: None)["requeued"] == 1
+    shown = trainings.describe(session, _row(session, t))
+    assert (shown["status"], shown["worker"], shown["progress"]["phase"]) == ("queued", None, "queued"), shown
