@@ -76,7 +76,7 @@ def run_training(training_id: str, *, settings: Settings | None = None, store: B
         log.warning("training %s: the metadata store stayed unreachable (%s); the training goes back to the queue",
                     training_id, type(e.orig).__name__)
         try:
-            if run.write(lambda: trainings.release(training_id, token), "giving the training back"):
+            if run.write(lambda: trainings.release(training_id, token), "giving the training back") == Status.QUEUED:
                 from service.store.queue import enqueue_training
 
                 trainings.send(training_id, enqueue_training)  # the sweep sends it when this fails

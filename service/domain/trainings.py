@@ -410,17 +410,18 @@ def succeed(session: Session, training_id: str, token: str | None, version: int)
         raise LostOwnership(training_id)
 
 
-def release(training_id: str, token: str) -> bool:
-    """RUNNING (this run's claim) -> QUEUED, its message to be sent again: the run lost the
-    database for longer than FELIS_DB_RETRY_SECONDS, which is no fault of the training (its next
-    run starts over, on the features cached so far); the attempt does not count. A run asked to
-    stop meanwhile is CANCELLED instead. False when the run no longer owns it."""
+def release(training_id: str, token: str) -> Status | None:
+    """RUNNING (this run's claim) -> QUEUED, its message to be sent again (send): the run lost
+    the database for longer than FELIS_DB_RETRY_SECONDS, which is no fault of the training (its
+    next run starts over, on the features cached so far); the attempt does not count. A run asked
+    to stop meanwhile is CANCELLED instead. Returns the new status; None when the run no longer
+    owns the training."""
     with session_scope() as s:
         if s.execute(update(Training).where(_owned(training_id, token), Training.cancel_requested.is_not(True)).values(
                 status=Status.QUEUED, claim_token=None, worker=None, attempts=Training.attempts - 1, enqueued_at=None,
                 heartbeat_at=None, progress={"phase": "queued"})).rowcount == 1:
-            return True
-    return cancelled(training_id, token)
+            return Status.QUEUED
+    return Status.CANCELLED if cancelled(training_id, token) else None
 
 
 def cancelled(training_id: str, token: str) -> bool:

@@ -293,3 +293,17 @@ def test_a_training_whose_worker_went_silent_shows_it_and_is_queued_without_that
     assert trainings.sweep(settings, lambda _t: None)["requeued"] == 1
     shown = trainings.describe(session, _row(session, t))
     assert (shown["status"], shown["worker"], shown["progress"]["phase"]) == ("queued", None, "queued"), shown
+
+
+def test_a_run_that_lost_the_database_gives_its_training_back_or_ends_a_cancel(session, settings, pets):
+    """release: queued again with the attempt not counted; a training asked to stop meanwhile
+    is cancelled instead (queued with cancel_requested, no worker would ever claim it)."""
+    t = _queued(session, settings)
+    token = trainings.claim(t, "w1", settings.training_lease_seconds)
+    assert trainings.release(t, token) == Status.QUEUED
+    row = _row(session, t)
+    assert (row.status, row.attempts, row.worker, row.claim_token) == (Status.QUEUED, 0, None, None)
+    token = trainings.claim(t, "w1", settings.training_lease_seconds)
+    assert trainings.release(t, "another run's token") is None
+    trainings.cancel(session, t)
+    assert trainings.release(t, token) == Status.CANCELLED and _row(session, t).status == Status.CANCELLED
