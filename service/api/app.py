@@ -92,6 +92,7 @@ async def lifespan(app: FastAPI):
         store.sweep_temp()
     app.state.models = ModelCache(store, get_settings())
     log.info(app.state.limiters.describe())  # shared through Redis, or per process
+    await app.state.limiters.probe()  # Redis unreachable now: said now, not at the first request
     yield
     if waiting is not None:
         waiting.cancel()

@@ -112,6 +112,12 @@ class Limits:
     async def check(self, name: str, caller: str) -> None:
         await self._spend(name, caller, spend=False)
 
+    async def probe(self) -> None:
+        """At the API's start: reach Redis once, so that one unreachable then is said at once
+        (logged as any failure is) rather than at the first limited request."""
+        if self._redis:
+            await self._redis.ping()
+
     async def close(self) -> None:
         if self._redis:
             await self._redis.close()
@@ -170,6 +176,17 @@ class _Shared:
                                    connection_pool=self._pool)
             self._loop, self._limiter = loop, SlidingWindowCounterRateLimiter(storage)
         return self._limiter
+
+    async def ping(self) -> bool:
+        try:
+            from redis.asyncio import Redis
+
+            self._connect()
+            await Redis(connection_pool=self._pool).ping()
+            return True
+        except self._errors as e:
+            self._failed(e)
+            return False
 
     async def spend(self, name: str, caller: str, *, spend: bool) -> float | None:
         """0: allowed (and spent, if ``spend``); > 0: refused, the seconds to wait; None: Redis failed."""

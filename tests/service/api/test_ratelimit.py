@@ -118,3 +118,22 @@ def test_an_unreachable_redis_fails_open_fast_and_warns_once(server, caplog):
     assert len(warnings) == 1 and f"redis://127.0.0.1:{port}/0" in warnings[0], warnings
     out = _spend(limits, "b", 101)  # falling open keeps this process's limits
     assert out[:100] == [0.0] * 100 and out[100] > 0
+
+
+def test_an_api_that_starts_while_redis_is_down_says_so_at_once(caplog):
+    """Before: the start said 'rate limits: shared through redis://...' and nothing more; that
+    Redis was down showed only at the first limited request. The start now reaches it once."""
+    limits = Limits({"p": Rate(600)}, f"redis://127.0.0.1:{_closed_port()}/0")
+    with caplog.at_level(logging.WARNING, logger="felis.api"):
+        asyncio.run(limits.probe())
+    assert [r.getMessage() for r in caplog.records if "redis unreachable" in r.getMessage()], caplog.records
+    assert _spend(limits, "a", 3) == [0.0] * 3  # and it limits on its own meanwhile
+
+
+@pytest.mark.production
+def test_a_reachable_redis_is_probed_quietly(caplog):
+    limits = Limits({"p": Rate(60)}, REDIS)
+    with caplog.at_level(logging.WARNING, logger="felis.api"):
+        asyncio.run(limits.probe())
+    assert not [r for r in caplog.records if "redis" in r.getMessage()]
+
