@@ -220,8 +220,11 @@ def _suggestions(args: argparse.Namespace) -> int:
         page = felis.suggestions(args.dataset, order=args.order, limit=max(1, min(args.limit, 1000)))
         rows = page["data"]
         note = f" ({page['pending']} not suggested yet)" if page["pending"] else ""
+        if not rows and not page["pending"]:  # every unlabeled image is either suggested or pending: there are none
+            print(f"{args.dataset}: no unlabeled images (upload some with --unlabeled for v{page['version']} to suggest labels)")
+            return 0
         if not rows:
-            print(f"{args.dataset}: no unlabeled image has a suggestion from v{page['version']}{note}")
+            print(f"{args.dataset}: no unlabeled image has a suggestion from v{page['version']} yet{note}")
             return 0
         _table(["image", "filename", "suggested", "probability", "ood"],
                [[r["image_id"], r["filename"], r["suggested_label"], _fmt(r["probability"]), "ood" if r["ood"] else ""]

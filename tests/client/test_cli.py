@@ -277,3 +277,6 @@ def test_upload_unlabeled_then_accept_suggestions(felis, felis_url):
     assert "3 of 4 suggestions of v1" in out and "accepted 3" in out
     with Client(felis_url) as c:
         assert c.dataset("cliunl")["unlabeled_count"] == 1
+    assert felis("suggestions", "cliunl", "--accept")[0] == 0
+    code, out, _ = felis("suggestions", "cliunl")  # before: 'no unlabeled image has a suggestion from v1', as if some waited
+    assert code == 0 and out.strip() == "cliunl: no unlabeled images (upload some with --unlabeled for v1 to suggest labels)"
