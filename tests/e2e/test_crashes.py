@@ -150,7 +150,7 @@ def test_postgres_crashed_during_a_training_the_training_still_succeeds(tmp_path
 
 @pytest.mark.skipif(not servers.available()["postgres"], reason="needs initdb and root (runs it as postgres)")
 def test_postgres_down_longer_than_the_retries_sends_the_training_back_to_the_queue(tmp_path, redis_server):
-    """Before: once the worker's writes had retried for FELIS_DB_RETRY_SECONDS (here 8 s), the run
+    """Before: once the worker's writes had retried for FELIS_DB_RETRY_SECONDS (here 12 s), the run
     recorded the failure as soon as PostgreSQL was back (an outage shorter than two windows):
     failed, training_error, a driver's message, and the user had to ask again (seen with a 57 s
     restart against the default 60 s). Now the run gives the training back (queued, the attempt
@@ -159,11 +159,13 @@ def test_postgres_down_longer_than_the_retries_sends_the_training_back_to_the_qu
     pg = servers.PostgresCluster()
     pg.start()
     try:
-        c, procs = _felis(tmp_path, pg.url, redis_server.url, FELIS_DB_RETRY_SECONDS="8", FELIS_TRAINING_LEASE_SECONDS="60")
+        c, procs = _felis(tmp_path, pg.url, redis_server.url, FELIS_DB_RETRY_SECONDS="12", FELIS_TRAINING_LEASE_SECONDS="60")
         try:
             t = _training_in_its_epochs(c)
             pg.crash()
-            time.sleep(8)  # past the worker's 8 s of retries (6.2 s before), within the next write's
+            # down ~16 s: past the worker's 12 s of retries (the old code's 11.2 s), within the next
+            # write's window (the old code's failure record, at ~22 s; the new release, at ~24 s)
+            time.sleep(15)
             pg.start()
             done = wait_training(c, t, timeout=300)
             assert done["status"] == "succeeded" and done["attempts"] == 1, done
